@@ -1,0 +1,118 @@
+"""The headline number: the prequential code length of the data.
+
+For every token seen for the first time, add −log₂ P(token | context) under the weights from
+*before* the step that learns it (the module's `coded` batch). The sum is the area under the
+first-pass per-token loss curve in bits, Σ. With the program f and the per-symbol rounding
+bound n of arithmetic coding:
+
+    code length S = |f| + n + Σ  bits,   bits per byte = S / input bytes.
+
+Only epoch 0 is a first pass: every plan visits each token exactly once per epoch, so later
+epochs' loss is reported as `train/last_epoch_bpb` and never called code length.
+"""
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import Metric
+
+
+class BitsMetric(Metric):
+    """Σ bits, tokens and bytes; float64 sums, summed across processes."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__(sync_on_compute=True)
+        for name in ("bits", "tokens", "nbytes"):
+            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll_nats: torch.Tensor, mask: torch.Tensor, nbytes: int) -> None:
+        self.bits += nll_nats[mask].double().sum() / math.log(2)
+        self.tokens += mask.sum()
+        self.nbytes += nbytes
+
+    def compute(self) -> dict[str, float]:
+        return {"bits": self.bits.item(), "tokens": self.tokens.item(), "nbytes": self.nbytes.item()}
+
+
+class CodeLength(L.Callback):
+    def __init__(self, program_bits: dict[str, int], total_tokens: int):
+        self.program_bits = program_bits  # |f| by part
+        self.total_tokens = total_tokens  # tokens in one full pass
+        self.first_pass = BitsMetric()
+        self.last_epoch = BitsMetric()
+        self.curve: list[tuple[int, float, int]] = []  # (tokens seen, bits of step, tokens of step)
+
+    @property
+    def model_bits(self) -> int:
+        return sum(self.program_bits.values())
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.first_pass.to(pl_module.device)
+        self.last_epoch.to(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch != self._restored_epoch:  # a resumed epoch keeps its sums
+            self.last_epoch.reset()
+        self._restored_epoch = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        coded = pl_module.coded
+        self.last_epoch.update(coded.nll, coded.mask, coded.nbytes)
+        if trainer.current_epoch > 0:
+            return
+        self.first_pass.update(coded.nll, coded.mask, coded.nbytes)
+        step_bits = coded.nll[coded.mask].double().sum().item() / math.log(2)
+        seen = int(self.first_pass.tokens.item())
+        self.curve.append((seen, step_bits, int(coded.mask.sum())))
+        # Running values are this process's (no sync on the hot path); the final report syncs.
+        data_bits, nbytes = self.first_pass.bits.item(), self.first_pass.nbytes.item()
+        total = self.model_bits + seen + data_bits
+        pl_module.log_dict(
+            {"code/data_bits": data_bits, "code/total_bits": total, "code/bpb": total / max(nbytes, 1),
+             "code/data_bpb": data_bits / max(nbytes, 1)},
+            on_step=True, on_epoch=False, sync_dist=False, batch_size=1,
+        )
+
+    def totals(self) -> dict[str, Any]:
+        """The synced first-pass sums, |f| parts and the last epoch's cross-entropy."""
+        first, last = self.first_pass.compute(), self.last_epoch.compute()
+        return {
+            "data_bits": first["bits"], "tokens": int(first["tokens"]), "nbytes": int(first["nbytes"]),
+            "complete": int(first["tokens"]) == self.total_tokens,
+            "program_bits": dict(self.program_bits),
+            "last_epoch_bpb": last["bits"] / max(last["nbytes"], 1),
+        }
+
+    # Resume: the sums continue exactly where the checkpoint left them.
+    _restored_epoch: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {  # global sums (compute() syncs across processes)
+            "first_pass": self.first_pass.compute(), "last_epoch": self.last_epoch.compute(),
+            "curve": list(self.curve), "epoch": self._epoch,
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._epoch = trainer.current_epoch
+
+    _epoch = 0
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Global sums go to rank 0 only (see on_train_start), so a synced compute() counts them once.
+        self._loaded = state
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state, self._loaded = getattr(self, "_loaded", None), None
+        if state is None:
+            return
+        for metric, key in ((self.first_pass, "first_pass"), (self.last_epoch, "last_epoch")):
+            metric.reset()
+            if trainer.global_rank == 0:
+                for name in ("bits", "tokens", "nbytes"):
+                    setattr(metric, name, getattr(metric, name) + state[key][name])
+        self.curve = [tuple(c) for c in state["curve"]]
+        self._restored_epoch = state["epoch"]

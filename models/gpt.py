@@ -1,0 +1,160 @@
+"""A small GPT for prequential coding, readable top to bottom.
+
+Two choices differ from nanoGPT because of what the model is *for*:
+
+* The input alphabet has one extra symbol, BOS (id = ``vocab_size``), which starts every
+  sequence; the output head predicts only the ``vocab_size`` real symbols. BOS is never
+  coded, so no probability mass is wasted on it and every data token (the first one of
+  each chunk too) has a prediction to be coded with.
+* ``head: norm`` is Baichuan 2's NormHead: ``logits = h @ normalize(W, dim=1).T``. Each
+  output row is scaled to unit L2 norm *functionally*, inside every forward, so the stored
+  parameter never changes (tying and the decoder's bitwise replay of training stay exact).
+  Normalising the weight rows is not the same as normalising the logits: it removes each
+  token's freedom to grow its logit by growing its row norm (the frequency bias that
+  makes rare-token rows unstable), while the hidden state's norm still sets the
+  temperature of the whole distribution. Normalising logits would remove that too.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # coded alphabet size m; the input alphabet adds BOS
+    block_size: int = 128  # longest context, in tokens
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # 0 keeps training replayable without RNG state (as NNCP)
+    bias: bool = False
+    head: Literal["linear", "norm"] = "linear"
+    tie_embeddings: bool = True
+    positions: Literal["learned", "rope"] = "learned"
+    z_loss: float = 0.0  # coefficient of the auxiliary loss z_loss * logsumexp(logits)^2
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab_size
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.proj(rearrange(y, "b h t d -> b t (h d)")))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
+        return x + self.mlp(self.ln_2(x))
+
+
+def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    t = x.shape[-2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + BOS
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        if config.positions == "rope":
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        # Tied: the head reads the first vocab_size rows of the embedding (BOS is never
+        # predicted), so the two share one tensor and one set of gradients.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output matrix as stored: a view of the embedding when tied."""
+        return self.wte.weight[: self.config.vocab_size] if self.lm_head is None else self.lm_head.weight
+
+    def num_params(self) -> int:
+        # parameters() yields a shared tensor once, so a tied embedding is counted once.
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T, vocab_size)."""
+        t = idx.shape[1]
+        if t > self.config.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(t, device=idx.device))
+        rope = (self.rope_cos, self.rope_sin) if self.config.positions == "rope" else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.ln_f(x)
+        w = self.head_weight
+        if self.config.head == "norm":
+            w = F.normalize(w, dim=1)  # a new tensor: the parameter itself is untouched
+        return F.linear(x, w)

@@ -1,0 +1,69 @@
+"""Arithmetic coding of a batch with the model's predictions: one procedure for both sides.
+
+`code_batch` walks a batch position-major (column t of every row, then t + 1), asks for the
+logits of column t, turns them into probabilities and either encodes the known targets or
+decodes them into `targets` in place. The encoder's `logits_at` reads the training forward it
+already ran; the decoder's runs the model on what it has decoded so far. Because the decoder
+has positions < t when it needs column t, and causal attention makes column t independent of
+later inputs, both sides see bitwise identical logits, so identical probabilities, so the
+range coder inverts exactly.
+
+Quantisation is constriction's leaky `Categorical(perfect=False)`: a deterministic function of
+the float64 probability row that gives every symbol at least one quantum (so any symbol, even
+one the model thinks impossible, stays codable), within a 24-bit fixed-point range coder.
+"""
+
+from typing import Callable
+
+import constriction
+import numpy as np
+import torch
+
+from training.data import IGNORE
+
+_MODEL = constriction.stream.model.Categorical(perfect=False)
+
+
+def coding_probabilities(logits: torch.Tensor) -> np.ndarray:
+    """(B, V) logits → (B, V) float64 probabilities, the same bits for the same logits."""
+    return torch.softmax(logits.detach().float().contiguous(), dim=-1).cpu().double().numpy()
+
+
+class Encoder:
+    def __init__(self):
+        self._coder = constriction.stream.queue.RangeEncoder()
+
+    def code(self, targets: torch.Tensor, probs: np.ndarray) -> None:
+        self._coder.encode(targets.numpy().astype(np.int32), _MODEL, probs)
+
+    def words(self) -> np.ndarray:
+        """The stream so far as 32-bit words (sealed: decodable as is)."""
+        return self._coder.get_compressed()
+
+    def num_bits(self) -> int:
+        return int(self._coder.num_bits())
+
+
+class Decoder:
+    def __init__(self, words: np.ndarray):
+        self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+
+    def code(self, targets: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self._coder.decode(_MODEL, probs).astype(np.int64))
+
+    def exhausted(self) -> bool:
+        """True once every word of the stream has been consumed."""
+        return bool(self._coder.maybe_exhausted())
+
+
+def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder) -> None:
+    """Encode `targets` (B, L), or decode into it (positions != IGNORE), column by column."""
+    present = targets != IGNORE
+    for t in range(targets.shape[1]):
+        rows = present[:, t]
+        if not rows.any():
+            continue
+        probs = coding_probabilities(logits_at(t))[rows.numpy()]
+        symbols = coder.code(targets[rows, t], probs)
+        if isinstance(coder, Decoder):
+            targets[rows, t] = symbols

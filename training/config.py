@@ -1,0 +1,259 @@
+"""Typed run configuration: YAML files are the serialised form of these dataclasses.
+
+`load_config("configs/small.yaml", ["--trainer.max_steps", "200"])` reads the YAML with
+``yaml.safe_load``, applies LightningCLI-style dotted overrides, and builds the dataclasses,
+checking every key and value. Any problem raises `ConfigError` with the dotted key, the value
+and what is allowed, so `train.py` can print one clear line instead of a traceback.
+
+Everything here is part of the program f: the resolved config is stored in the stream header
+and counted (compressed) in the code length.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.gpt import GPTConfig
+
+
+class ConfigError(ValueError):
+    """A config key or value a person must fix; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # a text file; null = the bundled tinyshakespeare
+    tokenizer: Literal["bytes"] = "bytes"
+    batch_size: int = 8  # sequences per optimizer micro-step (global, across processes)
+    curriculum: Literal["sequential", "shuffle"] = "sequential"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up from 0; early steps dominate the code length
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1  # only the first pass is coded; later epochs just train
+    max_steps: int = -1  # -1 = no limit
+    accumulate_grad_batches: int = 1
+    precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: Literal["cpu", "gpu", "auto"] = "cpu"
+    devices: int = 1
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    num_threads: int = 2  # torch intra-op threads; changes bits, recorded in the stream
+    compile: bool = False  # torch.compile changes bits, recorded in the stream
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 0  # 0 = only at the end of training
+
+
+@dataclass
+class StreamConfig:
+    enabled: bool = False  # write a real arithmetic-coded stream during training
+    checksum_every: int = 50  # steps between token/parameter checksums in the stream
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True  # offline: a run directory you can `wandb sync` later
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "prequel"
+    csv: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 1337
+    run_dir: str | None = None  # null = runs/<name>-<timestamp>
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Keys that are derived, not chosen: refusing them keeps one source of truth.
+_DERIVED = {"model.vocab_size": "it is set by the tokenizer"}
+
+_POSITIVE = {
+    "model.block_size", "model.n_layer", "model.n_head", "model.n_embd", "data.batch_size",
+    "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.devices",
+    "trainer.log_every_n_steps", "stream.checksum_every", "optim.lr", "optim.eps",
+}
+_NON_NEGATIVE = {
+    "model.dropout", "model.z_loss", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
+    "trainer.num_threads", "trainer.checkpoint_every_n_steps", "optim.min_lr_ratio",
+}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} is not allowed")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if dotted in _DERIVED:
+            raise ConfigError(f"{dotted} cannot be set: {_DERIVED[dotted]}")
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {dotted}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(dotted, value, hint)
+            if dotted in _POSITIVE and kwargs[key] <= 0:
+                raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
+            if dotted in _NON_NEGATIVE and kwargs[key] < 0:
+                raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
+    return cls(**kwargs)
+
+
+def _validate(config: Config) -> None:
+    m = config.model
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if config.trainer.max_steps == 0 or config.trainer.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps: must be -1 (no limit) or > 0, got {config.trainer.max_steps}")
+    if config.stream.enabled and m.dropout > 0:
+        raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
+    if config.stream.enabled and config.trainer.devices > 1:
+        raise ConfigError("stream.enabled needs trainer.devices: 1 (the stream is written by one process)")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ``["--a.b", "1", "--c=x"]`` into ``{"a": {"b": 1}, "c": "x"}`` (values via YAML)."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an option like --trainer.max_steps 200, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option --{arg[2:]} needs a value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"option --{key} conflicts with another option")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        values.setdefault("name", path.stem)
+    values = _merge(values, parse_overrides(overrides or []))
+    config = _build(Config, values)
+    _validate(config)
+    return config
+
+
+def config_from_dict(values: dict) -> Config:
+    config = _build(Config, values)
+    _validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    values = dataclasses.asdict(config)
+    del values["model"]["vocab_size"]  # derived from the tokenizer
+    return values
+
+
+def dump_yaml(config: Config) -> str:
+    """Canonical text of the resolved config (what |f| counts and the stream stores)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=True)

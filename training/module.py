@@ -1,0 +1,88 @@
+"""The LightningModule: one prequential training step.
+
+Lightning runs backward and the optimizer step *after* `training_step` returns, so the
+per-token NLL computed here is under the weights from before this batch was learned: exactly
+the probability Alice codes the batch with. It is kept (detached) in `self.coded` for the
+code-length and stream callbacks, which must not use the loss Lightning hands to hooks (that
+one is scaled by gradient accumulation).
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from models.gpt import GPT
+from training.config import Config
+from training.data import IGNORE, Tape
+
+
+@dataclass
+class CodedBatch:
+    """What the model predicted for one batch, before learning it."""
+
+    spans: torch.Tensor  # (B, 2) start, length on the tape
+    logits: torch.Tensor  # (B, L, V), detached
+    targets: torch.Tensor  # (B, L), IGNORE where there is no token
+    nll: torch.Tensor  # (B, L) nats, float32, 0 where IGNORE
+    nbytes: int  # input bytes the batch's tokens stand for
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.targets != IGNORE
+
+
+class PrequelModule(L.LightningModule):
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.model = GPT(replace(config.model, vocab_size=vocab_size))
+        self.tape: Tape | None = None  # attached by the DataModule's owner (see attach)
+        self.coded: CodedBatch | None = None
+        self.save_hyperparameters({"vocab_size": vocab_size})
+
+    def attach(self, tape: Tape) -> None:
+        self.tape = tape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, spans: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = (t.to(self.device) for t in self.tape.batch(spans))
+        logits = self(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+        nll = nll.view_as(y)
+        mask = y != IGNORE
+        tokens = mask.sum()
+        loss = nll.sum() / tokens
+        self.coded = CodedBatch(spans, logits.detach(), y, nll.detach(), self.tape.nbytes(spans))
+        bits = nll.detach().sum() / math.log(2)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
+        self.log("train/bpb", bits / self.coded.nbytes, prog_bar=True, batch_size=int(tokens))
+        if self.config.model.z_loss:
+            z = torch.logsumexp(logits.float(), dim=-1)[mask]
+            loss = loss + self.config.model.z_loss * (z**2).mean()
+        return loss
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        )
+        total = max(1, self.trainer.estimated_stepping_batches) if o.schedule == "cosine" else 0
+
+        def factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / (o.warmup_steps + 1)
+            if o.schedule == "cosine":
+                progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+                return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

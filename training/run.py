@@ -1,0 +1,265 @@
+"""Train (Alice) and verify (Bob): the same Trainer, model and data plan on both sides."""
+
+import hashlib
+import json
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.arithmetic_stream import ArithmeticStream
+from callbacks.code_length import CodeLength
+from training.config import Config, config_from_dict, dump_yaml, to_dict
+from training.data import DataError, PrequelDataModule, Tape, read_corpus
+from training.module import PrequelModule
+from training.program import code_hash, program_bits
+from training.report import code_length_summary, format_table, plot_loss_curve
+from training.stream import StreamError, read_stream, write_atomic
+from training.tokenizer import build_tokenizer
+
+STREAM_NAME = "stream.prequel"
+SUMMARY_NAME = "summary.json"
+# Facts that change the bits of training; a stream decodes only where they match.
+BIT_FACTS = ("torch", "lightning", "constriction", "numpy", "num_threads", "machine", "device")
+
+
+def environment(config: Config) -> dict:
+    device = "cuda" if config.trainer.accelerator == "gpu" or (
+        config.trainer.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    return {
+        "torch": torch.__version__, "lightning": L.__version__, "constriction": version("constriction"),
+        "numpy": version("numpy"), "python": platform.python_version(), "machine": platform.machine(),
+        "num_threads": torch.get_num_threads(), "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+    }
+
+
+def check_environment(recorded: dict, here: dict, allow_mismatch: bool) -> list[str]:
+    """Refuse to decode where training would not replay bit for bit (unless allowed)."""
+    diffs = [f"{k}: stream has {recorded.get(k)!r}, here {here.get(k)!r}" for k in BIT_FACTS if recorded.get(k) != here.get(k)]
+    if diffs and not allow_mismatch:
+        raise StreamError(
+            "environment mismatch, training would not replay bitwise: " + "; ".join(diffs)
+            + " (match it, e.g. --threads N, or pass --allow-env-mismatch to try anyway; checksums catch drift)"
+        )
+    return diffs
+
+
+def _set_determinism(config: Config) -> None:
+    if config.trainer.num_threads:
+        torch.set_num_threads(config.trainer.num_threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+
+
+def _tokens(config: Config, data: bytes):
+    tokenizer = build_tokenizer(config.data.tokenizer, data=data)
+    tokens = tokenizer.encode(data)
+    if len(tokens) < config.model.block_size:
+        raise DataError(
+            f"corpus too short: {len(tokens)} tokens, less than one sequence (model.block_size = {config.model.block_size})"
+        )
+    return tokenizer, tokens
+
+
+def _build(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path, checkpoint: bool):
+    module = PrequelModule(config, vocab_size)
+    module.attach(tape)
+    if config.trainer.compile:
+        module.model.compile()
+    data = PrequelDataModule(tape, config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed)
+    if checkpoint:
+        callbacks = callbacks + [ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+            every_n_train_steps=config.trainer.checkpoint_every_n_steps or None,
+        )]
+    t = config.trainer
+    trainer = L.Trainer(
+        default_root_dir=run_dir, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        gradient_clip_val=config.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpoint,
+        enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+    )
+    return module, data, trainer
+
+
+def _loggers(config: Config, run_dir: Path) -> list:
+    loggers = []
+    if config.logging.csv:
+        loggers.append(L.pytorch.loggers.CSVLogger(run_dir, name="csv", version=""))
+    if config.logging.wandb and config.logging.wandb_mode != "disabled":
+        loggers.append(L.pytorch.loggers.WandbLogger(
+            project=config.logging.wandb_project, name=run_dir.name, save_dir=str(run_dir),
+            mode=config.logging.wandb_mode, config=to_dict(config),
+        ))
+    return loggers
+
+
+def stream_header(config: Config, tokenizer, n_tokens: int) -> dict:
+    return {
+        "config": to_dict(config), "tokenizer": {"name": tokenizer.name, "blob": tokenizer.serialize().hex()},
+        "data_tokens": n_tokens, "code_hash": code_hash(), "environment": environment(config),
+        "precision": config.trainer.precision, "compile": config.trainer.compile,
+    }
+
+
+def train(config: Config) -> dict:
+    """Train with the prequential code length (and stream) on; returns the summary."""
+    data = read_corpus(config.data.path)  # errors before anything is created
+    run_dir = Path(config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / SUMMARY_NAME).exists():
+        print(f"{run_dir} already finished; not training again. Summary: {run_dir / SUMMARY_NAME}")
+        return json.loads((run_dir / SUMMARY_NAME).read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _set_determinism(config)
+    tokenizer, tokens = _tokens(config, data)
+    tape = Tape(tokens, bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
+    config_text = dump_yaml(config)
+    (run_dir / "config.yaml").write_text(config_text)
+    code_length = CodeLength(program_bits(config_text, tokenizer.serialize()), len(tokens))
+    callbacks: list = [code_length]
+    if config.stream.enabled:
+        stream = ArithmeticStream(tape, config.stream.checksum_every, header=stream_header(config, tokenizer, len(tokens)))
+        callbacks.append(stream)
+    loggers = _loggers(config, run_dir)
+    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks, loggers, run_dir, checkpoint=True)
+    if trainer.is_global_zero:
+        print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
+              f"{len(tokens):,} tokens, run directory {run_dir}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None)
+
+    totals = code_length.totals()
+    if not trainer.is_global_zero:
+        return {}
+    summary = code_length_summary(totals, tokenizer.vocab_size, _covered_bytes(tokenizer, tape, datamodule, totals))
+    summary["train/loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    summary["train/bpb"] = float(trainer.callback_metrics.get("train/bpb", float("nan")))
+    summary["model/params"] = module.model.num_params()
+    if config.stream.enabled:
+        path = run_dir / STREAM_NAME
+        complete = totals["complete"]
+        file_bytes = stream.save(path, {
+            "data_sha256": hashlib.sha256(data).hexdigest() if complete else None,
+            "ideal_bits": totals["data_bits"],
+        })
+        summary.update({"code/stream_bits": stream.stream.payload_bits, "stream/path": str(path), "stream/file_bytes": file_bytes})
+    if config.logging.plot:
+        plot = plot_loss_curve(code_length.curve, summary, run_dir / "loss_curve.png")
+        summary["plot/loss_curve"] = str(plot)
+    _log_summary(loggers, summary)
+    write_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
+    print(format_table(summary))
+    print(f"final train/loss {summary['train/loss']:.4f} nats/token, train/bpb {summary['train/bpb']:.4f}; "
+          f"code length {summary['code/bpb']:.4f} bpb")
+    print(f"run directory: {run_dir}")
+    return summary
+
+
+def _covered_bytes(tokenizer, tape: Tape, datamodule: PrequelDataModule, totals: dict) -> bytes:
+    """The bytes the code covers, in file order (all of them after a full first pass)."""
+    if totals["complete"]:
+        return tokenizer.decode(tape.tokens)
+    done, spans = 0, []
+    for batch in datamodule.batches:
+        if done >= totals["tokens"]:
+            break
+        spans.append(batch)
+        done += int(batch[:, 1].sum())
+    spans = torch.cat(spans)
+    spans = spans[spans[:, 0].argsort()]
+    return b"".join(tokenizer.decode(tape.tokens[s : s + n]) for s, n in spans.tolist())
+
+
+def _log_summary(loggers: list, summary: dict) -> None:
+    for logger in loggers:
+        if isinstance(logger, L.pytorch.loggers.WandbLogger):
+            import wandb
+
+            run = logger.experiment
+            run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+            if "plot/loss_curve" in summary:
+                run.log({"plot/loss_curve": wandb.Image(summary["plot/loss_curve"])})
+        logger.finalize("success")
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def find_stream(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / STREAM_NAME
+    if not path.is_file():
+        raise StreamError(f"no stream at {path} (give a run directory or a {STREAM_NAME} file)")
+    return path
+
+
+def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False, threads: int | None = None) -> dict:
+    """Bob: rebuild f from the stream header, replay training while decoding, check everything."""
+    stream_path = find_stream(path)
+    stream = read_stream(stream_path)
+    header = stream.header
+    try:
+        config = config_from_dict(header["config"])
+        n_tokens, tokenizer_info, recorded = header["data_tokens"], header["tokenizer"], header["environment"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise StreamError(f"header corrupted: {e}") from None
+    if header.get("code_hash") != code_hash():
+        raise StreamError("the stream was written by different prequel source code (code hash differs); "
+                          "check out the commit that wrote it")
+    config = replace(
+        config, run_dir=None,
+        trainer=replace(config.trainer, num_threads=threads or config.trainer.num_threads),
+        logging=replace(config.logging, wandb=False, csv=False, plot=False),
+    )
+    _set_determinism(config)
+    diffs = check_environment(recorded, environment(config), allow_env_mismatch)
+    tokenizer = build_tokenizer(tokenizer_info["name"], serialized=bytes.fromhex(tokenizer_info["blob"]))
+    tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
+    code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize()), n_tokens)
+    decoder = ArithmeticStream(tape, config.stream.checksum_every, stream=stream)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp), checkpoint=False)
+        trainer.fit(module, datamodule)
+    seconds = time.perf_counter() - started
+    decoded = tokenizer.decode(tape.tokens)
+    expected_sha = stream.trailer.get("data_sha256")
+    if expected_sha is not None and hashlib.sha256(decoded).hexdigest() != expected_sha:
+        raise StreamError("decoded bytes do not match the original's sha256")
+    weights_checked = _compare_checkpoint(Path(path), module)
+    totals = code_length.totals()
+    report = {
+        "stream": str(stream_path), "tokens": decoder.coded_tokens, "bytes": len(decoded),
+        "ideal_bits": totals["data_bits"], "stream_bits": stream.payload_bits,
+        "overhead_bits": stream.payload_bits - totals["data_bits"], "sha256": hashlib.sha256(decoded).hexdigest(),
+        "complete": expected_sha is not None, "final_weights_equal_checkpoint": weights_checked,
+        "environment_differences": diffs, "seconds": seconds,
+    }
+    if expected_sha is not None:
+        out = Path(out) if out else stream_path.with_suffix(".decoded")
+        write_atomic(out, decoded)
+        report["output"] = str(out)
+    return report
+
+
+def _compare_checkpoint(path: Path, module: PrequelModule) -> bool | None:
+    """Final weights bitwise equal to the encoder's final checkpoint, when it sits beside the stream."""
+    ckpt = (path if path.is_dir() else path.parent) / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    ours = module.state_dict()
+    if state.keys() != ours.keys() or not all(torch.equal(state[k], ours[k].cpu()) for k in ours):
+        raise StreamError(f"decoded training ended with weights that differ from the encoder's checkpoint {ckpt}")
+    return True
