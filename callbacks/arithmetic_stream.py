@@ -3,19 +3,23 @@
 Encode: after each first-pass batch, code its targets with the probabilities of the training
 forward that just ran (weights from before the step). Decode: before each first-pass batch,
 fill the tape by decoding with the current weights; the same `training_step` then learns it.
-Both sides call `coding.code_batch`, and both record the same checkpoints (a hash of the
-tokens coded so far and of the parameters every `checksum_every` batches), so the decoder
-names the first batch where anything drifted instead of producing garbage.
+Both sides call `coding.code_batch`, and both record the same checks (a hash chain of the
+tokens coded so far and a hash of the parameters every `checksum_every` batches), so the
+decoder names the first batch where anything drifted instead of producing garbage.
+
+Every checkpoint seals the current range-coder segment and stores the sealed segments in the
+checkpoint, so a run resumed from it continues the stream bit for bit where it left off.
 """
 
 import hashlib
 
 import lightning as L
+import numpy as np
 import torch
 
 from training.coding import Decoder, Encoder, code_batch
 from training.data import IGNORE, Tape
-from training.stream import Stream, StreamError, write_stream
+from training.stream import Segment, Stream, StreamError, write_stream
 
 
 def parameters_sha256(module: torch.nn.Module) -> str:
@@ -32,18 +36,28 @@ class ArithmeticStream(L.Callback):
             raise ValueError("give a header (to encode) or a stream (to decode)")
         self.tape = tape
         self.checksum_every = checksum_every
-        self.header = header if stream is None else stream.header
         self.decoding = stream is not None
-        self.stream = stream
-        self.coder = Decoder(stream.words) if self.decoding else Encoder()
-        self.tokens_hash = hashlib.sha256()
+        self.stream = stream or Stream(header, [], {})
+        self.tokens_hash = hashlib.sha256().hexdigest()  # chained per batch, so it can be checkpointed
         self.coded_tokens = 0
         self.coded_batches = 0
-        self.checksums: dict[str, dict] = {}  # by batch number; the encoder's, in a decoded stream
+        self.checksums: dict[str, dict] = {}
+        self._segment_start = 0  # coded_batches when the open segment began
+        self._segment = -1  # decoder: index of the open segment
+        self.coder = None if self.decoding else Encoder()
+        self._segment_end = 0
 
+    # --- Bob ---------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, spans, batch_idx) -> None:
         if not self.decoding or trainer.current_epoch > 0:
             return
+        if self.coded_batches == self._segment_end:  # open the next segment
+            self._close_decoder_segment()
+            self._segment += 1
+            if self._segment >= len(self.stream.segments):
+                raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
+            segment = self.stream.segments[self._segment]
+            self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
         pos, valid = self.tape.positions(spans)
         targets = torch.where(valid, 0, IGNORE)  # 0 = not decoded yet; never attended to
 
@@ -55,6 +69,11 @@ class ArithmeticStream(L.Callback):
         code_batch(logits_at, targets, self.coder)
         self.tape.tokens[pos[valid]] = targets[valid]
 
+    def _close_decoder_segment(self) -> None:
+        if self.coder is not None and not self.coder.exhausted():
+            raise StreamError(f"segment ending at batch {self.coded_batches} has words left over: stream does not match")
+
+    # --- both --------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, spans, batch_idx) -> None:
         if trainer.current_epoch > 0:
             return
@@ -63,41 +82,66 @@ class ArithmeticStream(L.Callback):
         if not self.decoding:
             code_batch(lambda t: coded.logits[:, t], targets, self.coder)
         symbols = targets[targets != IGNORE]
-        self.tokens_hash.update(symbols.to(torch.int32).numpy().tobytes())
+        self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.to(torch.int32).numpy().tobytes()).hexdigest()
         self.coded_tokens += len(symbols)
         self.coded_batches += 1
         if self.coded_batches % self.checksum_every == 0:
-            self._checkpoint(str(self.coded_batches), pl_module)
+            self._check(str(self.coded_batches), pl_module)
 
-    def _checkpoint(self, key: str, pl_module: L.LightningModule) -> None:
-        here = {"tokens": self.tokens_hash.hexdigest(), "params": parameters_sha256(pl_module)}
+    def _check(self, key: str, pl_module: L.LightningModule) -> None:
+        here = {"tokens": self.tokens_hash, "params": parameters_sha256(pl_module)}
         if not self.decoding:
             self.checksums[key] = here
             return
-        expected = self.stream.trailer["checksums"].get(key)
+        expected = self.stream.trailer.get("checksums", {}).get(key)
         if expected is None:
-            raise StreamError(f"stream has no checksum for batch {key}: it was written by other code or truncated")
+            raise StreamError(f"stream has no checksum for batch {key}: written by other code, or truncated")
         if here["tokens"] != expected["tokens"]:
             raise StreamError(f"decoded tokens differ from the encoder's by batch {key}: decoding diverged")
         if here["params"] != expected["params"]:
             raise StreamError(
-                f"parameters differ from the encoder's after batch {key} although the tokens match: "
-                "training is not bitwise reproducible here (different hardware, threads or library build?)"
+                f"parameters differ from the encoder's after batch {key} although the tokens match: training "
+                "is not bitwise reproducible here (different hardware, thread count or library build?)"
             )
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._checkpoint("final", pl_module)
         if self.decoding:
-            if not self.coder.exhausted():
-                raise StreamError("decoding finished but stream words remain: the stream does not match this training")
-            return
-        self.stream = Stream(self.header, self.coder.words(), {
-            "coded_tokens": self.coded_tokens,
-            "coded_batches": self.coded_batches,
-            "checksums": self.checksums,
-        })
+            self._close_decoder_segment()
+            expected = sum(seg.batches for seg in self.stream.segments)
+            if self.coded_batches != expected:
+                raise StreamError(f"training ended after {self.coded_batches} batches; the stream has {expected}: "
+                                  "it was cut short, or config and code differ")
+        else:
+            self._seal()
+        self._check("final", pl_module)
+        self.stream.trailer.update(coded_tokens=self.coded_tokens, coded_batches=self.coded_batches, checksums=self.checksums)
+
+    def _seal(self) -> None:
+        if self.coded_batches > self._segment_start:
+            self.stream.segments.append(Segment(self.coded_batches - self._segment_start, self.coder.words()))
+            self._segment_start = self.coded_batches
+            self.coder = Encoder()
 
     def save(self, path, trailer_extra: dict) -> int:
         """Write the finished stream (encoder); returns its size in bytes."""
         self.stream.trailer.update(trailer_extra)
         return write_stream(path, self.stream)
+
+    # --- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if not self.decoding:
+            self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
+        return {
+            "segments": [(s.batches, torch.from_numpy(s.words.astype(np.int64))) for s in self.stream.segments],
+            "tokens_hash": self.tokens_hash, "coded_tokens": self.coded_tokens,
+            "coded_batches": self.coded_batches, "checksums": self.checksums,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.decoding:
+            raise StreamError("the decoder replays from the start; it does not resume from checkpoints")
+        self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
+        self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
+        self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
+        self._segment_start = self.coded_batches
+        self.coder = Encoder()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import platform
 import tempfile
 import time
@@ -136,6 +137,7 @@ def train(config: Config) -> dict:
               f"{len(tokens):,} tokens, run directory {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None)
+    _save_final_checkpoint(trainer, last)
 
     totals = code_length.totals()
     if not trainer.is_global_zero:
@@ -151,7 +153,12 @@ def train(config: Config) -> dict:
             "data_sha256": hashlib.sha256(data).hexdigest() if complete else None,
             "ideal_bits": totals["data_bits"],
         })
-        summary.update({"code/stream_bits": stream.stream.payload_bits, "stream/path": str(path), "stream/file_bytes": file_bytes})
+        summary.update({
+            "code/stream_bits": stream.stream.payload_bits,
+            "code/stream_total_bits": summary["code/model_bits"] + stream.stream.payload_bits,
+            "code/stream_total_bpb": (summary["code/model_bits"] + stream.stream.payload_bits) / max(summary["data/bytes"], 1),
+            "stream/segments": len(stream.stream.segments), "stream/path": str(path), "stream/file_bytes": file_bytes,
+        })
     if config.logging.plot:
         plot = plot_loss_curve(code_length.curve, summary, run_dir / "loss_curve.png")
         summary["plot/loss_curve"] = str(plot)
@@ -162,6 +169,14 @@ def train(config: Config) -> dict:
           f"code length {summary['code/bpb']:.4f} bpb")
     print(f"run directory: {run_dir}")
     return summary
+
+
+def _save_final_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """last.ckpt = the weights training ended with (periodic saves may predate the end)."""
+    tmp = path.with_suffix(".tmp")
+    trainer.save_checkpoint(tmp)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
 
 
 def _covered_bytes(tokenizer, tape: Tape, datamodule: PrequelDataModule, totals: dict) -> bytes:
