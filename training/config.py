@@ -26,12 +26,22 @@ class ConfigError(ValueError):
     """A config key or value a person must fix; the message names it."""
 
 
+BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow with it
+
+
 @dataclass
 class DataConfig:
-    path: str | None = None  # a text file; null = the bundled tinyshakespeare
-    tokenizer: Literal["bytes"] = "bytes"
+    path: str | None = None  # a file, a directory, a glob, dataset:NAME; null = bundled tinyshakespeare
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    vocab_size: int = 256  # bytes: 256; bpe: tokens to learn (> 256), trained on the data, counted in |f|
+    tokenizer_file: str | None = None  # bpe: a pretrained byte-level BPE tokenizer.json (counted in |f|)
     batch_size: int = 8  # sequences per optimizer micro-step (global, across processes)
-    curriculum: Literal["sequential", "shuffle"] = "sequential"
+    curriculum: Literal["sequential", "shuffle", "length_warmup", "difficulty"] = "sequential"
+    pacing: Literal["linear", "step", "root"] = "linear"  # how length_warmup / difficulty open up
+    pacing_start: float = 0.125  # where pacing starts: a fraction of block_size, or of the chunks
+    warmup_tokens: int = 0  # tokens over which pacing opens fully; 0 = the whole first pass
+    difficulty_score: Literal["zlib", "length"] = "zlib"  # what makes a chunk hard (see curriculum.py)
+    difficulty_levels: int = 4  # levels sent per chunk (|f| += <= log2(levels) bits each); >= chunks = full ranking
 
 
 @dataclass
@@ -97,11 +107,13 @@ _DERIVED = {"model.vocab_size": "it is set by the tokenizer"}
 _POSITIVE = {
     "model.block_size", "model.n_layer", "model.n_head", "model.n_embd", "data.batch_size",
     "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.devices",
-    "trainer.log_every_n_steps", "stream.checksum_every", "optim.lr", "optim.eps",
+    "trainer.log_every_n_steps", "stream.checksum_every", "optim.lr", "optim.eps", "data.vocab_size",
+    "data.difficulty_levels",
 }
 _NON_NEGATIVE = {
     "model.dropout", "model.z_loss", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
-    "trainer.num_threads", "trainer.checkpoint_every_n_steps", "optim.min_lr_ratio",
+    "trainer.num_threads", "trainer.checkpoint_every_n_steps", "optim.min_lr_ratio", "data.warmup_tokens",
+    "data.pacing_start",
 }
 
 
@@ -180,10 +192,24 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if config.trainer.max_steps == 0 or config.trainer.max_steps < -1:
         raise ConfigError(f"trainer.max_steps: must be -1 (no limit) or > 0, got {config.trainer.max_steps}")
+    _validate_data(config.data)
     if config.stream.enabled and m.dropout > 0:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
     if config.stream.enabled and config.trainer.devices > 1:
         raise ConfigError("stream.enabled needs trainer.devices: 1 (the stream is written by one process)")
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.tokenizer == "bytes":
+        if d.vocab_size != 256:
+            raise ConfigError(f"data.vocab_size: the bytes tokenizer has exactly 256 symbols, got {d.vocab_size} "
+                              "(use data.tokenizer: bpe for a larger vocabulary)")
+        if d.tokenizer_file is not None:
+            raise ConfigError("data.tokenizer_file needs data.tokenizer: bpe")
+    elif d.tokenizer_file is None and not 256 < d.vocab_size <= BPE_MAX_VOCAB:
+        raise ConfigError(f"data.vocab_size: bpe needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {d.vocab_size}")
+    if d.pacing_start > 1:
+        raise ConfigError(f"data.pacing_start: must be in [0, 1], got {d.pacing_start}")
 
 
 def parse_overrides(args: list[str]) -> dict:

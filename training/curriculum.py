@@ -1,11 +1,24 @@
 """Orders in which the corpus is shown to the model, and what each costs in bits.
 
 The corpus is cut into chunks of at most `seq_len` tokens; an order is a list of batches of
-chunk spans ``(start, length)``. The decoder must rebuild the same list before it has decoded
-any data, so an order may depend only on what is in f (config, seed) and the data length.
+chunk spans ``(start, length)`` that covers every token exactly once (the first pass). The
+decoder must rebuild the same list before it has decoded any data, so an order may depend only
+on what is in f (config, seed) and the data length, and is then free. An order that depends on
+the content (`difficulty`) is *transmitted*: the encoder computes each chunk's difficulty level,
+the stream header carries the levels, and their information content is added to |f| as the
+``order`` part. Everything else about the order (pacing, tie-breaking) is drawn from the seed.
 """
 
+import base64
+import math
+import zlib
+
+import numpy as np
 import torch
+
+CURRICULA = ("sequential", "shuffle", "length_warmup", "difficulty")
+PACINGS = ("linear", "step", "root")
+STEP_STAGES = 4  # `step` pacing: this many equal jumps
 
 
 def chunk_spans(n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -14,16 +27,136 @@ def chunk_spans(n_tokens: int, seq_len: int) -> torch.Tensor:
     return torch.stack([starts, lengths], dim=1)
 
 
-def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, seed: int) -> list[torch.Tensor]:
-    """Every token appears in exactly one span of one batch (the first pass).
+def pace(progress: float, pacing: str, start: float) -> float:
+    """How far the curriculum has opened, in [start, 1], after `progress` (0 → 1) of the warm-up."""
+    p = min(max(progress, 0.0), 1.0)
+    grown = {"linear": p, "root": math.sqrt(p), "step": math.floor(p * STEP_STAGES) / STEP_STAGES}[pacing]
+    return start + (1.0 - start) * grown
 
-    - ``sequential``: natural order. Free: nothing to transmit.
-    - ``shuffle``: a permutation drawn from the seed. Free: the seed is part of f.
-    """
+
+def sequential(n_tokens: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """Natural order. Free: nothing to transmit."""
+    return list(torch.split(chunk_spans(n_tokens, seq_len), batch_size))
+
+
+def shuffle(n_tokens: int, seq_len: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """A permutation of the chunks drawn from the seed. Free: the seed is part of f."""
     spans = chunk_spans(n_tokens, seq_len)
-    if curriculum == "shuffle":
-        generator = torch.Generator().manual_seed(seed)
-        spans = spans[torch.randperm(len(spans), generator=generator)]
-    elif curriculum != "sequential":
-        raise ValueError(f"data.curriculum: unknown order {curriculum!r}")
+    spans = spans[torch.randperm(len(spans), generator=torch.Generator().manual_seed(seed))]
     return list(torch.split(spans, batch_size))
+
+
+def length_warmup(n_tokens: int, seq_len: int, batch_size: int, pacing: str, start: float,
+                  warmup_tokens: int) -> list[torch.Tensor]:
+    """Short contexts first: batch k holds `batch_size` consecutive chunks of one length that
+    grows from ``start * seq_len`` to `seq_len` as the first `warmup_tokens` tokens go by, then
+    stays there. Tokens are read in natural order. Free: a function of config and data length.
+
+    Shorter chunks also mean more optimizer steps per token early on, where the prequential
+    loss is highest."""
+    batches, pos = [], 0
+    while pos < n_tokens:
+        length = max(1, min(seq_len, round(seq_len * pace(pos / warmup_tokens, pacing, start))))
+        starts = torch.arange(pos, min(pos + batch_size * length, n_tokens), length)
+        batches.append(torch.stack([starts, torch.clamp(n_tokens - starts, max=length)], dim=1))
+        pos = int(starts[-1]) + length
+    return batches
+
+
+def difficulty(n_tokens: int, seq_len: int, batch_size: int, seed: int, labels: torch.Tensor,
+               pacing: str, start: float, warmup_tokens: int) -> list[torch.Tensor]:
+    """Easy → hard by transmitted difficulty levels, with pacing as in CurriculumDataset: each
+    batch is drawn (seeded) from the not-yet-seen chunks among the easiest ``pace(progress)``
+    fraction of all chunks, so the pool opens from ``start`` to everything over `warmup_tokens`.
+
+    Costs `order_bits(labels)` = log2 of the number of ways to assign the levels (chunks per
+    level are fixed by the count of chunks and levels): log2(N! / prod n_k!) <= N log2 K bits,
+    log2 N! for a full ranking. Order within a level and the pacing draws come from the seed."""
+    spans = chunk_spans(n_tokens, seq_len)
+    if len(labels) != len(spans):
+        raise ValueError(f"difficulty order has {len(labels)} levels for {len(spans)} chunks")
+    generator = torch.Generator().manual_seed(seed)
+    tie_break = torch.rand(len(spans), generator=generator, dtype=torch.float64)
+    ranked = np.lexsort((tie_break.numpy(), labels.numpy())).tolist()  # easy → hard
+    draws = torch.rand(len(spans), generator=generator, dtype=torch.float64).tolist()
+    pool: list[int] = []  # unseen chunks inside the open part of the ranking
+    batches, opened, taken, seen_tokens = [], 0, 0, 0
+    while taken < len(spans):
+        frontier = math.ceil(pace(seen_tokens / warmup_tokens, pacing, start) * len(spans))
+        frontier = min(len(spans), max(frontier, taken + batch_size))
+        pool.extend(ranked[opened:frontier])
+        opened = max(opened, frontier)
+        batch = []
+        for _ in range(min(batch_size, len(pool))):
+            i = int(draws[taken] * len(pool))
+            pool[i], pool[-1] = pool[-1], pool[i]  # O(1) removal; the seed fixes the result
+            batch.append(pool.pop())
+            taken += 1
+        batches.append(spans[batch])
+        seen_tokens += int(spans[batch, 1].sum())
+    return batches
+
+
+def difficulty_labels(chunks: list[bytes], score: str, levels: int) -> torch.Tensor:
+    """The encoder's side of `difficulty`: rank chunks by a score (lower = easier; ties by
+    position) and cut the ranking into `levels` equal parts. Level sizes then depend only on
+    the number of chunks, which the decoder knows, so only the assignment must be sent.
+
+    - ``zlib``: compressed size / raw size (repetitive text is easy);
+    - ``length``: bytes in the chunk (with BPE, many bytes per token = common words)."""
+    if score == "zlib":
+        scores = [len(zlib.compress(c, 9)) / max(len(c), 1) for c in chunks]
+    elif score == "length":
+        scores = [len(c) for c in chunks]
+    else:
+        raise ValueError(f"data.difficulty_score: unknown score {score!r} (known: zlib, length)")
+    ranking = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
+    levels = min(levels, len(chunks))
+    labels = np.empty(len(chunks), dtype=np.int64)
+    labels[ranking] = np.arange(len(chunks)) * levels // max(len(chunks), 1)
+    return torch.from_numpy(labels)
+
+
+def order_bits(labels: torch.Tensor | None) -> int:
+    """Bits to transmit the levels with an enumerative code: ceil(log2(N! / prod n_k!))."""
+    if labels is None or len(labels) == 0:
+        return 0
+    counts = torch.bincount(labels).tolist()
+    nats = math.lgamma(len(labels) + 1) - sum(math.lgamma(c + 1) for c in counts)
+    return math.ceil(nats / math.log(2) - 1e-9)
+
+
+def labels_to_header(labels: torch.Tensor) -> str:
+    """A compact, JSON-safe form for the stream header (what is *counted* is `order_bits`)."""
+    return base64.b64encode(zlib.compress(labels.numpy().astype("<u4").tobytes(), 9)).decode()
+
+
+def labels_from_header(text: str | None) -> torch.Tensor | None:
+    if text is None:
+        return None
+    try:
+        raw = zlib.decompress(base64.b64decode(text))
+    except zlib.error as e:
+        raise ValueError(f"transmitted order is not valid: {e}") from None
+    return torch.from_numpy(np.frombuffer(raw, dtype="<u4").astype(np.int64))
+
+
+def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, seed: int, *,
+                 pacing: str = "linear", pacing_start: float = 0.125, warmup_tokens: int = 0,
+                 labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The first pass as a list of (B, 2) span batches; every token in exactly one span.
+
+    `warmup_tokens` = 0 means the whole first pass. `labels` are the transmitted difficulty
+    levels (only for `difficulty`)."""
+    warmup = warmup_tokens if warmup_tokens > 0 else max(n_tokens, 1)
+    if curriculum == "sequential":
+        return sequential(n_tokens, seq_len, batch_size)
+    if curriculum == "shuffle":
+        return shuffle(n_tokens, seq_len, batch_size, seed)
+    if curriculum == "length_warmup":
+        return length_warmup(n_tokens, seq_len, batch_size, pacing, pacing_start, warmup)
+    if curriculum == "difficulty":
+        if labels is None:
+            raise ValueError("the difficulty order needs its transmitted levels (labels)")
+        return difficulty(n_tokens, seq_len, batch_size, seed, labels, pacing, pacing_start, warmup)
+    raise ValueError(f"data.curriculum: unknown order {curriculum!r} (known: {', '.join(CURRICULA)})")

@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.arithmetic_stream import ArithmeticStream
 from callbacks.code_length import CodeLength
 from training.config import Config, config_from_dict, dump_yaml, to_dict
-from training.data import DataError, PrequelDataModule, Tape, read_corpus
+from training.curriculum import labels_from_header, labels_to_header, order_bits
+from training.data import DataError, PrequelDataModule, Tape, order_labels, plan_options, read_corpus
 from training.module import PrequelModule
 from training.program import code_hash, program_bits
 from training.report import code_length_summary, format_table, plot_loss_curve
@@ -59,7 +60,8 @@ def _set_determinism(config: Config) -> None:
 
 
 def _tokens(config: Config, data: bytes):
-    tokenizer = build_tokenizer(config.data.tokenizer, data=data)
+    tokenizer = build_tokenizer(config.data.tokenizer, data=data, vocab_size=config.data.vocab_size,
+                                pretrained=config.data.tokenizer_file)
     tokens = tokenizer.encode(data)
     if len(tokens) < config.model.block_size:
         raise DataError(
@@ -68,12 +70,14 @@ def _tokens(config: Config, data: bytes):
     return tokenizer, tokens
 
 
-def _build(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path, checkpoint: bool):
+def _build(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path, checkpoint: bool,
+           labels: torch.Tensor | None = None):
     module = PrequelModule(config, vocab_size)
     module.attach(tape)
     if config.trainer.compile:
         module.model.compile()
-    data = PrequelDataModule(tape, config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed)
+    data = PrequelDataModule(tape, config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed,
+                             labels=labels, **plan_options(config.data))
     if checkpoint:
         callbacks = callbacks + [ModelCheckpoint(
             dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
@@ -104,12 +108,15 @@ def _loggers(config: Config, run_dir: Path) -> list:
     return loggers
 
 
-def stream_header(config: Config, tokenizer, n_tokens: int) -> dict:
-    return {
+def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor | None = None) -> dict:
+    header = {
         "config": to_dict(config), "tokenizer": {"name": tokenizer.name, "blob": tokenizer.serialize().hex()},
         "data_tokens": n_tokens, "code_hash": code_hash(), "environment": environment(config),
         "precision": config.trainer.precision, "compile": config.trainer.compile,
     }
+    if labels is not None:  # a content-dependent order: the decoder plans batches before it has data
+        header["order"] = labels_to_header(labels)
+    return header
 
 
 def train(config: Config) -> dict:
@@ -125,13 +132,15 @@ def train(config: Config) -> dict:
     tape = Tape(tokens, bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
-    code_length = CodeLength(program_bits(config_text, tokenizer.serialize()), len(tokens))
+    labels = order_labels(config.data, config.model.block_size, tokenizer, tokens)
+    code_length = CodeLength(program_bits(config_text, tokenizer.serialize(), order_bits(labels)), len(tokens))
     callbacks: list = [code_length]
     if config.stream.enabled:
-        stream = ArithmeticStream(tape, config.stream.checksum_every, header=stream_header(config, tokenizer, len(tokens)))
+        stream = ArithmeticStream(tape, config.stream.checksum_every, header=stream_header(config, tokenizer, len(tokens), labels))
         callbacks.append(stream)
     loggers = _loggers(config, run_dir)
-    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks, loggers, run_dir, checkpoint=True)
+    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks, loggers, run_dir, checkpoint=True,
+                                         labels=labels)
     if trainer.is_global_zero:
         print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
               f"{len(tokens):,} tokens, run directory {run_dir}")
@@ -227,8 +236,11 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     try:
         config = config_from_dict(header["config"])
         n_tokens, tokenizer_info, recorded = header["data_tokens"], header["tokenizer"], header["environment"]
+        labels = labels_from_header(header.get("order"))
     except (KeyError, TypeError, ValueError) as e:
         raise StreamError(f"header corrupted: {e}") from None
+    if config.data.curriculum == "difficulty" and labels is None:
+        raise StreamError("header corrupted: a difficulty order needs its transmitted levels (header['order'])")
     if header.get("code_hash") != code_hash():
         raise StreamError("the stream was written by different prequel source code (code hash differs); "
                           "check out the commit that wrote it")
@@ -241,11 +253,12 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     diffs = check_environment(recorded, environment(config), allow_env_mismatch)
     tokenizer = build_tokenizer(tokenizer_info["name"], serialized=bytes.fromhex(tokenizer_info["blob"]))
     tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
-    code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize()), n_tokens)
+    code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
     decoder = ArithmeticStream(tape, config.stream.checksum_every, stream=stream)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp), checkpoint=False)
+        module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
+                                             checkpoint=False, labels=labels)
         trainer.fit(module, datamodule)
     seconds = time.perf_counter() - started
     decoded = tokenizer.decode(tape.tokens)
