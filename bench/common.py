@@ -1,0 +1,98 @@
+"""What the bench scripts share: a config, a prefix of the corpus, and a timed Lightning fit.
+
+A run's steady-state throughput is timed between the end of batch `warmup - 1` and the end of
+the last batch, so Trainer set-up, the first (slow) steps and teardown are left out and every
+timed interval is a whole step: data, hooks, forward, backward, optimizer, callbacks.
+"""
+
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for train.py
+
+from train import _quiet  # noqa: E402
+from training.config import Config, dump_yaml, load_config  # noqa: E402
+from training.data import Tape, read_corpus  # noqa: E402
+from training.program import program_bits  # noqa: E402
+from training.run import _build, _set_determinism, _tokens  # noqa: E402
+from callbacks.code_length import CodeLength  # noqa: E402
+
+# Nothing but training: no loggers, plots or progress bar (the scripts' overrides may turn them on).
+BENCH_OVERRIDES = [
+    "--logging.wandb", "false", "--logging.csv", "false", "--logging.plot", "false",
+    "--logging.progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.max_steps", "-1",
+]
+
+
+def bench_config(path: str, overrides: list[str]) -> Config:
+    """The config as `train.py` would load it, with the bench defaults, then the user's overrides."""
+    _quiet()
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False ..." and tips
+        logging.getLogger(name).setLevel(logging.WARNING)
+    config = load_config(path, BENCH_OVERRIDES + overrides)
+    _set_determinism(config)  # torch threads = trainer.num_threads, as in training
+    return config
+
+
+def print_environment(config: Config) -> None:
+    print(f"torch {torch.__version__}, lightning {L.__version__}, python {platform.python_version()}, "
+          f"{platform.machine()}; torch threads {torch.get_num_threads()} "
+          f"(trainer.num_threads {config.trainer.num_threads})")
+    m, d = config.model, config.data
+    print(f"model {m.n_layer} × {m.n_embd} (head {m.head}), block_size {m.block_size}, batch_size {d.batch_size}, "
+          f"precision {config.trainer.precision}, compile {config.trainer.compile}")
+
+
+def corpus_prefix(config: Config, n_tokens: int):
+    """(tokenizer, tokens, tape) for the first `n_tokens` tokens of the configured corpus."""
+    tokenizer, tokens = _tokens(config, read_corpus(config.data.path))
+    if n_tokens > len(tokens):
+        raise SystemExit(f"the corpus has only {len(tokens):,} tokens; asked for {n_tokens:,}")
+    tokens = tokens[:n_tokens]
+    return tokenizer, tokens, Tape(tokens, bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
+
+
+def code_length_callback(config: Config, tokenizer, n_tokens: int) -> CodeLength:
+    return CodeLength(program_bits(dump_yaml(config), tokenizer.serialize()), n_tokens)
+
+
+class Clock(L.Callback):
+    """Tokens and seconds of the batches after the first `warmup` (listed last, runs last)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.tokens, self.t0, self.t1 = warmup, 0, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, spans, batch_idx) -> None:
+        now = time.perf_counter()
+        if batch_idx == self.warmup - 1:
+            self.t0 = now
+        elif batch_idx >= self.warmup:
+            self.t1, self.tokens = now, self.tokens + int(spans[:, 1].sum())
+
+    def tokens_per_s(self) -> float:
+        if self.t1 is None:
+            raise SystemExit(f"no batch after the {self.warmup} warm-up batches: give more tokens or steps")
+        return self.tokens / (self.t1 - self.t0)
+
+
+def lightning_tokens_per_s(config: Config, tape: Tape, vocab_size: int, callbacks: list, warmup: int) -> float:
+    """prequel's own Trainer (training.run._build), no loggers, no checkpoints; steady-state tokens/s."""
+    _set_determinism(config)
+    clock = Clock(warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        module, data, trainer = _build(config, tape, vocab_size, callbacks + [clock], [], Path(tmp), checkpoint=False)
+        trainer.fit(module, data)
+    return clock.tokens_per_s()
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2

@@ -1,0 +1,96 @@
+"""Step overhead (issue 3): prequel's Lightning training step vs a bare PyTorch loop.
+
+Both sides train the same GPT (same config, same seed, so the same initial weights) on the same
+batches (the plan of `training.curriculum.plan_batches` read through `training.data.Tape`) with
+the same optimizer (AdamW, param groups, LR schedule and grad clipping of
+`PrequelModule.configure_optimizers` and `optim.grad_clip`):
+
+* prequel: the Trainer that `training.run` builds (`_build`) with the CodeLength callback; the
+  stream, loggers, checkpoints and progress bar are off.
+* bare: for each batch, forward, mean cross-entropy, backward, clip, AdamW step, scheduler step.
+
+Each side warms up, then is timed over `--steps` steps; the sides alternate `--repeats` times.
+Prints tokens/s of each and the ratio prequel / bare (target ≥ 0.95).
+
+    python bench/step_overhead.py [--steps 300] [--config configs/small.yaml] [--model.n_layer 4 ...]
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import (bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
+                    print_environment)
+from training.curriculum import plan_batches
+from training.data import IGNORE
+from training.module import PrequelModule
+from training.run import _set_determinism
+
+
+def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:
+    """The same training in a plain loop: no Trainer, no callbacks, no logging."""
+    _set_determinism(config)
+    module = PrequelModule(config, vocab_size)  # only for its model and configure_optimizers
+    model = module.model.train()
+    if config.trainer.compile:
+        model.compile()
+    optimizers = module.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    batches = plan_batches(len(tape), config.model.block_size, config.data.batch_size,
+                           config.data.curriculum, config.seed)
+    tokens, t0 = 0, None
+    for i, spans in enumerate(batches):
+        x, y = tape.batch(spans)
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        loss.backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i == warmup - 1:
+            t0 = time.perf_counter()
+        elif i >= warmup:
+            tokens += int(spans[:, 1].sum())
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+        description="Throughput of prequel's Lightning step vs a bare PyTorch loop (same model, data, optimizer). "
+        "Other --dotted.keys override the config, as in train.py.")
+    parser.add_argument("--config", default="configs/small.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="prequel/bare runs, alternating (default: %(default)s)")
+    args, overrides = parser.parse_known_args()
+    if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup and --repeats must be >= 1")
+    config = bench_config(args.config, ["--stream.enabled", "false"] + overrides)
+    if config.trainer.precision != "32-true" or config.trainer.accelerator == "gpu" or config.optim.schedule != "constant":
+        parser.error("the bare loop here is fp32 on CPU with a constant schedule; "
+                     "use trainer.precision 32-true, trainer.accelerator cpu, optim.schedule constant")
+    print_environment(config)
+
+    # Exactly warmup + steps full batches, so both sides stop at the same place.
+    n_tokens = (args.warmup + args.steps) * config.data.batch_size * config.model.block_size
+    tokenizer, tokens, tape = corpus_prefix(config, n_tokens)
+    print(f"{n_tokens:,} tokens: {args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} repeats\n")
+
+    prequel, bare = [], []
+    print(f"{'repeat':>6} {'prequel tok/s':>14} {'bare tok/s':>12} {'ratio':>7}")
+    for r in range(args.repeats):
+        callbacks = [code_length_callback(config, tokenizer, len(tokens))]
+        prequel.append(lightning_tokens_per_s(config, tape, tokenizer.vocab_size, callbacks, args.warmup))
+        bare.append(bare_tokens_per_s(config, tape, tokenizer.vocab_size, args.warmup))
+        print(f"{r + 1:>6} {prequel[-1]:>14,.0f} {bare[-1]:>12,.0f} {prequel[-1] / bare[-1]:>7.3f}")
+    print(f"{'median':>6} {median(prequel):>14,.0f} {median(bare):>12,.0f} {median(prequel) / median(bare):>7.3f}")
+    print(f"{'best':>6} {max(prequel):>14,.0f} {max(bare):>12,.0f} {max(prequel) / max(bare):>7.3f}")
+    print(f"\nthroughput ratio prequel / bare (medians): {median(prequel) / median(bare):.3f}  (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Stream costs (issue 5): encode overhead, decode/train time, and coder symbols/s.
+
+(a) encode overhead: steady-state tokens/s of prequel's Trainer (`training.run._build`, CodeLength
+    callback, no loggers or checkpoints) on the first `--tokens` tokens, with the ArithmeticStream
+    encoder callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
+(b) decode/train time: `training.run.train` with the stream on, into a temporary run directory,
+    on the first `--decode-tokens` tokens (written to a temporary data file), then
+    `training.run.verify` on that run; prints decode seconds / train seconds (whole calls) and,
+    when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
+(c) coder symbols/s: `training.coding.code_batch` with an Encoder, then a Decoder, on random
+    logits of `--rows` × `--cols` symbols at each `--vocab` (no model: coding_probabilities +
+    the range coder), and `coding_probabilities` alone for comparison.
+
+    python bench/stream.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b,c] [--model.n_layer 4 ...]
+"""
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from common import (bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
+                    print_environment)
+from callbacks.arithmetic_stream import ArithmeticStream
+from training.coding import Decoder, Encoder, code_batch, coding_probabilities
+from training.run import stream_header, train, verify
+from training.stream import StreamError
+
+
+def encode_overhead(config, n_tokens: int, warmup: int, repeats: int) -> float:
+    """Prints the ratio; returns the stream-on training tokens/s (median)."""
+    tokenizer, tokens, tape = corpus_prefix(config, n_tokens)
+    print(f"(a) encode overhead: {n_tokens:,} tokens, throughput after {warmup} warm-up steps")
+    rates = {False: [], True: []}
+    for _ in range(repeats):
+        for enabled in (False, True):
+            callbacks = [code_length_callback(config, tokenizer, len(tokens))]
+            if enabled:
+                header = stream_header(config, tokenizer, len(tokens))
+                callbacks.append(ArithmeticStream(tape, config.stream.checksum_every, header=header))
+            rates[enabled].append(lightning_tokens_per_s(config, tape, tokenizer.vocab_size, callbacks, warmup))
+    off, on = median(rates[False]), median(rates[True])
+    print(f"    stream off {off:>10,.0f} tok/s   (runs: {', '.join(f'{r:,.0f}' for r in rates[False])})")
+    print(f"    stream on  {on:>10,.0f} tok/s   (runs: {', '.join(f'{r:,.0f}' for r in rates[True])})")
+    print(f"    throughput ratio on / off (medians): {on / off:.3f}  (target >= 0.90)\n")
+    return on
+
+
+def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
+    import wandb  # noqa: F401  train() imports it at the end even with W&B off; keep that out of the timing
+
+    tokenizer, tokens, _ = corpus_prefix(config, n_tokens)
+    print(f"(b) decode / train time: {n_tokens:,} tokens, train with the stream, then verify the run")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "prefix.txt"
+        data_path.write_bytes(tokenizer.decode(tokens))
+        run_config = replace(config, run_dir=str(Path(tmp) / "run"), data=replace(config.data, path=str(data_path)),
+                             stream=replace(config.stream, enabled=True))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # train/verify print their own reports
+                started = time.perf_counter()
+                summary = train(run_config)
+                train_s = time.perf_counter() - started
+                started = time.perf_counter()
+                report = verify(Path(run_config.run_dir))
+                decode_s = time.perf_counter() - started
+        except StreamError as e:  # e.g. the source was edited between train and verify (code hash)
+            print(f"    verify failed: {e}\n")
+            return
+    print(f"    train  {train_s:8.2f} s  ({n_tokens / train_s:,.0f} tok/s), stream {summary['code/stream_bits']:,} bits")
+    print(f"    decode {decode_s:8.2f} s  ({n_tokens / decode_s:,.0f} tok/s; its Trainer.fit {report['seconds']:.2f} s), "
+          f"sha256 matched, final weights equal: {report['final_weights_equal_checkpoint']}")
+    print(f"    decode / train time (whole calls): {decode_s / train_s:.2f}x  (moonshot <= 5x)")
+    if train_rate is not None:  # train()'s fixed costs (|f|, Trainer, checkpoint) weigh on short runs
+        decode_rate = n_tokens / report["seconds"]
+        print(f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / decode's Trainer.fit {decode_rate:,.0f} tok/s "
+              f"= {train_rate / decode_rate:.2f}x")
+    print()
+
+
+def coder_rates(vocab: int, rows: int, cols: int, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(vocab)
+    logits = 2.0 * torch.randn(rows, cols, vocab, generator=generator)
+    # Targets drawn from the coded distribution, so bits/symbol is what a model this sure would pay.
+    targets = torch.multinomial(torch.softmax(logits.flatten(0, 1), -1), 1, generator=generator).view(rows, cols)
+    n = rows * cols
+    best = {"encode": float("inf"), "decode": float("inf"), "probs": float("inf")}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        encoder = Encoder()
+        code_batch(lambda t: logits[:, t], targets.clone(), encoder)
+        t1 = time.perf_counter()
+        decoded = torch.zeros_like(targets)  # 0 = not decoded yet
+        code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()))
+        t2 = time.perf_counter()
+        for t in range(cols):
+            coding_probabilities(logits[:, t])
+        t3 = time.perf_counter()
+        if not torch.equal(decoded, targets):
+            raise SystemExit(f"V={vocab}: decoded symbols differ from the encoded ones")
+        best = {"encode": min(best["encode"], t1 - t0), "decode": min(best["decode"], t2 - t1),
+                "probs": min(best["probs"], t3 - t2)}
+    return {"symbols": n, "bits": encoder.num_bits() / n, **{k: n / s for k, s in best.items()}}
+
+
+def coder_table(vocabs: list[int], rows: int, cols: int, repeats: int) -> None:
+    print(f"(c) coder symbols/s: random logits (2·N(0,1)), {rows} rows × {cols} columns, best of {repeats}")
+    print(f"    {'V':>6} {'symbols':>8} {'bits/sym':>9} {'encode sym/s':>13} {'decode sym/s':>13} {'probs only sym/s':>17}")
+    for vocab in vocabs:
+        r = coder_rates(vocab, rows, cols, repeats)
+        print(f"    {vocab:>6} {r['symbols']:>8,} {r['bits']:>9.3f} {r['encode']:>13,.0f} {r['decode']:>13,.0f} "
+              f"{r['probs']:>17,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+        description="Stream encode overhead, decode/train time ratio and coder symbols/s. "
+        "Other --dotted.keys override the config, as in train.py.")
+    parser.add_argument("--config", default="configs/small.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=60000, help="(a) corpus prefix (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=10, help="(a) untimed steps per run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="(a) runs per side, (c) timings per V (default: %(default)s)")
+    parser.add_argument("--decode-tokens", type=int, default=30000,
+                        help="(b) corpus prefix; small ones flatter the ratio, train()'s fixed costs dominate (default: %(default)s)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[256, 32768], help="(c) alphabet sizes (default: 256 32768)")
+    parser.add_argument("--rows", type=int, default=16, help="(c) rows per batch (default: %(default)s)")
+    parser.add_argument("--cols", type=int, default=64, help="(c) columns (positions) per batch (default: %(default)s)")
+    parser.add_argument("--skip", default="", help="parts to skip, e.g. b or a,b (default: none)")
+    args, overrides = parser.parse_known_args()
+    if min(args.tokens, args.warmup, args.repeats, args.decode_tokens, args.rows, args.cols) < 1:
+        parser.error("every count must be >= 1")
+    skip = set(args.skip.replace(",", ""))
+    config = bench_config(args.config, ["--stream.enabled", "false"] + overrides)
+    print_environment(config)
+    print(f"stream.checksum_every {config.stream.checksum_every}\n")
+    train_rate = None
+    if "a" not in skip:
+        train_rate = encode_overhead(config, args.tokens, args.warmup, args.repeats)
+    if "b" not in skip:
+        decode_train_ratio(config, args.decode_tokens, train_rate)
+    if "c" not in skip:
+        coder_table(args.vocab, args.rows, args.cols, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
