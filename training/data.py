@@ -4,6 +4,10 @@ The DataLoader yields only *where* each batch lies in the corpus (spans of the t
 its content. The encoder's tape holds the real tokens; the decoder's starts empty and is
 filled by arithmetic decoding just before each training step. Both then run the very same
 `training_step`, which reads its inputs from the tape.
+
+A corpus is read as exact bytes (a file, a directory or glob of files in sorted order, a named
+dataset, or the bundled tinyshakespeare); the coded data is their concatenation, so a decoded
+stream gives those bytes back, not the file names.
 """
 
 import glob
