@@ -280,6 +280,18 @@ def to_dict(config: Config) -> dict:
     return values
 
 
+# Where a run writes and how it reports change no bit of training: not part of the program f.
+_NOT_PROGRAM = ("name", "run_dir", "logging")
+
+
+def program_dict(config: Config) -> dict:
+    """The settings Bob needs to replay training (the stream stores these, |f| counts them)."""
+    values = to_dict(config)
+    for key in _NOT_PROGRAM:
+        del values[key]
+    return values
+
+
 def dump_yaml(config: Config) -> str:
-    """Canonical text of the resolved config (what |f| counts and the stream stores)."""
-    return yaml.safe_dump(to_dict(config), sort_keys=True)
+    """Canonical text of the program's settings, as |f| counts them."""
+    return yaml.safe_dump(program_dict(config), sort_keys=True)

@@ -148,7 +148,7 @@ class Tape:
     def positions(self, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token positions (B, L) of each span and the mask of those that exist."""
         spans = spans.cpu()
-        offsets = torch.arange(int(spans[:, 1].max()))
+        offsets = torch.arange(max(1, int(spans[:, 1].max())))
         valid = offsets[None, :] < spans[:, 1:2]
         return (spans[:, :1] + offsets[None, :]).clamp(max=len(self) - 1), valid
 
@@ -178,7 +178,10 @@ class _Batches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.batches[i][self.rank :: self.world_size]  # this process's rows of global batch i
+        rows = self.batches[i][self.rank :: self.world_size]  # this process's rows of global batch i
+        # A short last batch may leave a process no row; it still steps (DDP syncs every
+        # backward), on an empty span that contributes no token and no gradient.
+        return rows if len(rows) else torch.zeros(1, 2, dtype=torch.long)
 
 
 class _ResumableSampler(Sampler[int]):
@@ -188,7 +191,7 @@ class _ResumableSampler(Sampler[int]):
         self.n, self.skip = n, skip
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return self.n  # Lightning counts a resumed epoch from its restored progress up to this
 
     def __iter__(self):
         skip, self.skip = self.skip, 0

@@ -56,11 +56,11 @@ class PrequelModule(L.LightningModule):
         nll = nll.view_as(y)
         mask = y != IGNORE
         tokens = mask.sum()
-        loss = nll.sum() / tokens
+        loss = nll.sum() / tokens.clamp(min=1)
         self.coded = CodedBatch(spans, logits.detach(), y, nll.detach(), self.tape.nbytes(spans))
         bits = nll.detach().sum() / math.log(2)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
-        self.log("train/bpb", bits / self.coded.nbytes, prog_bar=True, batch_size=int(tokens))
+        self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
         if self.config.model.z_loss:
             z = torch.logsumexp(logits.float(), dim=-1)[mask]
             loss = loss + self.config.model.z_loss * (z**2).mean()

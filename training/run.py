@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.arithmetic_stream import ArithmeticStream
 from callbacks.code_length import CodeLength
-from training.config import Config, config_from_dict, dump_yaml, to_dict
+from training.config import Config, config_from_dict, dump_yaml, program_dict, to_dict
 from training.curriculum import labels_from_header, labels_to_header, order_bits
 from training.data import DataError, PrequelDataModule, Tape, order_labels, plan_options, read_corpus
 from training.module import PrequelModule
@@ -110,7 +110,7 @@ def _loggers(config: Config, run_dir: Path) -> list:
 
 def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor | None = None) -> dict:
     header = {
-        "config": to_dict(config), "tokenizer": {"name": tokenizer.name, "blob": tokenizer.serialize().hex()},
+        "config": program_dict(config), "tokenizer": {"name": tokenizer.name, "blob": tokenizer.serialize().hex()},
         "data_tokens": n_tokens, "code_hash": code_hash(), "environment": environment(config),
         "precision": config.trainer.precision, "compile": config.trainer.compile,
     }
@@ -183,7 +183,7 @@ def train(config: Config) -> dict:
 def _save_final_checkpoint(trainer: L.Trainer, path: Path) -> None:
     """last.ckpt = the weights training ended with (periodic saves may predate the end)."""
     tmp = path.with_suffix(".tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # with callback states: a resumable checkpoint
     if trainer.is_global_zero:
         os.replace(tmp, path)
 

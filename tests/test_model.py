@@ -1,0 +1,63 @@
+import torch
+import torch.nn.functional as F
+
+from models.gpt import GPT, GPTConfig
+from tests.conftest import tiny_config
+from training.run import train
+
+CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, head="norm")
+
+
+def test_norm_head_uses_unit_rows_and_leaves_the_parameter_alone():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx = torch.randint(0, 51, (2, 16))
+    stored = model.head_weight.detach().clone()
+    hidden = {}
+    model.ln_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    logits = model(idx)
+    logits.sum().backward()
+    unit_rows = stored / stored.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(logits, hidden["h"] @ unit_rows.T)
+    assert torch.equal(model.head_weight.detach(), stored), "forward must not normalise the parameter in place"
+    # Rescaling any output row leaves the logits unchanged: only its direction counts.
+    with torch.no_grad():
+        model.head_weight.mul_(torch.rand(CFG.vocab_size, 1) * 5 + 0.1)
+    torch.testing.assert_close(model(idx), logits)
+
+
+def test_linear_head_is_sensitive_to_row_scale():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**CFG.__dict__, "head": "linear"}))
+    idx = torch.randint(0, 51, (2, 16))
+    before = model(idx)
+    with torch.no_grad():
+        model.head_weight.mul_(3.0)
+    assert not torch.allclose(model(idx), before)
+
+
+def test_tied_embeddings_are_one_tensor_counted_once():
+    tied = GPT(CFG)
+    untied = GPT(GPTConfig(**{**CFG.__dict__, "tie_embeddings": False}))
+    assert tied.head_weight.data_ptr() == tied.wte.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == CFG.vocab_size * CFG.n_embd
+    assert tied.num_params() == sum(p.numel() for p in {id(p): p for p in tied.parameters()}.values())
+
+
+def test_tied_weights_stay_tied_through_training_and_checkpoint(text_file, tmp_path):
+    config = tiny_config(text_file, tmp_path / "run", "--trainer.max_steps", "3", "--stream.enabled", "false")
+    train(config)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    assert not any("lm_head" in k for k in state), "a tied model stores one matrix"
+    fresh = GPT(GPTConfig(**{**config.model.__dict__, "vocab_size": 256}))
+    fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    assert fresh.head_weight.data_ptr() == fresh.wte.weight.data_ptr()
+    # A step on the restored model moves embedding and head together (they are one tensor).
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    logits = fresh(torch.randint(0, 257, (2, 8)))
+    F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 256, (16,))).backward()
+    opt.step()
+    assert fresh.head_weight.data_ptr() == fresh.wte.weight.data_ptr()
+    assert torch.equal(fresh.head_weight, fresh.wte.weight[:256])
+    assert not torch.equal(fresh.wte.weight, state["model.wte.weight"])
