@@ -1,0 +1,149 @@
+"""The code length is a fact: a real stream, decoded in another process, gives the bytes back."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, tiny_config
+from training.coding import Decoder, Encoder, code_batch, coding_probabilities
+from training.data import IGNORE
+from training.run import train
+from training.stream import decode_stream, encode_stream, read_stream
+
+# Words of the stream for a fixed batch: a change that alters bits must change this on purpose.
+GOLDEN_WORDS = [4153807710, 1926345918, 396019925, 2141648345, 3134379422, 2706323147, 3834240670]
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 256, generator=g) * 3
+    targets = torch.randint(0, 256, (3, 5), generator=g)
+    targets[2, 3:] = IGNORE  # a short last span
+    return logits, targets
+
+
+def test_coder_golden_words_and_round_trip():
+    logits, targets = fixed_batch()
+    encoder = Encoder()
+    code_batch(lambda t: logits[:, t], targets.clone(), encoder)
+    assert encoder.words().tolist() == GOLDEN_WORDS
+    decoded = torch.where(targets == IGNORE, IGNORE, 0)
+    decoder = Decoder(encoder.words())
+    code_batch(lambda t: logits[:, t], decoded, decoder)
+    assert torch.equal(decoded, targets) and decoder.exhausted()
+
+
+def test_coder_cost_is_close_to_the_ideal_and_every_symbol_is_codable():
+    logits = torch.full((1, 1000, 256), -1e4)
+    logits[..., 7] = 0.0  # the model is sure of 7 ...
+    targets = torch.randint(0, 256, (1, 1000), generator=torch.Generator().manual_seed(1))
+    targets[0, :990] = 7  # ... and wrong ten times: those still code (leaky quantisation)
+    encoder = Encoder()
+    code_batch(lambda t: logits[:, t], targets.clone(), encoder)
+    decoded = torch.zeros_like(targets)
+    code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()))
+    assert torch.equal(decoded, targets)
+    assert encoder.num_bits() < 10 * 25 + 64  # ≤ 24-bit precision per surprise, ~0 for the rest
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run with the stream on, shared by the tests below."""
+    root = tmp_path_factory.mktemp("stream")
+    text = root / "text.txt"
+    text.write_bytes(open("data/tinyshakespeare.txt", "rb").read()[:4000])
+    summary = train(tiny_config(text, root / "run", "--trainer.checkpoint_every_n_steps", "10"))
+    return root, text, summary
+
+
+def test_verify_in_a_separate_process_gives_back_the_bytes_and_weights(trained):
+    root, text, summary = trained
+    out = root / "decoded.txt"
+    r = run_cli("verify", root / "run", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == text.read_bytes()
+    assert "final weights are bitwise equal to the encoder's final checkpoint" in r.stdout
+    n, ideal, actual = summary["data/tokens"], summary["code/data_bits"], summary["code/stream_bits"]
+    assert summary["stream/segments"] == 4  # sealed at each of 3 checkpoints and at the end
+    assert actual - ideal <= 64 * summary["stream/segments"] + 1e-3 * n
+    assert actual <= n + ideal
+    assert f"{actual:,} bits" in r.stdout
+
+
+def corrupt(trained, name: str, edit) -> tuple:
+    root, _, _ = trained
+    data = bytearray((root / "run" / "stream.prequel").read_bytes())
+    bad = root / name
+    bad.mkdir(exist_ok=True)
+    (bad / "stream.prequel").write_bytes(bytes(edit(data)))
+    out = bad / "decoded.txt"
+    return run_cli("verify", bad, "--out", out), out
+
+
+def _flip(data: bytearray, at: int) -> bytearray:
+    data[at] ^= 0x10
+    return data
+
+
+def _first_payload_byte(data: bytearray) -> int:
+    header_len = int.from_bytes(data[10:14], "little")
+    return 14 + header_len + 4 + 4 + 16  # header, its crc, segment count, segment framing
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("truncated", lambda d: d[: len(d) // 2], "stream truncated"),
+    ("payload_flip", lambda d: _flip(d, _first_payload_byte(d) + 9), "payload corrupted"),
+    ("header_flip", lambda d: _flip(d, 40), "header corrupted"),
+    ("version", lambda d: d[:8] + b"\x09\x00" + d[10:], "stream format version 9"),
+    ("not_a_stream", lambda d: b"hello world" + d, "not a prequel stream"),
+])
+def test_bad_streams_fail_with_their_own_error_and_no_output(trained, name, edit, message):
+    r, out = corrupt(trained, name, edit)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_thread_count_mismatch_is_refused_and_named(trained):
+    root, _, _ = trained
+    out = root / "threads.txt"
+    r = run_cli("verify", root / "run", "--threads", "2", "--out", out)
+    assert r.returncode == 3
+    assert "environment mismatch" in r.stderr and "num_threads: stream has 1, here 2" in r.stderr
+    assert not out.exists()
+
+
+def test_payload_tampering_that_passes_the_crc_is_caught_by_decoding(trained):
+    """Re-encode the stream with one payload word changed (a valid file, wrong content)."""
+    root, _, _ = trained
+    stream = read_stream(root / "run" / "stream.prequel")
+    stream.segments[0].words[5] ^= 1 << 20
+    forged = root / "forged"
+    forged.mkdir()
+    (forged / "stream.prequel").write_bytes(encode_stream(stream))
+    r = run_cli("verify", forged, "--out", forged / "out.txt")
+    assert r.returncode == 3
+    assert "decoded tokens differ from the encoder's by batch 5" in r.stderr
+    assert not (forged / "out.txt").exists()
+
+
+def test_stream_header_records_what_changes_bits(trained):
+    root, _, _ = trained
+    stream = decode_stream((root / "run" / "stream.prequel").read_bytes())
+    env = stream.header["environment"]
+    for key in ("torch", "num_threads", "device", "lightning", "constriction"):
+        assert key in env
+    assert env["num_threads"] == 1 and env["torch"] == torch.__version__
+    assert stream.header["config"]["seed"] == 1337 and stream.header["data_tokens"] == 4000
+    assert "run_dir" not in stream.header["config"]
+    assert stream.trailer["coded_tokens"] == 4000
+    assert len(stream.header["code_hash"]) == 64
+    assert json.dumps(stream.header)  # plain JSON, readable by any tool
+
+
+def test_probabilities_are_a_pure_function_of_the_logits():
+    logits = torch.randn(4, 256)
+    a, b = coding_probabilities(logits), coding_probabilities(logits.clone())
+    assert (a == b).all() and math.isclose(a[0].sum(), 1.0, rel_tol=1e-6)
