@@ -48,8 +48,8 @@ class ArithmeticStream(L.Callback):
         self._segment_end = 0
 
     # --- Bob ---------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, spans, batch_idx) -> None:
-        if not self.decoding or trainer.current_epoch > 0:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.decoding or trainer.current_epoch > 0 or not batch["fresh"]:
             return
         if self.coded_batches == self._segment_end:  # open the next segment
             self._close_decoder_segment()
@@ -58,7 +58,7 @@ class ArithmeticStream(L.Callback):
                 raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
             segment = self.stream.segments[self._segment]
             self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
-        pos, valid = self.tape.positions(spans)
+        pos, valid = self.tape.positions(batch["spans"])
         targets = torch.where(valid, 0, IGNORE)  # 0 = not decoded yet; never attended to
 
         def logits_at(t: int) -> torch.Tensor:
@@ -74,10 +74,10 @@ class ArithmeticStream(L.Callback):
             raise StreamError(f"segment ending at batch {self.coded_batches} has words left over: stream does not match")
 
     # --- both --------------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer, pl_module, outputs, spans, batch_idx) -> None:
-        if trainer.current_epoch > 0:
-            return
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         coded = pl_module.coded
+        if trainer.current_epoch > 0 or not coded.fresh:
+            return
         targets = coded.targets.cpu()
         if not self.decoding:
             code_batch(lambda t: coded.logits[:, t], targets, self.coder)

@@ -61,6 +61,8 @@ class CodeLength(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         coded = pl_module.coded
+        if not coded.fresh:  # a replay step: data already counted
+            return
         self.last_epoch.update(coded.nll, coded.mask, coded.nbytes)
         if trainer.current_epoch > 0:
             return

@@ -11,6 +11,7 @@ and counted (compressed) in the code length.
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class DataConfig:
     pacing_start: float = 0.125  # where pacing starts: a fraction of block_size, or of the chunks
     warmup_tokens: int = 0  # tokens over which pacing opens fully; 0 = the whole first pass
     difficulty_score: Literal["zlib", "length"] = "zlib"  # what makes a chunk hard (see curriculum.py)
+    replay_steps: int = 0  # extra optimizer steps on already-coded chunks after each fresh batch (free)
+    replay_window: int = 0  # replay from the last this-many fresh batches; 0 = all coded so far
     difficulty_levels: int = 4  # levels sent per chunk (|f| += <= log2(levels) bits each); >= chunks = full ranking
 
 
@@ -112,7 +115,8 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "model.dropout", "model.z_loss", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
-    "trainer.num_threads", "trainer.checkpoint_every_n_steps", "optim.min_lr_ratio", "data.warmup_tokens",
+    "trainer.num_threads", "trainer.checkpoint_every_n_steps", "optim.min_lr_ratio", "data.replay_steps",
+    "data.replay_window", "data.warmup_tokens",
     "data.pacing_start",
 }
 
@@ -148,6 +152,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -190,6 +196,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed: must be in [0, 2**32 - 1], got {config.seed}")
+    for beta in ("beta1", "beta2"):
+        if not 0 <= getattr(config.optim, beta) < 1:
+            raise ConfigError(f"optim.{beta}: must be in [0, 1), got {getattr(config.optim, beta)}")
     if config.trainer.max_steps == 0 or config.trainer.max_steps < -1:
         raise ConfigError(f"trainer.max_steps: must be -1 (no limit) or > 0, got {config.trainer.max_steps}")
     _validate_data(config.data)
@@ -259,8 +270,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
+                              f"got a {type(values).__name__}: {str(values)[:60]!r}")
         values.setdefault("name", path.stem)
     values = _merge(values, parse_overrides(overrides or []))
     config = _build(Config, values)

@@ -141,6 +141,28 @@ def labels_from_header(text: str | None) -> torch.Tensor | None:
     return torch.from_numpy(np.frombuffer(raw, dtype="<u4").astype(np.int64))
 
 
+def with_replay(batches: list[torch.Tensor], replay_steps: int, window: int, seed: int) -> list[tuple[torch.Tensor, bool]]:
+    """NNCP-style replay: after each fresh batch, `replay_steps` extra optimizer steps on
+    batches drawn (seeded) from chunks already coded, the last `window` fresh batches' worth
+    (0 = all of them). Free in bits: Bob has decoded those chunks by then, so he draws and
+    trains on the same ones. Only fresh batches are coded and counted.
+
+    Returns the step list as (spans, fresh) pairs."""
+    if replay_steps == 0:
+        return [(b, True) for b in batches]
+    coded = torch.cat(batches)
+    ends = torch.tensor([len(b) for b in batches]).cumsum(0).tolist()
+    generator = torch.Generator().manual_seed(seed + 1)
+    steps = []
+    for k, batch in enumerate(batches):
+        steps.append((batch, True))
+        low = ends[k - window] if window and k >= window else 0
+        for _ in range(replay_steps):
+            pick = torch.randint(low, ends[k], (len(batch),), generator=generator)
+            steps.append((coded[pick], False))
+    return steps
+
+
 def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, seed: int, *,
                  pacing: str = "linear", pacing_start: float = 0.125, warmup_tokens: int = 0,
                  labels: torch.Tensor | None = None) -> list[torch.Tensor]:

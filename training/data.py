@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from training.curriculum import chunk_spans, difficulty_labels, plan_batches
+from training.curriculum import chunk_spans, difficulty_labels, plan_batches, with_replay
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 BUNDLED_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -170,18 +170,19 @@ class Tape:
         return int(self.nbytes_per_id[self.tokens[pos][valid]].sum())
 
 
-class _Batches(Dataset):
-    def __init__(self, batches: list[torch.Tensor], rank: int, world_size: int):
-        self.batches, self.rank, self.world_size = batches, rank, world_size
+class _Steps(Dataset):
+    def __init__(self, steps: list[tuple[torch.Tensor, bool]], rank: int, world_size: int):
+        self.steps, self.rank, self.world_size = steps, rank, world_size
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.steps)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        rows = self.batches[i][self.rank :: self.world_size]  # this process's rows of global batch i
+    def __getitem__(self, i: int) -> dict:
+        spans, fresh = self.steps[i]
+        rows = spans[self.rank :: self.world_size]  # this process's rows of global batch i
         # A short last batch may leave a process no row; it still steps (DDP syncs every
         # backward), on an empty span that contributes no token and no gradient.
-        return rows if len(rows) else torch.zeros(1, 2, dtype=torch.long)
+        return {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "fresh": fresh}
 
 
 class _ResumableSampler(Sampler[int]):
@@ -200,7 +201,8 @@ class _ResumableSampler(Sampler[int]):
 
 def plan_options(data) -> dict:
     """The `plan_batches` keywords that a `DataConfig` sets."""
-    return {"pacing": data.pacing, "pacing_start": data.pacing_start, "warmup_tokens": data.warmup_tokens}
+    return {"pacing": data.pacing, "pacing_start": data.pacing_start, "warmup_tokens": data.warmup_tokens,
+            "replay_steps": data.replay_steps, "replay_window": data.replay_window}
 
 
 def order_labels(data, seq_len: int, tokenizer, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -213,10 +215,15 @@ def order_labels(data, seq_len: int, tokenizer, tokens: torch.Tensor) -> torch.T
 
 
 class PrequelDataModule(L.LightningDataModule):
-    def __init__(self, tape: Tape, seq_len: int, batch_size: int, curriculum: str, seed: int, **plan_options):
+    """Yields {"spans": (B, 2), "fresh": bool}: fresh batches are the first pass (coded), the
+    others replay already-coded chunks (see `curriculum.with_replay`)."""
+
+    def __init__(self, tape: Tape, seq_len: int, batch_size: int, curriculum: str, seed: int,
+                 replay_steps: int = 0, replay_window: int = 0, **plan_options):
         super().__init__()
         self.tape = tape
         self.batches = plan_batches(len(tape), seq_len, batch_size, curriculum, seed, **plan_options)
+        self.steps = with_replay(self.batches, replay_steps, replay_window, seed)
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done)
 
     def train_dataloader(self) -> DataLoader:
@@ -224,10 +231,10 @@ class PrequelDataModule(L.LightningDataModule):
         if self._resume_at is not None and self._resume_at[0] == self.trainer.current_epoch:
             skip = self._resume_at[1]
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        sampler = _ResumableSampler(len(self.batches), skip)
+        sampler = _ResumableSampler(len(self.steps), skip)
         # batch_size=None: each item is already a batch; workers would prefetch past the
         # decoder, which must fill the tape first, so data loading stays in-process.
-        return DataLoader(_Batches(self.batches, rank, world), batch_size=None, sampler=sampler)
+        return DataLoader(_Steps(self.steps, rank, world), batch_size=None, sampler=sampler)
 
     def state_dict(self) -> dict:
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current

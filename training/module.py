@@ -8,14 +8,14 @@ one is scaled by gradient accumulation).
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT
-from training.config import Config
+from training.config import Config, program_dict
 from training.data import IGNORE, Tape
 
 
@@ -24,6 +24,7 @@ class CodedBatch:
     """What the model predicted for one batch, before learning it."""
 
     spans: torch.Tensor  # (B, 2) start, length on the tape
+    fresh: bool  # first-pass data (coded), not a replay of coded data
     logits: torch.Tensor  # (B, L, V), detached
     targets: torch.Tensor  # (B, L), IGNORE where there is no token
     nll: torch.Tensor  # (B, L) nats, float32, 0 where IGNORE
@@ -41,7 +42,10 @@ class PrequelModule(L.LightningModule):
         self.model = GPT(replace(config.model, vocab_size=vocab_size))
         self.tape: Tape | None = None  # attached by the DataModule's owner (see attach)
         self.coded: CodedBatch | None = None
-        self.save_hyperparameters({"vocab_size": vocab_size})
+        # The GPT and run settings travel in every checkpoint, so a checkpoint alone rebuilds its model
+        # (train.py compress/decompress); plain data, loadable with torch.load(weights_only=True).
+        self.save_hyperparameters({"vocab_size": vocab_size, "model": asdict(self.model.config),
+                                   "config": program_dict(config)})
 
     def attach(self, tape: Tape) -> None:
         self.tape = tape
@@ -49,7 +53,8 @@ class PrequelModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def training_step(self, spans: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        spans = batch["spans"]
         x, y = (t.to(self.device) for t in self.tape.batch(spans))
         logits = self(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
@@ -57,7 +62,7 @@ class PrequelModule(L.LightningModule):
         mask = y != IGNORE
         tokens = mask.sum()
         loss = nll.sum() / tokens.clamp(min=1)
-        self.coded = CodedBatch(spans, logits.detach(), y, nll.detach(), self.tape.nbytes(spans))
+        self.coded = CodedBatch(spans, batch["fresh"], logits.detach(), y, nll.detach(), self.tape.nbytes(spans))
         bits = nll.detach().sum() / math.log(2)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
         self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
