@@ -29,9 +29,9 @@ class BitsMetric(Metric):
         for name in ("bits", "tokens", "nbytes"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, nll_nats: torch.Tensor, mask: torch.Tensor, nbytes: int) -> None:
-        self.bits += nll_nats[mask].double().sum() / math.log(2)
-        self.tokens += mask.sum()
+    def update(self, bits: torch.Tensor, tokens: torch.Tensor, nbytes: int) -> None:
+        self.bits += bits
+        self.tokens += tokens
         self.nbytes += nbytes
 
     def compute(self) -> dict[str, float]:
@@ -63,13 +63,16 @@ class CodeLength(L.Callback):
         coded = pl_module.coded
         if not coded.fresh:  # a replay step: data already counted
             return
-        self.last_epoch.update(coded.nll, coded.mask, coded.nbytes)
+        bits = coded.nll.double().sum() / math.log(2)  # the NLL is 0 where there is no token
+        tokens = coded.mask.sum()
+        self.last_epoch.update(bits, tokens, coded.nbytes)
         if trainer.current_epoch > 0:
             return
-        self.first_pass.update(coded.nll, coded.mask, coded.nbytes)
-        step_bits = coded.nll[coded.mask].double().sum().item() / math.log(2)
-        seen = int(self.first_pass.tokens.item())
-        self.curve.append((seen, step_bits, int(coded.mask.sum())))
+        self.first_pass.update(bits, tokens, coded.nbytes)
+        seen = int(self.first_pass.tokens)
+        self.curve.append((seen, bits.item(), int(tokens)))
+        if batch_idx % trainer.log_every_n_steps:
+            return
         # Running values are this process's (no sync on the hot path); the final report syncs.
         data_bits, nbytes = self.first_pass.bits.item(), self.first_pass.nbytes.item()
         total = self.model_bits + seen + data_bits
