@@ -86,6 +86,7 @@ class LoggingConfig:
     wandb: bool = True  # offline: a run directory you can `wandb sync` later
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "prequel"
+    wandb_group: str | None = None  # runs of one group overlay in the W&B UI (a size sweep sets it)
     csv: bool = True
     progress_bar: bool = True
     plot: bool = True
