@@ -54,13 +54,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:  # x is the one position t: store its key and value, attend to positions 0..t
+            kv, t = cache
+            kv[:, :, :, t : t + 1] = torch.stack((k, v))
+            y = F.scaled_dot_product_attention(q, kv[0, :, :, : t + 1], kv[1, :, :, : t + 1])
         return self.resid_dropout(self.proj(rearrange(y, "b h t d -> b t (h d)")))
 
 
@@ -85,8 +90,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -102,6 +107,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2)
+
+
+class KVCache:
+    """Keys and values of the positions run so far, for `GPT.forward_step`.
+
+    Its result is close to, but not bitwise equal to, the full forward's (other matmul and
+    attention shapes round differently). A coder that needs exact bits must therefore run
+    this same step sequence on both sides, never mixing it with the full forward; then every
+    step has the same shapes and inputs on both sides and gives the same bits.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32):
+        head_dim = config.n_embd // config.n_head
+        # (layer, key|value, B, H, block_size, D): preallocated, so steps never reallocate
+        self.kv = torch.zeros(config.n_layer, 2, batch, config.n_head, config.block_size, head_dim,
+                              device=device, dtype=dtype)
+        self.pos = 0  # the position the next step fills
 
 
 class GPT(nn.Module):
@@ -153,8 +175,27 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_f(x)
         w = self.head_weight
         if self.config.head == "norm":
             w = F.normalize(w, dim=1)  # a new tensor: the parameter itself is untouched
         return F.linear(x, w)
+
+    @torch.no_grad()
+    def forward_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Incremental inference: idx (B,) are the ids at position cache.pos; returns the logits
+        (B, vocab_size) of the next token, as forward would up to rounding (see KVCache)."""
+        t = cache.pos
+        if t >= self.config.block_size:
+            raise ValueError(f"KV cache is full: position {t} exceeds block_size {self.config.block_size}")
+        x = self.wte(idx[:, None])
+        if self.wpe is not None:
+            x = x + self.wpe.weight[t]
+        rope = (self.rope_cos[t : t + 1], self.rope_sin[t : t + 1]) if self.config.positions == "rope" else None
+        for block, kv in zip(self.blocks, cache.kv):
+            x = block(x, rope, (kv, t))
+        cache.pos += 1
+        return self._head(x)[:, 0]
