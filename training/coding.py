@@ -11,6 +11,13 @@ range coder inverts exactly.
 Quantisation is constriction's leaky `Categorical(perfect=False)`: a deterministic function of
 the float64 probability row that gives every symbol at least one quantum (so any symbol, even
 one the model thinks impossible, stays codable), within a 24-bit fixed-point range coder.
+
+Top-k + escape (`top_k > 0`, for large vocabularies): each symbol is coded as its rank among
+the model's k most probable symbols, with those k probabilities taken from the full softmax
+(float32) and the rest of the mass on an escape symbol k; on escape the symbol is then coded
+with the model's distribution over the other V - k symbols. Nothing is lost (the escape path
+is the exact conditional), but the float64 softmax and the V-entry quantisation run only for
+escaped rows.
 """
 
 from typing import Callable
@@ -56,14 +63,43 @@ class Decoder:
         return bool(self._coder.maybe_exhausted())
 
 
-def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder) -> None:
-    """Encode `targets` (B, L), or decode into it (positions != IGNORE), column by column."""
+def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder,
+               top_k: int = 0) -> None:
+    """Encode `targets` (B, L), or decode into it (positions != IGNORE), column by column.
+    `top_k` > 0 codes with top-k + escape (see the module docstring)."""
     present = targets != IGNORE
     for t in range(targets.shape[1]):
         rows = present[:, t]
         if not rows.any():
             continue
-        probs = coding_probabilities(logits_at(t))[rows.numpy()]
-        symbols = coder.code(targets[rows, t], probs)
+        if top_k:
+            symbols = code_top_k(logits_at(t)[rows], targets[rows, t], coder, top_k)
+        else:
+            probs = coding_probabilities(logits_at(t))[rows.numpy()]
+            symbols = coder.code(targets[rows, t], probs)
         if isinstance(coder, Decoder):
             targets[rows, t] = symbols
+
+
+def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Decoder, k: int) -> torch.Tensor:
+    """Code one symbol per row of `logits` (R, V) as its top-k rank, or escape + the symbol
+    among the other V - k; returns the symbols (decoded, or the given ones when encoding)."""
+    logits = logits.detach().float().cpu()
+    k = min(k, logits.shape[-1] - 1)
+    top, index = torch.topk(logits, k, dim=-1)  # sorted: the same logits give the same ranks
+    p_top = torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True))
+    p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # leaky quantisation keeps it codable
+    hit = index == symbols[:, None]
+    rank = _coded(coder, torch.where(hit.any(-1), hit.int().argmax(-1), k), torch.cat([p_top, p_escape], -1))
+    out = index.gather(-1, rank.clamp(max=k - 1)[:, None])[:, 0]
+    escaped = rank == k
+    if escaped.any():  # the exact conditional: the softmax of the logits outside the top k
+        rest = torch.softmax(logits[escaped].scatter(-1, index[escaped], -torch.inf), dim=-1)
+        out[escaped] = _coded(coder, symbols[escaped], rest)
+    return out
+
+
+def _coded(coder: Encoder | Decoder, symbols: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Encode `symbols` and return them, or decode and return the decoded ones."""
+    decoded = coder.code(symbols, probs.double().numpy())
+    return symbols if decoded is None else decoded
