@@ -2,6 +2,8 @@
 
     python train.py --config configs/small.yaml [--data.path notes.txt --trainer.max_steps 200 --run_dir runs/x]
     python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch]
+    python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk_size N] [--batch_chunks B] [--top_k K]
+    python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch]
 """
 
 import argparse
@@ -57,6 +59,37 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
+def _lmic(argv: list[str], command: str) -> int:
+    parser = argparse.ArgumentParser(prog=f"train.py {command}",
+                                     description=f"{command.capitalize()} any file with a frozen trained model.")
+    parser.add_argument("--ckpt", required=True, help="a run directory (its checkpoints/last.ckpt) or a .ckpt file")
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--threads", type=int, help="torch threads (decompress: default and must match the compressor's)")
+    if command == "compress":
+        parser.add_argument("--chunk_size", type=int, help="tokens per chunk, each coded from a fresh context "
+                            "(default: the model's block_size)")
+        parser.add_argument("--batch_chunks", type=int, help="chunks coded at once (default 256)")
+        parser.add_argument("--top_k", type=int, default=0, help="code among the top k + an escape (0 = off)")
+    else:
+        parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
+    args = parser.parse_args(argv)
+    from training import lmic
+
+    if command == "compress":
+        r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size,
+                          batch_chunks=args.batch_chunks, top_k=args.top_k, threads=args.threads)
+        print(lmic.format_report(r))
+    else:
+        r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
+                            allow_env_mismatch=args.allow_env_mismatch)
+        for diff in r["environment_differences"]:
+            print(f"warning: environment differs ({diff}); decoded anyway and the sha256 matched")
+        print(f"decompressed {r['original_bytes']:,} bytes at {r['decompress_MBps']:.3f} MB/s; "
+              f"sha256 {r['sha256']} matches the original; written to {r['output']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet()
@@ -67,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "verify":
             return _verify(argv[1:])
+        if argv and argv[0] in ("compress", "decompress"):
+            return _lmic(argv[1:], argv[0])
         return _train(argv)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
