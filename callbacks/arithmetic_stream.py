@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from models.gpt import KVCache
 from training.coding import Decoder, Encoder, code_batch
 from training.data import IGNORE, Tape
 from training.stream import Segment, Stream, StreamError, write_stream
@@ -31,11 +32,13 @@ def parameters_sha256(module: torch.nn.Module) -> str:
 
 
 class ArithmeticStream(L.Callback):
-    def __init__(self, tape: Tape, checksum_every: int, *, header: dict | None = None, stream: Stream | None = None):
+    def __init__(self, tape: Tape, checksum_every: int, procedure: str = "full", *, header: dict | None = None,
+                 stream: Stream | None = None):
         if (header is None) == (stream is None):
             raise ValueError("give a header (to encode) or a stream (to decode)")
         self.tape = tape
         self.checksum_every = checksum_every
+        self.procedure = procedure
         self.decoding = stream is not None
         self.stream = stream or Stream(header, [], {})
         self.tokens_hash = hashlib.sha256().hexdigest()  # chained per batch, so it can be checkpointed
@@ -47,27 +50,54 @@ class ArithmeticStream(L.Callback):
         self.coder = None if self.decoding else Encoder()
         self._segment_end = 0
 
-    # --- Bob ---------------------------------------------------------------------------------
+    # --- before the step: Bob always; Alice too when coding incrementally ----------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self.decoding or trainer.current_epoch > 0 or not batch["fresh"]:
+        if trainer.current_epoch > 0 or not batch["fresh"]:
             return
-        if self.coded_batches == self._segment_end:  # open the next segment
-            self._close_decoder_segment()
-            self._segment += 1
-            if self._segment >= len(self.stream.segments):
-                raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
-            segment = self.stream.segments[self._segment]
-            self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
+        if self.decoding:
+            self._open_decoder_segment()
+        elif self.procedure != "incremental":
+            return  # Alice codes after the step, with the training forward's logits
         pos, valid = self.tape.positions(batch["spans"])
-        targets = torch.where(valid, 0, IGNORE)  # 0 = not decoded yet; never attended to
+        # Alice's targets are the data; Bob's start unknown (0: never attended to) and fill in.
+        targets = torch.where(valid, 0, IGNORE) if self.decoding else self.tape.batch(batch["spans"])[1]
+        with torch.no_grad(), trainer.precision_plugin.train_step_context():
+            code_batch(self._logits_at(pl_module, targets), targets, self.coder)
+        if self.decoding:
+            self.tape.tokens[pos[valid]] = targets[valid]
 
-        def logits_at(t: int) -> torch.Tensor:
-            x = self.tape.inputs(targets).to(pl_module.device)
-            with torch.no_grad(), trainer.precision_plugin.train_step_context():
-                return pl_module(x)[:, t]
+    def _logits_at(self, pl_module, targets: torch.Tensor):
+        """Column t's logits from what is known before column t, by the configured procedure.
 
-        code_batch(logits_at, targets, self.coder)
-        self.tape.tokens[pos[valid]] = targets[valid]
+        ``full``: the model on the whole (B, L) batch, positions >= t holding anything (causal
+        attention ignores them), bitwise equal to the training forward: L forwards per batch
+        for Bob, none extra for Alice. ``incremental``: a KV-cache step per column, the same
+        steps on both sides: about one forward per batch for each (but not the training
+        forward's bits, so Alice runs it too)."""
+        device = pl_module.device
+        if self.procedure == "full":
+            return lambda t: pl_module(self.tape.inputs(targets).to(device))[:, t]
+        cache = KVCache(pl_module.model.config, len(targets), device=device)
+
+        bos = torch.full((len(targets),), self.tape.bos_id)
+
+        def step(t: int) -> torch.Tensor:
+            while True:  # columns without tokens (at the end) are skipped by code_batch
+                x = targets[:, cache.pos - 1].clamp(min=0) if cache.pos else bos  # as Tape.inputs
+                logits = pl_module.model.forward_step(x.to(device), cache)
+                if cache.pos > t:
+                    return logits
+        return step
+
+    def _open_decoder_segment(self) -> None:
+        if self.coded_batches != self._segment_end:
+            return
+        self._close_decoder_segment()
+        self._segment += 1
+        if self._segment >= len(self.stream.segments):
+            raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
+        segment = self.stream.segments[self._segment]
+        self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
 
     def _close_decoder_segment(self) -> None:
         if self.coder is not None and not self.coder.exhausted():
@@ -79,7 +109,7 @@ class ArithmeticStream(L.Callback):
         if trainer.current_epoch > 0 or not coded.fresh:
             return
         targets = coded.targets.cpu()
-        if not self.decoding:
+        if not self.decoding and self.procedure == "full":
             code_batch(lambda t: coded.logits[:, t], targets, self.coder)
         symbols = targets[targets != IGNORE]
         self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.to(torch.int32).numpy().tobytes()).hexdigest()
