@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except StreamError as e:
         print(f"stream error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # disk full, unwritable run directory: files are whole or absent (atomic writes)
+        where = f": {e.filename}" if e.filename else ""
+        then = ("no decoded output was written" if argv and argv[0] == "verify" else
+                "fix it and re-run the same command to resume from the last checkpoint")
+        print(f"error: {e.strerror or e}{where} ({then})", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
                 return _check_type(key, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} is not allowed")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not allowed")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:

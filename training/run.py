@@ -1,6 +1,7 @@
 """Train (Alice) and verify (Bob): the same Trainer, model and data plan on both sides."""
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -13,16 +14,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from callbacks.arithmetic_stream import ArithmeticStream
 from callbacks.code_length import CodeLength
-from training.config import Config, config_from_dict, dump_yaml, program_dict, to_dict
+from training.config import Config, ConfigError, config_from_dict, dump_yaml, program_dict, to_dict
 from training.curriculum import labels_from_header, labels_to_header, order_bits
 from training.data import DataError, PrequelDataModule, Tape, order_labels, plan_options, read_corpus
 from training.module import PrequelModule
 from training.program import code_hash, program_bits
 from training.report import code_length_summary, format_table, plot_loss_curve
-from training.stream import StreamError, read_stream, write_atomic
+from training.stream import StreamError, read_stream, remove_stale_temps, write_atomic
 from training.tokenizer import build_tokenizer
 
 STREAM_NAME = "stream.prequel"
@@ -51,6 +53,24 @@ def check_environment(recorded: dict, here: dict, allow_mismatch: bool) -> list[
             + " (match it, e.g. --threads N, or pass --allow-env-mismatch to try anyway; checksums catch drift)"
         )
     return diffs
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints via `write_atomic` (temp file beside it + fsync + rename): a kill or a full
+    disk leaves the previous checkpoint whole. Lightning's own writer stages the file in the
+    system temp directory, where a kill strands it and another filesystem makes the move a copy."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(Path(path), buffer.getvalue())
+
+
+class _TrainStarted(L.Callback):
+    ran = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.ran = True
 
 
 def _set_determinism(config: Config) -> None:
@@ -89,7 +109,7 @@ def _build(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers
         accumulate_grad_batches=t.accumulate_grad_batches, precision=t.precision,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         gradient_clip_val=config.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
-        callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpoint,
+        callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpoint, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
     )
@@ -126,26 +146,36 @@ def train(config: Config) -> dict:
     if (run_dir / SUMMARY_NAME).exists():
         print(f"{run_dir} already finished; not training again. Summary: {run_dir / SUMMARY_NAME}")
         return json.loads((run_dir / SUMMARY_NAME).read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     _set_determinism(config)
-    tokenizer, tokens = _tokens(config, data)
+    tokenizer, tokens = _tokens(config, data)  # a too-short corpus fails before the run directory exists
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir: cannot create the directory {run_dir}: {e.strerror}") from None
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # (DDP's other ranks re-run this while rank 0 writes)
+        remove_stale_temps(run_dir)  # what a kill mid-write left; the files themselves are whole
     tape = Tape(tokens, bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
     labels = order_labels(config.data, config.model.block_size, tokenizer, tokens)
     code_length = CodeLength(program_bits(config_text, tokenizer.serialize(), order_bits(labels)), len(tokens))
+    started = _TrainStarted()
     callbacks: list = [code_length]
     if config.stream.enabled:
         stream = ArithmeticStream(tape, config.stream.checksum_every, header=stream_header(config, tokenizer, len(tokens), labels))
         callbacks.append(stream)
     loggers = _loggers(config, run_dir)
-    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks, loggers, run_dir, checkpoint=True,
-                                         labels=labels)
+    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks + [started], loggers, run_dir,
+                                         checkpoint=True, labels=labels)
     if trainer.is_global_zero:
         print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
               f"{len(tokens):,} tokens, run directory {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None)
+    trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None, weights_only=True)
+    if not started.ran:  # killed after the final checkpoint, before the summary: Lightning skips the
+        for callback in callbacks:  # finished loop and the hooks that restore the sums and close the stream
+            callback.on_train_start(trainer, module)
+            callback.on_train_end(trainer, module)
     _save_final_checkpoint(trainer, last)
 
     totals = code_length.totals()
@@ -259,7 +289,12 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     with tempfile.TemporaryDirectory() as tmp:
         module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
                                              checkpoint=False, labels=labels)
-        trainer.fit(module, datamodule)
+        try:
+            trainer.fit(module, datamodule)
+        except StreamError as e:
+            if diffs:  # the user accepted a different environment: name the likely cause of the drift
+                raise StreamError(f"{e} (the environment differs from the encoder's: {'; '.join(diffs)})") from None
+            raise
     seconds = time.perf_counter() - started
     decoded = tokenizer.decode(tape.tokens)
     expected_sha = stream.trailer.get("data_sha256")

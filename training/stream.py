@@ -16,7 +16,8 @@ exactly where its checkpoint sealed it (each seal costs at most a few dozen bits
 its 16 bytes of framing are reported apart from the payload). The trailer is not needed to
 decode and only turns silent drift into a named error. Every length is checked against the
 bytes that remain before anything is allocated, so a forged or truncated file fails fast with
-`StreamError`.
+`StreamError`: the segment table is scanned and its crc checked before any word array is
+built, and a file without the magic bytes is refused after reading its first ten bytes.
 """
 
 import json
@@ -32,6 +33,12 @@ import numpy as np
 MAGIC = b"PRQLSTRM"
 VERSION = 1
 MAX_JSON_BYTES = 64 << 20  # no header or trailer is this large; a bigger length is corrupt
+_SEGMENT_FRAMING = 16  # u64 batches + u64 word count
+_TEMP_SUFFIX = ".tmp"  # write_atomic's temp files: f".{name}.{random}.tmp" beside the target
+
+
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and put back at once
 
 
 class StreamError(ValueError):
@@ -73,19 +80,50 @@ def encode_stream(stream: Stream) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename: a reader sees the old file or the whole new one, never a part."""
+    """Temp file + fsync + rename (+ fsync of the directory): a reader, or a run resumed after a
+    crash, sees the old file or the whole new one, never a part. A failed write (disk full,
+    read-only directory) removes its temp file and raises the OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would make it, not mkstemp's 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename = str(path)  # name the file the user knows, not our temp file
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (a power cut must not bring back the old name)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open a directory; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files a killed `write_atomic` left in `directory` (recursively).
+
+    Only call this where no other process is writing (a run directory being resumed): a temp
+    file is never a valid result, it is whatever a crash interrupted."""
+    stale = [p for p in Path(directory).rglob(f".*{_TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_stream(path: Path, stream: Stream) -> int:
@@ -117,7 +155,7 @@ class _Reader:
             raise StreamError(f"{what} corrupted: crc32 mismatch")
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a forged, absurdly nested document
             raise StreamError(f"{what} corrupted: not valid JSON") from None
         if not isinstance(obj, dict):
             raise StreamError(f"{what} corrupted: not a JSON object")
@@ -125,29 +163,53 @@ class _Reader:
 
 
 def decode_stream(data: bytes) -> Stream:
-    r = _Reader(data)
+    """Parse a stream file's bytes; anything malformed raises `StreamError`, nothing else."""
+    r = _Reader(bytes(data))
+    _check_magic(r)
+    header = r.json_section("header")
+    start = r.pos
+    # Scan the segment table first (offsets only), check its crc, then build the word arrays:
+    # a forged count or length costs neither memory nor time beyond the file's own size.
+    count = r.unpack("<I", "segment count")
+    if count * _SEGMENT_FRAMING > len(r.data) - r.pos:
+        raise StreamError(f"stream corrupted: {count:,} segments cannot fit in the {len(r.data) - r.pos:,} bytes that remain")
+    table = []
+    for i in range(count):
+        batches, n_words = r.unpack("<Q", f"segment {i} batches"), r.unpack("<Q", f"segment {i} length")
+        if batches == 0 or n_words == 0:
+            raise StreamError(f"stream corrupted: segment {i} codes {batches} batches in {n_words} words (both must be > 0)")
+        if n_words > (len(r.data) - r.pos) // 4:
+            raise StreamError(f"stream truncated: segment {i} claims {n_words:,} words but only "
+                              f"{len(r.data) - r.pos:,} bytes remain")
+        table.append((batches, r.pos, n_words))
+        r.pos += 4 * n_words
+    if zlib.crc32(memoryview(r.data)[start : r.pos]) != r.unpack("<I", "payload checksum"):
+        raise StreamError("payload corrupted: crc32 mismatch")
+    trailer = r.json_section("trailer")
+    if r.pos != len(r.data):
+        raise StreamError(f"stream corrupted: {len(r.data) - r.pos} unexpected bytes after the trailer")
+    segments = [Segment(batches, np.frombuffer(r.data, dtype="<u4", count=n, offset=at).astype(np.uint32))
+                for batches, at, n in table]
+    return Stream(header, segments, trailer)
+
+
+def _check_magic(r: _Reader) -> None:
     if r.take(len(MAGIC), "magic") != MAGIC:
         raise StreamError("not a prequel stream (bad magic bytes)")
     version = r.unpack("<H", "version")
     if version != VERSION:
         raise StreamError(f"stream format version {version}; this prequel reads version {VERSION}")
-    header = r.json_section("header")
-    start = r.pos
-    segments = []
-    for _ in range(r.unpack("<I", "segment count")):
-        batches, n_words = r.unpack("<Q", "segment batches"), r.unpack("<Q", "segment length")
-        words = r.take(4 * n_words, "payload") if n_words <= len(data) // 4 else r.take(len(data) + 1, "payload")
-        segments.append(Segment(batches, np.frombuffer(words, dtype="<u4").astype(np.uint32)))
-    if zlib.crc32(data[start : r.pos]) != r.unpack("<I", "payload checksum"):
-        raise StreamError("payload corrupted: crc32 mismatch")
-    trailer = r.json_section("trailer")
-    if r.pos != len(data):
-        raise StreamError(f"stream corrupted: {len(data) - r.pos} unexpected bytes after the trailer")
-    return Stream(header, segments, trailer)
 
 
 def read_stream(path: Path) -> Stream:
     path = Path(path)
     if not path.is_file():
         raise StreamError(f"no stream file at {path}")
-    return decode_stream(path.read_bytes())
+    try:
+        with open(path, "rb") as f:
+            _check_magic(_Reader(f.read(len(MAGIC) + 2)))  # refuse a wrong (maybe huge) file unread
+            f.seek(0)
+            data = f.read()
+    except OSError as e:
+        raise StreamError(f"cannot read the stream {path}: {e.strerror}") from None
+    return decode_stream(data)
