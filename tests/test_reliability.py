@@ -1,0 +1,590 @@
+"""Reliability: a crash, a full disk or a bad input never loses data or gives a wrong code length.
+
+* Faults: SIGKILL at random steps, re-run the same command, verify in another process.
+* The stream reader under fuzzing: only `StreamError`, bounded time and memory, no output.
+* Config and data: clear errors naming what is wrong, before any run directory exists.
+* Environment mismatch at decode: refused by name, or decoded at the user's risk.
+* Unwritable run directory, full disk: a clear error and no partial file that looks finished.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import typing
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import train as cli
+from tests.conftest import ROOT, TINY, run_cli, tiny_config
+from training.config import _NON_NEGATIVE, _POSITIVE, Config, ConfigError, load_config
+from training.run import STREAM_NAME, SUMMARY_NAME, train
+from training.stream import (
+    MAGIC, MAX_JSON_BYTES, VERSION, Segment, Stream, StreamError, decode_stream, encode_stream, read_stream,
+    remove_stale_temps, write_atomic,
+)
+
+SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()
+CHECKPOINT_EVERY = "4"
+# The code length, and every number it is made of, must come out the same after a fault.
+TOTALS = ("code/data_bits", "code/total_bits", "code/model_bits", "code/n_bits", "code/stream_bits",
+          "data/tokens", "data/bytes", "data/complete", "stream/segments", "stream/file_bytes")
+
+
+def main(*args) -> tuple[int, str, str]:
+    """train.py's entry point in this process (no interpreter start-up): exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def totals(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / SUMMARY_NAME).read_text())
+    return {k: summary[k] for k in TOTALS}
+
+
+def files_under(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """One tiny finished run with the stream on: the reference the fault tests compare with."""
+    root = tmp_path_factory.mktemp("reliability")
+    text = root / "text.txt"
+    text.write_bytes(SHAKESPEARE[:3000])
+    run_dir = root / "reference"
+    train(tiny_config(text, run_dir, "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY))
+    return {"root": root, "text": text, "run_dir": run_dir, "stream": (run_dir / STREAM_NAME).read_bytes()}
+
+
+# --- faults: SIGKILL at random steps, resume, verify ---------------------------------------------
+
+def _checkpoint_id(ckpt: Path):
+    try:
+        st_ = ckpt.stat()
+        return st_.st_ino, st_.st_mtime_ns  # each checkpoint is a new file renamed into place
+    except FileNotFoundError:
+        return None
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, n: int, rng: random.Random) -> None:
+    """Start a training process and SIGKILL it at a random moment after its n-th checkpoint
+    (n = 0: after it has set up its run directory, before the first checkpoint)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, deadline, seen, last = run_dir / "checkpoints" / "last.ckpt", time.time() + 120, 0, None
+    try:
+        if n == 0:
+            while not (run_dir / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.002)
+        while seen < n and proc.poll() is None and time.time() < deadline:
+            now = _checkpoint_id(ckpt)
+            if now is not None and now != last:
+                seen, last = seen + 1, now
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.15))  # somewhere in the next few steps
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def resumes_from_step(run_dir: Path) -> int:
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        return 0
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_random_steps_resume_and_verify(tmp_path):
+    seed = int(os.environ.get("PREQUEL_FAULT_SEED", time.time_ns() % 100_000))
+    rng = random.Random(seed)
+    text = tmp_path / "text.txt"
+    text.write_bytes(SHAKESPEARE[:6000])  # 47 steps of 4 x 32 tokens, a checkpoint every 3
+    args = ["--config", TINY, "--data.path", text, "--trainer.checkpoint_every_n_steps", "3",
+            "--logging.progress_bar", "false"]
+    train(tiny_config(text, tmp_path / "uninterrupted", "--trainer.checkpoint_every_n_steps", "3"))
+    want, want_stream = totals(tmp_path / "uninterrupted"), (tmp_path / "uninterrupted" / STREAM_NAME).read_bytes()
+
+    faults = sorted(rng.sample(range(0, 12), 3))  # kill after the n-th of 15 checkpoints
+    verifying, report = [], []
+    for i, n in enumerate(faults):
+        run_dir = tmp_path / f"killed{i}"
+        cmd = [sys.executable, "train.py", *map(str, args), "--run_dir", str(run_dir)]
+        kill_after_checkpoint(cmd, run_dir, n, rng)
+        assert not (run_dir / SUMMARY_NAME).exists(), "the kill must land before the run finished"
+        step = resumes_from_step(run_dir)
+        resumed = run_cli(*args, "--run_dir", run_dir)  # the same command again
+        assert resumed.returncode == 0, resumed.stderr
+        report.append((n, step))
+        # Bob, in a separate process, while the next fault runs.
+        with open(tmp_path / f"verify{i}.log", "w") as log:
+            verifying.append(subprocess.Popen([sys.executable, "train.py", "verify", str(run_dir)], cwd=ROOT,
+                                              stdout=log, stderr=subprocess.STDOUT))
+    survived, bytes_lost = 0, 0
+    original = text.read_bytes()
+    for i, ((n, step), proc) in enumerate(zip(report, verifying)):
+        proc.wait(timeout=300)
+        run_dir = tmp_path / f"killed{i}"
+        decoded = (run_dir / "stream.decoded").read_bytes() if proc.returncode == 0 else b""
+        same = sum(a == b for a, b in zip(decoded, original))
+        bytes_lost += len(original) - same
+        ok = (proc.returncode == 0 and decoded == original and totals(run_dir) == want
+              and (run_dir / STREAM_NAME).read_bytes() == want_stream)
+        survived += ok
+        where = "before the first checkpoint" if n == 0 else f"after checkpoint {n}"
+        print(f"fault {i + 1}: SIGKILL {where}, resumed from step {step}: verify rc {proc.returncode}, "
+              f"decoded {len(decoded):,} of {len(original):,} bytes, code length "
+              f"{'equal' if totals(run_dir) == want else 'DIFFERENT'} ({totals(run_dir)['code/total_bits']:,.1f} bits)")
+        assert proc.returncode == 0, (tmp_path / f"verify{i}.log").read_text()[-2000:]
+    print(f"faults injected: {len(report)}, survived: {survived}, bytes lost: {bytes_lost} (seed {seed})")
+    assert len(report) == survived == 3 and bytes_lost == 0
+
+
+def test_kill_before_the_first_checkpoint_starts_cleanly_from_scratch(real, tmp_path):
+    """What a kill during start-up leaves: a run directory without last.ckpt, half-written files."""
+    run_dir = tmp_path / "partial"
+    (run_dir / "csv").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("half a con")
+    (run_dir / "csv" / "metrics.csv").write_text("step,train/lo")
+    (run_dir / f".{SUMMARY_NAME}.k1ll3d.tmp").write_bytes(b"{\"code/")  # write_atomic's temp files
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / ".last.ckpt.k1ll3d.tmp").write_bytes(b"PK\x03\x04")
+    train(tiny_config(real["text"], run_dir, "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY))
+    assert totals(run_dir) == totals(real["run_dir"])
+    assert (run_dir / STREAM_NAME).read_bytes() == real["stream"]
+    assert not [p for p in files_under(run_dir) if p.endswith(".tmp")]
+
+
+def test_kill_after_the_final_checkpoint_before_the_summary_finishes_the_run(real, tmp_path):
+    """The last window: training over, final checkpoint saved, stream and summary not yet.
+    Lightning skips a finished loop on resume, so the sums and the stream trailer must still come
+    out right."""
+    run_dir = tmp_path / "final"
+    shutil.copytree(real["run_dir"], run_dir)
+    for name in (SUMMARY_NAME, STREAM_NAME):
+        (run_dir / name).unlink()
+    (run_dir / f".{STREAM_NAME}.k1ll3d.tmp").write_bytes(real["stream"][:100])
+    train(tiny_config(real["text"], run_dir, "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY))
+    assert totals(run_dir) == totals(real["run_dir"])
+    assert (run_dir / STREAM_NAME).read_bytes() == real["stream"]
+    assert not (run_dir / f".{STREAM_NAME}.k1ll3d.tmp").exists()
+
+
+def test_write_atomic_keeps_the_old_file_whole_when_a_write_fails(tmp_path):
+    target = tmp_path / "summary.json"
+    target.write_bytes(b"old")
+    with pytest.raises(TypeError):  # not bytes-like: fails inside the write
+        write_atomic(target, object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old" and files_under(tmp_path) == {"summary.json"}
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and files_under(tmp_path) == {"summary.json"}
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()  # like open(), not mkstemp's 0600
+    (tmp_path / ".x.tmp").write_bytes(b"")
+    (tmp_path / "keep.tmp").write_bytes(b"")  # not ours: no leading dot
+    assert [p.name for p in remove_stale_temps(tmp_path)] == [".x.tmp"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# --- the stream reader under fuzzing ---------------------------------------------------------
+
+FUZZ = settings(max_examples=300, deadline=2000, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def rejected(data: bytes) -> str:
+    """decode_stream must refuse `data` with StreamError, within bounded memory; returns the message."""
+    tracemalloc.start()
+    try:
+        decode_stream(data)
+    except StreamError as e:
+        return str(e)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= 4 * len(data) + (1 << 20), f"decode_stream allocated {peak:,} bytes for {len(data):,}"
+    raise AssertionError("a damaged stream was accepted")
+
+
+def sections(data: bytes) -> dict[str, int]:
+    """Byte offsets of each part of a stream file (to aim at its boundaries)."""
+    at = {"version": 8, "header length": 10}
+    n = struct.unpack_from("<I", data, 10)[0]
+    at["header"], at["header crc"], at["segment count"] = 14, 14 + n, 18 + n
+    pos = 22 + n
+    for i in range(struct.unpack_from("<I", data, 18 + n)[0]):
+        at[f"segment {i} framing"], at[f"segment {i} words"] = pos, pos + 16
+        pos += 16 + 4 * struct.unpack_from("<Q", data, pos + 8)[0]
+    at["payload crc"], at["trailer length"] = pos, pos + 4
+    at["trailer"] = pos + 8
+    at["trailer crc"] = pos + 8 + struct.unpack_from("<I", data, pos + 4)[0]
+    return at
+
+
+def test_every_truncation_is_refused_and_names_what_is_missing(real):
+    data = real["stream"]
+    text = " | ".join({rejected(data[:n]) for n in range(len(data))})
+    at = sections(data)
+    assert len(at) > 12 and all(0 < v < len(data) for v in at.values())
+    for what in ("magic needs", "version needs", "header length needs", "header needs", "header checksum needs",
+                 "segment count needs", "segments cannot fit", r"segment \d+ batches needs", r"segment \d+ length needs",
+                 r"segment \d+ claims \d+ words", "payload checksum needs", "trailer length needs", "trailer needs",
+                 "trailer checksum needs"):
+        assert re.search(what, text), f"no truncation was refused at '{what}'"
+    print(f"{len(data):,} truncations refused, {len(at)} section boundaries")
+
+
+def test_every_single_bit_flip_is_refused(real):
+    data = bytearray(real["stream"])
+    for bit in range(8 * len(data)):
+        data[bit // 8] ^= 1 << bit % 8
+        try:
+            decode_stream(bytes(data))
+        except StreamError:
+            pass
+        else:
+            raise AssertionError(f"flipping bit {bit} went unnoticed")
+        data[bit // 8] ^= 1 << bit % 8
+    print(f"{8 * len(data):,} single-bit flips refused")
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes_are_refused(data):
+    rejected(data)
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes_after_a_valid_magic_are_refused(tail):
+    rejected(MAGIC + struct.pack("<H", VERSION) + tail)
+
+
+@FUZZ
+@given(st.data())
+def test_bit_flips_truncations_and_splices_of_a_real_stream_are_refused(real, data):
+    raw = bytearray(real["stream"])
+    at = sections(bytes(raw))
+    for bit in data.draw(st.lists(st.integers(0, 8 * len(raw) - 1), min_size=0, max_size=8, unique=True)):
+        raw[bit // 8] ^= 1 << bit % 8
+    boundary = data.draw(st.sampled_from(sorted(at.values()) + [len(raw)]))
+    cut = max(0, min(len(raw), boundary + data.draw(st.integers(-5, 5))))
+    tail = data.draw(st.binary(max_size=32))
+    mutated = bytes(raw[:cut]) + tail
+    if mutated == real["stream"]:
+        return
+    rejected(mutated)
+
+
+def forged(header: bytes, table: list[tuple[int, int, bytes]], count: int | None, trailer: bytes, crc_ok: bool) -> bytes:
+    """A stream with any framing numbers, its checksums recomputed so only the framing can fail."""
+    payload = struct.pack("<I", len(table) if count is None else count)
+    payload += b"".join(struct.pack("<QQ", b, n) + words for b, n, words in table)
+    crc = zlib.crc32(payload) if crc_ok else zlib.crc32(payload) ^ 1
+    sec = lambda body: struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))  # noqa: E731
+    return MAGIC + struct.pack("<H", VERSION) + sec(header) + payload + struct.pack("<I", crc) + sec(trailer)
+
+
+U32, U64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+JSONISH = st.one_of(st.just(b"{}"), st.just(b'{"a":1}'), st.just(b"[]"), st.just(b"null"), st.just(b"\xff\xfe"),
+                    st.just(b"[" * 50_000 + b"]" * 50_000), st.just(b'{"a":' * 50_000), st.binary(max_size=64))
+
+
+@FUZZ
+@given(JSONISH, st.lists(st.tuples(U64, U64, st.binary(max_size=64)), max_size=6), st.one_of(st.none(), U32),
+       JSONISH, st.booleans())
+def test_forged_counts_and_lengths_with_valid_checksums_fail_cleanly(header, table, count, trailer, crc_ok):
+    data = forged(header, table, count, trailer, crc_ok)
+    tracemalloc.start()
+    try:
+        stream = decode_stream(data)
+    except StreamError:
+        return
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= 4 * len(data) + (1 << 20), f"decode_stream allocated {peak:,} bytes for {len(data):,}"
+    # Accepted: then it was a consistent file, and it round-trips.
+    again = decode_stream(encode_stream(stream))
+    assert again.header == stream.header and again.trailer == stream.trailer
+    assert [(s.batches, s.words.tolist()) for s in again.segments] == [(s.batches, s.words.tolist()) for s in stream.segments]
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("empty file", b"", "stream truncated: magic needs 8 bytes but only 0 remain"),
+    ("u32 max segment count", lambda: forged(b"{}", [], 2**32 - 1, b"{}", True), "4,294,967,295 segments cannot fit"),
+    ("u64 max segment length", lambda: forged(b"{}", [(1, 2**64 - 1, b"abcd")], None, b"{}", True),
+     "segment 0 claims 18,446,744,073,709,551,615 words"),
+    ("segment of 0 batches", lambda: forged(b"{}", [(0, 1, b"abcd")], None, b"{}", True), "segment 0 codes 0 batches"),
+    ("header length 4 GiB", MAGIC + struct.pack("<HI", VERSION, 2**32 - 1), f"claims 4294967295 bytes (limit {MAX_JSON_BYTES})"),
+    ("JSON nested 100,000 deep", lambda: forged(b"[" * 100_000 + b"]" * 100_000, [], None, b"{}", True), "header corrupted: not valid JSON"),
+    ("header a JSON list", lambda: forged(b"[1]", [], None, b"{}", True), "header corrupted: not a JSON object"),
+    ("header not UTF-8", lambda: forged(b"\xff\xfe", [], None, b"{}", True), "header corrupted: not valid JSON"),
+    ("bytes after the trailer", lambda: forged(b"{}", [], None, b"{}", True) + b"\0", "1 unexpected bytes after the trailer"),
+])
+def test_forged_framing_is_refused_by_name(name, data, message):
+    data = data() if callable(data) else data
+    assert message in rejected(data)
+
+
+def test_read_stream_refuses_a_wrong_file_before_reading_it_all(tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:  # sparse: 1 GiB that costs no disk
+        f.truncate(1 << 30)
+    tracemalloc.start()
+    with pytest.raises(StreamError, match="not a prequel stream"):
+        read_stream(big)
+    assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    tracemalloc.stop()
+    with pytest.raises(StreamError, match="no stream file"):
+        read_stream(tmp_path)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(st.data())
+def test_verify_of_a_damaged_stream_writes_nothing(real, data):
+    """Through the CLI's entry point: exit code 3, the reason, no decoded file, no temp file."""
+    raw = bytearray(real["stream"])
+    kind = data.draw(st.sampled_from(["flip", "truncate", "random"]))
+    if kind == "flip":
+        bit = data.draw(st.integers(0, 8 * len(raw) - 1))
+        raw[bit // 8] ^= 1 << bit % 8
+    elif kind == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        raw = bytearray(data.draw(st.binary(max_size=256)))
+    bad = real["root"] / "damaged"
+    shutil.rmtree(bad, ignore_errors=True)
+    bad.mkdir()
+    (bad / STREAM_NAME).write_bytes(bytes(raw))
+    rc, out, err = main("verify", bad)
+    assert rc == 3 and err.startswith("stream error: "), (rc, out, err)
+    assert files_under(bad) == {STREAM_NAME}
+
+
+def test_verify_of_a_stream_whose_trailer_lies_decodes_but_writes_nothing(real, tmp_path):
+    stream = decode_stream(real["stream"])
+    stream.trailer["data_sha256"] = "0" * 64
+    (tmp_path / STREAM_NAME).write_bytes(encode_stream(stream))
+    rc, _, err = main("verify", tmp_path, "--out", tmp_path / "out.txt")
+    assert rc == 3 and "decoded bytes do not match the original's sha256" in err
+    assert files_under(tmp_path) == {STREAM_NAME}
+
+
+# --- environment mismatch at decode ------------------------------------------------------------
+
+def forge_environment(real, directory: Path, **environment) -> Stream:
+    """The real stream, as if written where `environment` held (only the header changes)."""
+    stream = decode_stream(real["stream"])
+    stream.header["environment"].update(environment)
+    directory.mkdir(exist_ok=True)
+    (directory / STREAM_NAME).write_bytes(encode_stream(stream))
+    return stream
+
+
+def test_thread_count_mismatch_is_refused_then_allowed(real, tmp_path):
+    out = tmp_path / "out.txt"
+    rc, _, err = main("verify", real["run_dir"], "--threads", "2", "--out", out)
+    assert rc == 3 and "environment mismatch" in err and "num_threads: stream has 1, here 2" in err
+    assert "--allow-env-mismatch" in err and not out.exists()
+    # Recorded 2 threads, decoding with 1 (what it really used): allowed, every checksum passes.
+    forge_environment(real, tmp_path / "forged", num_threads=2)
+    rc, _, err = main("verify", tmp_path / "forged", "--out", out)
+    assert rc == 3 and "num_threads: stream has 2, here 1" in err and not out.exists()
+    rc, stdout, err = main("verify", tmp_path / "forged", "--out", out, "--allow-env-mismatch")
+    assert rc == 0, err
+    assert "warning: environment differs (num_threads: stream has 2, here 1); decoded anyway" in stdout
+    assert out.read_bytes() == real["text"].read_bytes()
+
+
+def test_drift_after_an_allowed_mismatch_is_named_with_its_likely_cause(real, tmp_path):
+    stream = forge_environment(real, tmp_path, num_threads=2)
+    stream.trailer["checksums"]["5"]["params"] = "0" * 64  # what a bitwise drift of the weights looks like
+    (tmp_path / STREAM_NAME).write_bytes(encode_stream(stream))
+    rc, _, err = main("verify", tmp_path, "--out", tmp_path / "out.txt", "--allow-env-mismatch")
+    assert rc == 3 and "parameters differ from the encoder's after batch 5 although the tokens match" in err
+    assert "(the environment differs from the encoder's: num_threads: stream has 2, here 1)" in err
+    assert files_under(tmp_path) == {STREAM_NAME}
+
+
+@pytest.mark.slow
+def test_real_thread_count_change_decodes_or_names_the_drift(real, tmp_path):
+    """2 threads instead of 1 for real (slow where other processes hold the cores: threads spin)."""
+    run_dir = tmp_path / "short"
+    train(tiny_config(real["text"], run_dir, "--trainer.max_steps", "12"))
+    rc, stdout, err = main("verify", run_dir, "--threads", "2", "--allow-env-mismatch")
+    if rc == 0:  # 2 threads replayed this tiny model bit for bit, and every checksum says so
+        assert "warning: environment differs (num_threads: stream has 1, here 2)" in stdout
+    else:  # or the checks name the drift and its likely cause; nothing is written
+        assert rc == 3 and "(the environment differs from the encoder's: num_threads: stream has 1, here 2)" in err
+    print(f"verify with 2 threads of a 1-thread stream: exit {rc}: {(stdout + err).strip().splitlines()[-1]}")
+
+
+def test_torch_version_mismatch_is_refused_then_allowed(real, tmp_path):
+    forge_environment(real, tmp_path, torch="0.0.1+other")
+    out = tmp_path / "out.txt"
+    rc, _, err = main("verify", tmp_path, "--out", out)
+    assert rc == 3 and f"torch: stream has '0.0.1+other', here '{torch.__version__}'" in err and not out.exists()
+    rc, stdout, err = main("verify", tmp_path, "--out", out, "--allow-env-mismatch")
+    assert rc == 0, err
+    assert "warning: environment differs (torch: stream has '0.0.1+other'" in stdout
+    assert out.read_bytes() == real["text"].read_bytes()
+
+
+# --- config and data: clear errors before anything is created ----------------------------------
+
+def leaf_fields(cls=Config, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif f"{prefix}{f.name}" != "model.vocab_size":  # derived from the tokenizer, refused by name
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def test_every_field_refuses_a_wrong_type_by_key_and_value():
+    for key, hint in leaf_fields():
+        with pytest.raises(ConfigError) as e:
+            load_config(TINY, [f"--{key}", "[1, 2]"])
+        assert key in str(e.value) and "[1, 2]" in str(e.value), (key, str(e.value))
+        if hint is float:
+            assert f"{key}: expected a finite number, got nan" in config_error(key, ".nan")
+        if typing.get_origin(hint) is typing.Literal:
+            allowed = ", ".join(map(repr, typing.get_args(hint)))
+            assert f"{key}: 'bogus' is not one of {allowed}" in config_error(key, "bogus")
+    for key in _POSITIVE:
+        assert f"{key}: must be > 0, got 0" in config_error(key, "0")
+    for key in _NON_NEGATIVE:
+        assert f"{key}: must be >= 0, got -1" in config_error(key, "-1")
+
+
+def config_error(key: str, value: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"--{key}", value])
+    return str(e.value)
+
+
+YAML_CASES = {
+    "a list, not a mapping": ("- model\n- data\n", "expected a mapping of config keys at the top level, got a list"),
+    "invalid YAML": ("model: {n_layer: 2\n", "is not valid YAML"),
+    "a python tag (safe_load only)": ("seed: !!python/object/apply:os.getpid []\n", "is not valid YAML"),
+    "unknown nested key": ("optim:\n  momentum: 0.9\n", "unknown config key optim.momentum (known: lr, "),
+    "misspelt key": ("model:\n  n_layers: 2\n", "unknown config key model.n_layers (did you mean model.n_layer?)"),
+    "a section that is not a mapping": ("model: 3\n", "model: expected a mapping, got 3"),
+    "wrong type": ("trainer:\n  max_steps: many\n", "trainer.max_steps: expected an integer, got 'many'"),
+    "bool for an int": ("model:\n  n_layer: true\n", "model.n_layer: expected an integer, got True"),
+    "negative value": ("optim:\n  lr: -0.001\n", "optim.lr: must be > 0, got -0.001"),
+    "bad literal": ("trainer:\n  precision: fp8\n", "trainer.precision: 'fp8' is not one of '32-true', '64-true'"),
+    "seed out of range": ("seed: -1\n", "seed: must be in [0, 2**32 - 1], got -1"),
+    "beta of 1": ("optim:\n  beta2: 1.0\n", "optim.beta2: must be in [0, 1), got 1.0"),
+    "infinite number": ("optim:\n  lr: .inf\n", "optim.lr: expected a finite number, got inf"),
+    "derived key": ("model:\n  vocab_size: 300\n", "model.vocab_size cannot be set: it is set by the tokenizer"),
+    "heads do not divide width": ("model:\n  n_head: 3\n", "model.n_embd (128) must be divisible by model.n_head (3)"),
+}
+
+
+@pytest.mark.parametrize("case", YAML_CASES)
+def test_bad_config_files_are_named_and_create_nothing(case, text_file, tmp_path):
+    body, message = YAML_CASES[case]
+    config = tmp_path / "bad.yaml"
+    config.write_text(body)
+    rc, _, err = main("--config", config, "--data.path", text_file, "--run_dir", tmp_path / "run")
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_config_files(tmp_path):
+    rc, _, err = main("--config", tmp_path / "nope.yaml")
+    assert rc == 2 and f"config file not found: {tmp_path / 'nope.yaml'}" in err
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
+    rc, _, err = main("--config", tmp_path / "binary.yaml")
+    assert rc == 2 and "cannot read config file" in err and "binary.yaml" in err
+
+
+def test_bad_data_fails_before_the_run_directory_exists(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "short.txt").write_bytes(b"To be, or not to be")  # 19 bytes < block_size 32
+    (tmp_path / "nofiles").mkdir()
+    cases = {
+        tmp_path / "missing.txt": "data.path: file not found",
+        tmp_path / "empty.txt": "is empty (no bytes to train on)",
+        tmp_path / "short.txt": "corpus too short: 19 tokens, less than one sequence (model.block_size = 32)",
+        tmp_path / "nofiles": "has no files",
+        tmp_path / "*.none": "matches no files",
+    }
+    for i, (path, message) in enumerate(cases.items()):
+        rc, _, err = main("--config", TINY, "--data.path", path, "--run_dir", tmp_path / f"run{i}")
+        assert rc == 2 and message in err, err
+        assert not (tmp_path / f"run{i}").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+def test_unreadable_data_file(tmp_path):
+    path = tmp_path / "secret.txt"
+    path.write_bytes(SHAKESPEARE[:1000])
+    path.chmod(0)
+    rc, _, err = main("--config", TINY, "--data.path", path, "--run_dir", tmp_path / "run")
+    assert rc == 2 and "cannot read" in err and "Permission denied" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- an unwritable run directory, a full disk --------------------------------------------------
+
+def test_run_dir_under_a_file_or_on_a_file_is_refused(text_file, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    rc, _, err = main("--config", TINY, "--data.path", text_file, "--run_dir", tmp_path / "file" / "run")
+    assert rc == 2 and f"run_dir: cannot create the directory {tmp_path / 'file' / 'run'}: Not a directory" in err
+    rc, _, err = main("--config", TINY, "--data.path", text_file, "--run_dir", tmp_path / "file")
+    assert rc == 2 and "run_dir: cannot create the directory" in err and "File exists" in err
+
+
+def test_verify_output_that_cannot_be_written_is_an_error_not_a_traceback(real, tmp_path):
+    (tmp_path / "file").write_text("")
+    rc, _, err = main("verify", real["run_dir"], "--out", tmp_path / "file" / "sub" / "decoded.txt")
+    assert rc == 4 and err.startswith("error: Not a directory: ") and "no decoded output was written" in err
+
+
+def _disk_of(limit: int):
+    def limit_file_size():  # a full disk, as the process sees it: writes past `limit` bytes fail
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_file_size
+
+
+def test_full_disk_stops_with_a_clear_error_then_the_same_command_finishes(real, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--config", TINY, "--data.path", real["text"], "--run_dir", run_dir, "--logging.progress_bar", "false",
+            "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY]
+    r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, preexec_fn=_disk_of(100_000))  # a checkpoint is ~280 kB
+    assert r.returncode == 4, r.stderr
+    assert "error: File too large: " in r.stderr and "last.ckpt" in r.stderr and "Traceback" not in r.stderr
+    assert "re-run the same command" in r.stderr
+    left = files_under(run_dir)
+    assert not {SUMMARY_NAME, STREAM_NAME, "checkpoints/last.ckpt"} & left, left
+    assert not [p for p in left if p.endswith(".tmp")], left
+    train(tiny_config(real["text"], run_dir, "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY))
+    assert totals(run_dir) == totals(real["run_dir"])
+    assert (run_dir / STREAM_NAME).read_bytes() == real["stream"]
