@@ -123,7 +123,7 @@ def _loggers(config: Config, run_dir: Path) -> list:
     if config.logging.wandb and config.logging.wandb_mode != "disabled":
         loggers.append(L.pytorch.loggers.WandbLogger(
             project=config.logging.wandb_project, name=run_dir.name, save_dir=str(run_dir),
-            mode=config.logging.wandb_mode, config=to_dict(config),
+            mode=config.logging.wandb_mode, config=to_dict(config), group=config.logging.wandb_group,
         ))
     return loggers
 
@@ -139,8 +139,9 @@ def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor
     return header
 
 
-def train(config: Config) -> dict:
-    """Train with the prequential code length (and stream) on; returns the summary."""
+def train(config: Config, extra_callbacks: list | None = None) -> dict:
+    """Train with the prequential code length (and stream) on; returns the summary.
+    `extra_callbacks` watch or stop training (a size sweep's wall-clock budget); they change no bit of it."""
     data = read_corpus(config.data.path)  # errors before anything is created
     run_dir = Path(config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run_dir / SUMMARY_NAME).exists():
@@ -165,8 +166,8 @@ def train(config: Config) -> dict:
         stream = ArithmeticStream(tape, config.stream.checksum_every, header=stream_header(config, tokenizer, len(tokens), labels))
         callbacks.append(stream)
     loggers = _loggers(config, run_dir)
-    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks + [started], loggers, run_dir,
-                                         checkpoint=True, labels=labels)
+    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks + [started] + (extra_callbacks or []),
+                                         loggers, run_dir, checkpoint=True, labels=labels)
     if trainer.is_global_zero:
         print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
               f"{len(tokens):,} tokens, run directory {run_dir}")
@@ -198,6 +199,9 @@ def train(config: Config) -> dict:
             "code/stream_total_bpb": (summary["code/model_bits"] + stream.stream.payload_bits) / max(summary["data/bytes"], 1),
             "stream/segments": len(stream.stream.segments), "stream/path": str(path), "stream/file_bytes": file_bytes,
         })
+    # The per-step first-pass curve, for plots across runs (a size sweep) without W&B.
+    curve = "".join(f"{seen},{bits!r},{n}\n" for seen, bits, n in code_length.curve)
+    write_atomic(run_dir / "curve.csv", ("tokens_seen,bits,tokens\n" + curve).encode())
     if config.logging.plot:
         plot = plot_loss_curve(code_length.curve, summary, run_dir / "loss_curve.png")
         summary["plot/loss_curve"] = str(plot)
