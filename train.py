@@ -4,6 +4,7 @@
     python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch]
     python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk_size N] [--batch_chunks B] [--top_k K]
     python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch]
+    python train.py compare --config configs/compare.yaml [--budget.bytes N --sizes a,b] | --from_runs RUN_DIR...
 """
 
 import argparse
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "verify":
             return _verify(argv[1:])
+        if argv and argv[0] == "compare":
+            from training.compare import main as compare
+
+            return compare(argv[1:])
         if argv and argv[0] in ("compress", "decompress"):
             return _lmic(argv[1:], argv[0])
         return _train(argv)
