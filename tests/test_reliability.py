@@ -393,6 +393,25 @@ def test_verify_of_a_stream_whose_trailer_lies_decodes_but_writes_nothing(real, 
     assert files_under(tmp_path) == {STREAM_NAME}
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("data_tokens", "4000", "header corrupted: data_tokens must be a count of tokens, got '4000'"),
+    ("data_tokens", 10**30, "header corrupted: data_tokens must be a count of tokens, got 1000000000000000000000000000000"),
+    ("data_tokens", 2**47, "the header claims 140,737,488,355,328 tokens: more than this machine can hold"),
+    ("environment", [1], "header corrupted: environment and tokenizer must be JSON objects"),
+    ("tokenizer", {"name": "bytes", "blob": 7}, "header corrupted: tokenizer: "),
+    ("tokenizer", {"name": "bpe", "blob": "00ff"}, "header corrupted: tokenizer: "),
+    ("config", {"model": {"n_layer": -1}}, "header corrupted: model.n_layer: must be > 0, got -1"),
+])
+def test_a_header_forged_with_valid_checksums_is_refused_before_decoding(real, tmp_path, field, value, message):
+    """The checksums only catch accidents; a consistent-looking header must still be checked."""
+    stream = decode_stream(real["stream"])
+    stream.header[field] = value
+    (tmp_path / STREAM_NAME).write_bytes(encode_stream(stream))
+    rc, _, err = main("verify", tmp_path)
+    assert rc == 3 and message in err, err
+    assert files_under(tmp_path) == {STREAM_NAME}
+
+
 # --- environment mismatch at decode ------------------------------------------------------------
 
 def forge_environment(real, directory: Path, **environment) -> Stream:

@@ -271,6 +271,10 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         config = config_from_dict(header["config"])
         n_tokens, tokenizer_info, recorded = header["data_tokens"], header["tokenizer"], header["environment"]
         labels = labels_from_header(header.get("order"))
+        if type(n_tokens) is not int or not 0 < n_tokens < 2**48:
+            raise ValueError(f"data_tokens must be a count of tokens, got {n_tokens!r}")
+        if not isinstance(recorded, dict) or not isinstance(tokenizer_info, dict):
+            raise ValueError("environment and tokenizer must be JSON objects")
     except (KeyError, TypeError, ValueError) as e:
         raise StreamError(f"header corrupted: {e}") from None
     if config.data.curriculum == "difficulty" and labels is None:
@@ -285,8 +289,14 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     )
     _set_determinism(config)
     diffs = check_environment(recorded, environment(config), allow_env_mismatch)
-    tokenizer = build_tokenizer(tokenizer_info["name"], serialized=bytes.fromhex(tokenizer_info["blob"]))
-    tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
+    try:
+        tokenizer = build_tokenizer(tokenizer_info["name"], serialized=bytes.fromhex(tokenizer_info["blob"]))
+    except (KeyError, TypeError, ValueError) as e:  # (TokenizerError is a ValueError)
+        raise StreamError(f"header corrupted: tokenizer: {e}") from None
+    try:
+        tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
+    except (RuntimeError, MemoryError):
+        raise StreamError(f"the header claims {n_tokens:,} tokens: more than this machine can hold") from None
     code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
     decoder = ArithmeticStream(tape, config.stream.checksum_every, stream=stream)
     started = time.perf_counter()
