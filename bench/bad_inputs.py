@@ -1,0 +1,190 @@
+"""The table of bad inputs in docs/reliability.md, from real runs of train.py's entry point.
+
+Each row runs `train.main(argv)` (the CLI, in this process, so the table takes seconds, not a
+minute of interpreter start-ups) on one bad input and records the exit code and the one line
+it printed; "full disk" runs train.py in a child process whose file-size limit makes writes
+fail (RLIMIT_FSIZE, SIGXFSZ ignored), as a full disk does. Temporary paths print as $TMP.
+
+    python bench/bad_inputs.py > table.md
+"""
+
+import contextlib
+import io
+import logging
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train as cli  # noqa: E402
+from training.stream import MAGIC, VERSION, decode_stream, encode_stream  # noqa: E402
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def run(tmp: Path, *argv) -> tuple[int, str]:
+    """Exit code and the line a person reads (the error, or else the last line)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    lines = [ln for ln in (err.getvalue() + out.getvalue()).splitlines()
+             if ln.startswith(("error:", "stream error:", "warning:"))] or out.getvalue().splitlines()[-1:]
+    return rc, lines[0].replace(str(tmp), "$TMP") if lines else ""
+
+
+def full_disk(tmp: Path, text: Path) -> tuple[int, str]:
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    r = subprocess.run([sys.executable, "train.py", "--config", str(TINY), "--data.path", str(text), "--run_dir",
+                        str(tmp / "full"), "--logging.progress_bar", "false", "--trainer.checkpoint_every_n_steps", "4"],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=limit)
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))
+    assert "Traceback" not in r.stderr
+    return r.returncode, line.replace(str(tmp), "$TMP")
+
+
+def stream_file(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).mkdir()
+    (tmp / name / "stream.prequel").write_bytes(data)
+    return tmp / name
+
+
+def forged(segment_count: int | None = None, segment_words: int | None = None, header: bytes = b"{}") -> bytes:
+    """A stream whose framing lies while every crc is right."""
+    words = struct.pack("<I", 7)
+    payload = struct.pack("<I", 1 if segment_count is None else segment_count)
+    payload += struct.pack("<QQ", 1, 1 if segment_words is None else segment_words) + words
+    sec = lambda body: struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))  # noqa: E731
+    return MAGIC + struct.pack("<H", VERSION) + sec(header) + payload + struct.pack("<I", zlib.crc32(payload)) + sec(b"{}")
+
+
+def main() -> None:
+    cli._quiet()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        text = tmp / "text.txt"
+        text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000])
+        run_dir = tmp / "run"
+        rc, _ = run(tmp, "--config", TINY, "--data.path", text, "--run_dir", run_dir, "--logging.progress_bar", "false",
+                    "--trainer.checkpoint_every_n_steps", "4")
+        assert rc == 0, "the reference run failed"
+        good = (run_dir / "stream.prequel").read_bytes()
+        train_args = ["--config", TINY, "--data.path", text, "--run_dir", tmp / "new"]
+
+        def yaml(name: str, body: str | bytes) -> Path:
+            path = tmp / name
+            path.write_bytes(body if isinstance(body, bytes) else body.encode())
+            return path
+
+        def with_stream(name: str, edit) -> Path:
+            stream = decode_stream(good)
+            edit(stream)
+            return stream_file(tmp, name, encode_stream(stream))
+
+        def flip(at: int) -> bytes:
+            data = bytearray(good)
+            data[at] ^= 0x10
+            return bytes(data)
+
+        header_len = struct.unpack_from("<I", good, 10)[0]
+        (tmp / "empty.txt").write_bytes(b"")
+        (tmp / "short.txt").write_bytes(b"To be, or not to be")
+        (tmp / "nofiles").mkdir()
+        (tmp / "file").write_text("a regular file")
+
+        def set_params(s):
+            s.header["environment"]["num_threads"] = 2
+            s.trailer["checksums"]["5"]["params"] = "0" * 64
+
+        rows = [
+            ("config", "misspelt key `--model.n_layers 2`", lambda: run(tmp, "--config", TINY, "--model.n_layers", "2")),
+            ("config", "unknown nested key in YAML (`optim: {momentum: 0.9}`)",
+             lambda: run(tmp, "--config", yaml("a.yaml", "optim:\n  momentum: 0.9\n"))),
+            ("config", "wrong type `--trainer.max_steps many`", lambda: run(tmp, "--config", TINY, "--trainer.max_steps", "many")),
+            ("config", "wrong type for an optional string `--data.path [1, 2]`",
+             lambda: run(tmp, "--config", TINY, "--data.path", "[1, 2]")),
+            ("config", "bool for an int `--model.n_layer true`", lambda: run(tmp, "--config", TINY, "--model.n_layer", "true")),
+            ("config", "negative `--optim.lr -0.001`", lambda: run(tmp, "--config", TINY, "--optim.lr", "-0.001")),
+            ("config", "zero `--data.batch_size 0`", lambda: run(tmp, "--config", TINY, "--data.batch_size", "0")),
+            ("config", "negative `--trainer.num_threads -1`", lambda: run(tmp, "--config", TINY, "--trainer.num_threads", "-1")),
+            ("config", "not finite `--optim.lr .inf`", lambda: run(tmp, "--config", TINY, "--optim.lr", ".inf")),
+            ("config", "bad literal `--trainer.precision fp8`", lambda: run(tmp, "--config", TINY, "--trainer.precision", "fp8")),
+            ("config", "seed out of range `--seed -1`", lambda: run(tmp, "--config", TINY, "--seed", "-1")),
+            ("config", "`--optim.beta2 1.0`", lambda: run(tmp, "--config", TINY, "--optim.beta2", "1.0")),
+            ("config", "derived key `--model.vocab_size 300`", lambda: run(tmp, "--config", TINY, "--model.vocab_size", "300")),
+            ("config", "heads do not divide the width `--model.n_head 3`", lambda: run(tmp, "--config", TINY, "--model.n_head", "3")),
+            ("config", "YAML that is a list, not a mapping", lambda: run(tmp, "--config", yaml("b.yaml", "- model\n- data\n"))),
+            ("config", "invalid YAML (`model: {n_layer: 2`)", lambda: run(tmp, "--config", yaml("c.yaml", "model: {n_layer: 2\n"))),
+            ("config", "a Python tag (`!!python/object/apply:os.getpid []`): safe_load only",
+             lambda: run(tmp, "--config", yaml("d.yaml", "seed: !!python/object/apply:os.getpid []\n"))),
+            ("config", "a section that is not a mapping (`model: 3`)", lambda: run(tmp, "--config", yaml("e.yaml", "model: 3\n"))),
+            ("config", "config file missing", lambda: run(tmp, "--config", tmp / "nope.yaml")),
+            ("config", "config file is binary", lambda: run(tmp, "--config", yaml("f.yaml", b"\xff\xfe\x00binary"))),
+            ("data", "file missing", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "missing.txt")),
+            ("data", "file empty", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "empty.txt")),
+            ("data", "directory with no files", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "nofiles")),
+            ("data", "glob matching nothing", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "*.none")),
+            ("data", "shorter than one sequence (19 bytes, block_size 32)",
+             lambda: run(tmp, *train_args[:2], "--data.path", tmp / "short.txt")),
+            ("run dir", "`--run_dir` under a regular file", lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file" / "run")),
+            ("run dir", "`--run_dir` is a regular file", lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file")),
+            ("run dir", "disk full while writing the first checkpoint (100 kB file-size limit)", lambda: full_disk(tmp, text)),
+            ("stream", "no stream at the path", lambda: run(tmp, "verify", tmp / "nofiles")),
+            ("stream", "empty stream file", lambda: run(tmp, "verify", stream_file(tmp, "s1", b""))),
+            ("stream", "not a stream (text)", lambda: run(tmp, "verify", stream_file(tmp, "s2", b"hello world" * 10))),
+            ("stream", "format version 9", lambda: run(tmp, "verify", stream_file(tmp, "s3", good[:8] + b"\x09\x00" + good[10:]))),
+            ("stream", "truncated to half", lambda: run(tmp, "verify", stream_file(tmp, "s4", good[: len(good) // 2]))),
+            ("stream", "truncated by 1 byte", lambda: run(tmp, "verify", stream_file(tmp, "s5", good[:-1]))),
+            ("stream", "one bit flipped in the header", lambda: run(tmp, "verify", stream_file(tmp, "s6", flip(40)))),
+            ("stream", "one bit flipped in the payload",
+             lambda: run(tmp, "verify", stream_file(tmp, "s7", flip(14 + header_len + 8 + 16 + 9)))),
+            ("stream", "one bit flipped in the trailer", lambda: run(tmp, "verify", stream_file(tmp, "s8", flip(len(good) - 40)))),
+            ("stream", "1 byte appended", lambda: run(tmp, "verify", stream_file(tmp, "s9", good + b"\0"))),
+            ("stream", "segment count 2³²−1, crc recomputed", lambda: run(tmp, "verify", stream_file(tmp, "s10", forged(2**32 - 1)))),
+            ("stream", "segment length 2⁶⁴−1, crc recomputed",
+             lambda: run(tmp, "verify", stream_file(tmp, "s11", forged(segment_words=2**64 - 1)))),
+            ("stream", "header JSON nested 100,000 deep, crc recomputed",
+             lambda: run(tmp, "verify", stream_file(tmp, "s12", forged(header=b"[" * 100_000 + b"]" * 100_000)))),
+            ("stream", "one payload word changed, crc recomputed (decodes, diverges)",
+             lambda: run(tmp, "verify", with_stream("s13", lambda s: s.segments[0].words.__setitem__(5, s.segments[0].words[5] ^ 1 << 20)))),
+            ("stream", "trailer's data sha256 forged (decodes everything)",
+             lambda: run(tmp, "verify", with_stream("s14", lambda s: s.trailer.update(data_sha256="0" * 64)))),
+            ("stream", "header's data_tokens forged to 10³⁰, checksums recomputed",
+             lambda: run(tmp, "verify", with_stream("s16", lambda s: s.header.update(data_tokens=10**30)))),
+            ("stream", "header's tokenizer blob forged, checksums recomputed",
+             lambda: run(tmp, "verify", with_stream("s17", lambda s: s.header.update(tokenizer={"name": "bpe", "blob": "00ff"})))),
+            ("stream", "written by other source code (code hash)",
+             lambda: run(tmp, "verify", with_stream("s15", lambda s: s.header.update(code_hash="0" * 64)))),
+            ("environment", "`verify --threads 2` of a 1-thread stream", lambda: run(tmp, "verify", run_dir, "--threads", "2")),
+            ("environment", "torch version differs (header says 0.0.1+other)",
+             lambda: run(tmp, "verify", with_stream("e1", lambda s: s.header["environment"].update(torch="0.0.1+other")))),
+            ("environment", "the same, with `--allow-env-mismatch` (exit 0: decoded, every checksum matched)",
+             lambda: run(tmp, "verify", tmp / "e1", "--allow-env-mismatch")),
+            ("environment", "thread count differs, allowed, and the weights drift (checksum forged)",
+             lambda: run(tmp, "verify", with_stream("e2", set_params), "--allow-env-mismatch")),
+            ("output", "`verify --out` under a regular file", lambda: run(tmp, "verify", run_dir, "--out", tmp / "file" / "x" / "out")),
+        ]
+        print("| what | bad input | exit | what it prints |")
+        print("|---|---|---:|---|")
+        for kind, what, go in rows:
+            rc, line = go()
+            print(f"| {kind} | {what} | {rc} | `{line.replace('|', '¦')}` |", flush=True)
+        # Nothing above may have left a run directory behind.
+        assert not (tmp / "new").exists() and not (tmp / "file").is_dir()
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
