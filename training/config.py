@@ -79,6 +79,10 @@ class TrainerConfig:
 class StreamConfig:
     enabled: bool = False  # write a real arithmetic-coded stream during training
     checksum_every: int = 50  # steps between token/parameter checksums in the stream
+    # How both sides compute coding probabilities (see callbacks/arithmetic_stream.py):
+    # full = free for the encoder, ~block_size forwards per batch to decode;
+    # incremental = a KV-cache pass on both sides, ~one forward per batch each.
+    procedure: Literal["full", "incremental"] = "full"
 
 
 @dataclass

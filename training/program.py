@@ -15,9 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_GLOBS = ("train.py", "pyproject.toml", "models/*.py", "training/*.py", "callbacks/*.py")
-# Not needed to replay training, so not part of f: end-of-run reporting and the frozen-model
-# compressor. Editing them neither changes |f| nor invalidates a stream.
-NOT_TRAINING = {"training/report.py", "training/lmic.py"}
+# Not needed to replay training, so not part of f: end-of-run reporting, the size sweep and
+# the frozen-model compressor. Editing them neither changes |f| nor invalidates a stream.
+NOT_TRAINING = {"training/report.py", "training/lmic.py", "training/compare.py"}
 
 
 def source_files() -> list[Path]:

@@ -163,7 +163,7 @@ def train(config: Config, extra_callbacks: list | None = None) -> dict:
     started = _TrainStarted()
     callbacks: list = [code_length]
     if config.stream.enabled:
-        stream = ArithmeticStream(tape, config.stream.checksum_every, header=stream_header(config, tokenizer, len(tokens), labels))
+        stream = ArithmeticStream(tape, config.stream.checksum_every, config.stream.procedure, header=stream_header(config, tokenizer, len(tokens), labels))
         callbacks.append(stream)
     loggers = _loggers(config, run_dir)
     module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks + [started] + (extra_callbacks or []),
@@ -298,7 +298,7 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     except (RuntimeError, MemoryError):
         raise StreamError(f"the header claims {n_tokens:,} tokens: more than this machine can hold") from None
     code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
-    decoder = ArithmeticStream(tape, config.stream.checksum_every, stream=stream)
+    decoder = ArithmeticStream(tape, config.stream.checksum_every, config.stream.procedure, stream=stream)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
