@@ -22,7 +22,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import einsum, rearrange
+
+from models.ngram import NGramPrior
 
 
 @dataclass
@@ -38,6 +40,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     positions: Literal["learned", "rope"] = "learned"
     z_loss: float = 0.0  # coefficient of the auxiliary loss z_loss * logsumexp(logits)^2
+    ngram_order: int = 0  # > 0: mix adaptive context counts of orders 1..K into the logits (models/ngram.py)
 
     @property
     def bos_id(self) -> int:
@@ -124,6 +127,7 @@ class KVCache:
         self.kv = torch.zeros(config.n_layer, 2, batch, config.n_head, config.block_size, head_dim,
                               device=device, dtype=dtype)
         self.pos = 0  # the position the next step fills
+        self.idx = torch.zeros(batch, config.block_size, dtype=torch.long, device=device)  # inputs so far
 
 
 class GPT(nn.Module):
@@ -142,10 +146,16 @@ class GPT(nn.Module):
         # Tied: the head reads the first vocab_size rows of the embedding (BOS is never
         # predicted), so the two share one tensor and one set of gradients.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Context counts and, per position, how much to trust each order (computed from h).
+        self.ngram = NGramPrior(config.vocab_size, config.ngram_order) if config.ngram_order else None
+        self.ngram_mix = nn.Linear(config.n_embd, config.ngram_order) if config.ngram_order else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.ngram_mix is not None:  # start by trusting longer contexts more, as PPM does
+            with torch.no_grad():
+                self.ngram_mix.bias.copy_(torch.arange(1.0, config.ngram_order + 1) / config.ngram_order * 0.6)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -175,14 +185,17 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        return self._head(x)
+        return self._head(x, self.ngram(idx) if self.ngram is not None else None)
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         x = self.ln_f(x)
         w = self.head_weight
         if self.config.head == "norm":
             w = F.normalize(w, dim=1)  # a new tensor: the parameter itself is untouched
-        return F.linear(x, w)
+        logits = F.linear(x, w)
+        if prior is not None:  # product of experts: GPT logits + weighted context log-probs
+            logits = logits + einsum(self.ngram_mix(x), prior, "b t k, b t k v -> b t v")
+        return logits
 
     @torch.no_grad()
     def forward_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -197,5 +210,7 @@ class GPT(nn.Module):
         rope = (self.rope_cos[t : t + 1], self.rope_sin[t : t + 1]) if self.config.positions == "rope" else None
         for block, kv in zip(self.blocks, cache.kv):
             x = block(x, rope, (kv, t))
+        cache.idx[:, t] = idx
         cache.pos += 1
-        return self._head(x)[:, 0]
+        prior = self.ngram(cache.idx[:, : t + 1])[:, -1:] if self.ngram is not None else None
+        return self._head(x, prior)[:, 0]

@@ -195,6 +195,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 
 def _validate(config: Config) -> None:
     m = config.model
+    if not 0 <= m.ngram_order <= 6:
+        raise ConfigError(f"model.ngram_order: must be in 0..6 (0 = off), got {m.ngram_order}")
+    if m.ngram_order and config.trainer.devices > 1:
+        raise ConfigError("model.ngram_order needs trainer.devices: 1 (each process would count only its own rows)")
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.positions == "rope" and (m.n_embd // m.n_head) % 2:

@@ -71,6 +71,13 @@ class PrequelModule(L.LightningModule):
             loss = loss + self.config.model.z_loss * (z**2).mean()
         return loss
 
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # Context counts learn only from coded data (first-pass batches, after coding them),
+        # so the decoder, who has just decoded this batch, counts exactly the same.
+        if self.model.ngram is not None and self.coded.fresh and self.current_epoch == 0:
+            targets = self.coded.targets
+            self.model.ngram.update(self.tape.inputs(targets.cpu()).to(targets.device), targets, IGNORE)
+
     def configure_optimizers(self):
         o = self.config.optim
         decay = [p for p in self.parameters() if p.dim() >= 2]
