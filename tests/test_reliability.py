@@ -450,15 +450,20 @@ def test_drift_after_an_allowed_mismatch_is_named_with_its_likely_cause(real, tm
 
 @pytest.mark.slow
 def test_real_thread_count_change_decodes_or_names_the_drift(real, tmp_path):
-    """2 threads instead of 1 for real (slow where other processes hold the cores: threads spin)."""
+    """2 threads instead of 1, for real, in a separate process. (Passive OpenMP waiting changes no
+    bit; it keeps the 2 threads from spinning for minutes where other processes hold the cores.)"""
     run_dir = tmp_path / "short"
-    train(tiny_config(real["text"], run_dir, "--trainer.max_steps", "12"))
-    rc, stdout, err = main("verify", run_dir, "--threads", "2", "--allow-env-mismatch")
-    if rc == 0:  # 2 threads replayed this tiny model bit for bit, and every checksum says so
-        assert "warning: environment differs (num_threads: stream has 1, here 2)" in stdout
+    train(tiny_config(real["text"], run_dir, "--trainer.max_steps", "8"))
+    r = subprocess.run([sys.executable, "train.py", "verify", str(run_dir), "--threads", "2", "--allow-env-mismatch"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    if r.returncode == 0:  # 2 threads replayed this tiny model bit for bit, and every checksum says so
+        assert "warning: environment differs (num_threads: stream has 1, here 2)" in r.stdout
     else:  # or the checks name the drift and its likely cause; nothing is written
-        assert rc == 3 and "(the environment differs from the encoder's: num_threads: stream has 1, here 2)" in err
-    print(f"verify with 2 threads of a 1-thread stream: exit {rc}: {(stdout + err).strip().splitlines()[-1]}")
+        assert r.returncode == 3, r.stderr
+        assert "(the environment differs from the encoder's: num_threads: stream has 1, here 2)" in r.stderr
+        assert not (run_dir / "stream.decoded").exists()
+    said = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(("warning:", "stream error:"))]
+    print(f"verify with 2 threads of a 1-thread stream: exit {r.returncode}: {said[0]}")
 
 
 def test_torch_version_mismatch_is_refused_then_allowed(real, tmp_path):
