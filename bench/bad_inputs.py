@@ -3,7 +3,8 @@
 Each row runs `train.main(argv)` (the CLI, in this process, so the table takes seconds, not a
 minute of interpreter start-ups) on one bad input and records the exit code and the one line
 it printed; "full disk" runs train.py in a child process whose file-size limit makes writes
-fail (RLIMIT_FSIZE, SIGXFSZ ignored), as a full disk does. Temporary paths print as $TMP.
+fail (RLIMIT_FSIZE, SIGXFSZ ignored), as a full disk does, and the real 2-thread decode runs in a
+child process too (with passive OpenMP waiting). Temporary paths print as $TMP.
 
     python bench/bad_inputs.py > table.md
 """
@@ -50,6 +51,14 @@ def full_disk(tmp: Path, text: Path) -> tuple[int, str]:
                        cwd=ROOT, capture_output=True, text=True, preexec_fn=limit)
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))
     assert "Traceback" not in r.stderr
+    return r.returncode, line.replace(str(tmp), "$TMP")
+
+
+def real_thread_drift(tmp: Path, run_dir: Path) -> tuple[int, str]:
+    """Decode a 1-thread stream with 2 threads for real (passive OpenMP waiting changes no bit)."""
+    r = subprocess.run([sys.executable, "train.py", "verify", str(run_dir), "--threads", "2", "--allow-env-mismatch"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    line = next(ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(("warning:", "stream error:")))
     return r.returncode, line.replace(str(tmp), "$TMP")
 
 
@@ -172,6 +181,8 @@ def main() -> None:
              lambda: run(tmp, "verify", with_stream("e1", lambda s: s.header["environment"].update(torch="0.0.1+other")))),
             ("environment", "the same, with `--allow-env-mismatch` (exit 0: decoded, every checksum matched)",
              lambda: run(tmp, "verify", tmp / "e1", "--allow-env-mismatch")),
+            ("environment", "`verify --threads 2 --allow-env-mismatch` of the 1-thread stream (real 2-thread replay)",
+             lambda: real_thread_drift(tmp, run_dir)),
             ("environment", "thread count differs, allowed, and the weights drift (checksum forged)",
              lambda: run(tmp, "verify", with_stream("e2", set_params), "--allow-env-mismatch")),
             ("output", "`verify --out` under a regular file", lambda: run(tmp, "verify", run_dir, "--out", tmp / "file" / "x" / "out")),
