@@ -66,7 +66,8 @@ def _lmic(argv: list[str], command: str) -> int:
     parser.add_argument("--ckpt", required=True, help="a run directory (its checkpoints/last.ckpt) or a .ckpt file")
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--threads", type=int, help="torch threads (decompress: default and must match the compressor's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (compress: default 1; decompress: default and must be the compressor's)")
     if command == "compress":
         parser.add_argument("--chunk_size", type=int, help="tokens per chunk, each coded from a fresh context "
                             "(default: the model's block_size)")

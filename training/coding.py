@@ -16,8 +16,8 @@ Top-k + escape (`top_k > 0`, for large vocabularies): each symbol is coded as it
 the model's k most probable symbols, with those k probabilities taken from the full softmax
 (float32) and the rest of the mass on an escape symbol k; on escape the symbol is then coded
 with the model's distribution over the other V - k symbols. Nothing is lost (the escape path
-is the exact conditional), but the float64 softmax and the V-entry quantisation run only for
-escaped rows.
+is the exact conditional), and the V-entry quantisation runs only for escaped rows; but the
+top-k selection is itself a pass over V, so on a CPU it saves little (docs/compress.md).
 """
 
 from typing import Callable
@@ -86,8 +86,7 @@ def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Dec
     among the other V - k; returns the symbols (decoded, or the given ones when encoding)."""
     logits = logits.detach().float().cpu()
     k = min(k, logits.shape[-1] - 1)
-    top, index = torch.topk(logits, k, dim=-1)  # sorted: the same logits give the same ranks
-    p_top = torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True))
+    p_top, index = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)  # sorted: same input, same ranks
     p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # leaky quantisation keeps it codable
     hit = index == symbols[:, None]
     rank = _coded(coder, torch.where(hit.any(-1), hit.int().argmax(-1), k), torch.cat([p_top, p_escape], -1))

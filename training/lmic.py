@@ -19,6 +19,7 @@ two-part code sends the model too: *adjusted* rate = (compressed + |model|) / or
 |model| is the parameters at their stored precision (a tied matrix once) plus the tokenizer.
 """
 
+import functools
 import hashlib
 import json
 import time
@@ -42,6 +43,9 @@ from training.tokenizer import TokenizerError, build_tokenizer
 KIND = "compress"
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache
+# One step is many small ops; with more threads each op ends at an OpenMP barrier, and on a
+# busy machine a descheduled thread stalls it for a time slice (measured 14x slower with 2).
+DEFAULT_THREADS = 1
 # Facts that can change the model's floating-point results, hence the decoded bits.
 BIT_FACTS = ("torch", "constriction", "numpy", "machine", "num_threads", "device")
 
@@ -186,6 +190,19 @@ def code_tokens(gpt: GPT, tokens: torch.Tensor, coder: Encoder | Decoder, chunk_
 
 
 # --- the two commands ---------------------------------------------------------------------------
+def _keeps_threads(command):
+    """The commands set torch's thread count (part of what fixes the bits); callers get theirs back."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        before = torch.get_num_threads()
+        try:
+            return command(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+@_keeps_threads
 def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int | None = None,
              batch_chunks: int | None = None, top_k: int = 0, threads: int | None = None) -> dict:
     frozen = load_frozen(ckpt)
@@ -197,8 +214,7 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
     if batch_chunks < 1 or top_k < 0:
         raise CompressError("--batch_chunks must be >= 1 and --top_k >= 0")
     data = _read_input(input_path)
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or DEFAULT_THREADS)  # recorded in the header; decompress uses it
     started = time.perf_counter()
     tokens = frozen.tokenizer.encode(data)
     encoder = Encoder()
@@ -222,6 +238,7 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
     return report
 
 
+@_keeps_threads
 def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int | None = None,
                allow_env_mismatch: bool = False) -> dict:
     try:
