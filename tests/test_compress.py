@@ -97,6 +97,17 @@ def test_wrong_checkpoint_is_named_and_leaves_no_output(run_dir, tmp_path):
         decompress(tmp_path / "missing.ckpt", tmp_path / "in.prq", tmp_path / "out.bin")
 
 
+def test_older_checkpoint_without_model_hyperparameters_uses_the_run_config(run_dir, tmp_path):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"] = {"vocab_size": 256}
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "old" / "checkpoints" / "last.ckpt")
+    with pytest.raises(CompressError, match="does not say which model it holds"):
+        load_frozen(tmp_path / "old")
+    (tmp_path / "old" / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
+    assert load_frozen(tmp_path / "old").model_sha256 == load_frozen(run_dir).model_sha256
+
+
 def test_truncated_and_corrupted_files_fail_clearly(run_dir, tmp_path):
     (tmp_path / "in.bin").write_bytes(os.urandom(500))
     compress(run_dir, tmp_path / "in.bin", tmp_path / "in.prq")
