@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig, KVCache
 from tests.conftest import tiny_config
 from training.run import train
 
@@ -61,3 +61,29 @@ def test_tied_weights_stay_tied_through_training_and_checkpoint(text_file, tmp_p
     assert fresh.head_weight.data_ptr() == fresh.wte.weight.data_ptr()
     assert torch.equal(fresh.head_weight, fresh.wte.weight[:256])
     assert not torch.equal(fresh.wte.weight, state["model.wte.weight"])
+
+
+def test_ngram_prior_counts_only_coded_first_pass_tokens(text_file, tmp_path):
+    config = tiny_config(text_file, tmp_path / "run", "--model.ngram_order", "3", "--stream.enabled", "false",
+                         "--trainer.max_epochs", "2", "--data.replay_steps", "1")
+    summary = train(config)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    for k in (1, 2, 3):  # each coded token counted once per order: not per epoch, not per replay
+        assert state[f"model.ngram.counts{k}"].sum() == summary["data/tokens"] == 4000
+    # the order-1 counts are exactly the bigram table of the text (with BOS at chunk starts)
+    data = text_file.read_bytes()
+    assert state["model.ngram.counts1"][ord("e"), ord(" ")] == sum(
+        1 for i in range(1, len(data)) if data[i - 1 : i + 1] == b"e " and i % 32 != 0)
+
+
+def test_forward_step_matches_forward_with_ngram_prior():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**CFG.__dict__, "ngram_order": 3}))
+    idx = torch.randint(0, 51, (3, 16))
+    with torch.no_grad():
+        model.ngram.update(idx, torch.randint(0, 50, (3, 16)), -100)
+        full = model(idx)
+    cache = KVCache(model.config, 3)
+    steps = torch.stack([model.forward_step(idx[:, t], cache) for t in range(16)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(full, GPT(CFG)(idx)), "the prior changes the prediction"

@@ -147,3 +147,15 @@ def test_probabilities_are_a_pure_function_of_the_logits():
     logits = torch.randn(4, 256)
     a, b = coding_probabilities(logits), coding_probabilities(logits.clone())
     assert (a == b).all() and math.isclose(a[0].sum(), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("procedure", ["full", "incremental"])
+def test_ngram_replay_and_both_procedures_decode_in_another_process(text_file, tmp_path, procedure):
+    run_dir = tmp_path / procedure
+    summary = train(tiny_config(text_file, run_dir, "--model.ngram_order", "3", "--data.replay_steps", "1",
+                                "--stream.procedure", procedure, "--trainer.checkpoint_every_n_steps", "20"))
+    out = tmp_path / "out.txt"
+    r = run_cli("verify", run_dir, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == text_file.read_bytes()
+    assert summary["code/stream_bits"] - summary["code/data_bits"] <= 64 * summary["stream/segments"] + 4
