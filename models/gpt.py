@@ -212,5 +212,7 @@ class GPT(nn.Module):
             x = block(x, rope, (kv, t))
         cache.idx[:, t] = idx
         cache.pos += 1
-        prior = self.ngram(cache.idx[:, : t + 1])[:, -1:] if self.ngram is not None else None
+        prior = None
+        if self.ngram is not None:  # the last position's contexts need only the last K inputs
+            prior = self.ngram(cache.idx[:, max(0, t + 1 - self.config.ngram_order) : t + 1])[:, -1:]
         return self._head(x, prior)[:, 0]
