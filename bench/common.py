@@ -69,12 +69,12 @@ class Clock(L.Callback):
     def __init__(self, warmup: int):
         self.warmup, self.tokens, self.t0, self.t1 = warmup, 0, None, None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, spans, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if batch_idx == self.warmup - 1:
             self.t0 = now
         elif batch_idx >= self.warmup:
-            self.t1, self.tokens = now, self.tokens + int(spans[:, 1].sum())
+            self.t1, self.tokens = now, self.tokens + int(batch["spans"][:, 1].sum())
 
     def tokens_per_s(self) -> float:
         if self.t1 is None:

@@ -63,9 +63,10 @@ class PrequelModule(L.LightningModule):
         tokens = mask.sum()
         loss = nll.sum() / tokens.clamp(min=1)
         self.coded = CodedBatch(spans, batch["fresh"], logits.detach(), y, nll.detach(), self.tape.nbytes(spans))
-        bits = nll.detach().sum() / math.log(2)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
-        self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
+        if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call
+            bits = nll.detach().sum() / math.log(2)
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
+            self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
         if self.config.model.z_loss:
             z = torch.logsumexp(logits.float(), dim=-1)[mask]
             loss = loss + self.config.model.z_loss * (z**2).mean()
