@@ -110,7 +110,7 @@ class ArithmeticStream(L.Callback):
             return
         targets = coded.targets.cpu()
         if not self.decoding and self.procedure == "full":
-            code_batch(lambda t: coded.logits[:, t], targets, self.coder)
+            code_batch(coded.logits, targets, self.coder)
         symbols = targets[targets != IGNORE]
         self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.to(torch.int32).numpy().tobytes()).hexdigest()
         self.coded_tokens += len(symbols)

@@ -35,6 +35,15 @@ def test_coder_golden_words_and_round_trip():
     assert torch.equal(decoded, targets) and decoder.exhausted()
 
 
+def test_known_logits_code_in_one_pass_to_the_same_words_as_the_column_loop():
+    logits, targets = fixed_batch()
+    encoder = Encoder()
+    code_batch(logits, targets.clone(), encoder)  # Alice's path: the whole (B, L, V) at once
+    assert encoder.words().tolist() == GOLDEN_WORDS
+    rows = torch.randn(64, 256) * 4  # the premise: a row's probabilities ignore the other rows
+    assert (coding_probabilities(rows)[5:9] == coding_probabilities(rows[5:9])).all()
+
+
 def test_coder_cost_is_close_to_the_ideal_and_every_symbol_is_codable():
     logits = torch.full((1, 1000, 256), -1e4)
     logits[..., 7] = 0.0  # the model is sure of 7 ...

@@ -29,10 +29,12 @@ import torch
 from training.data import IGNORE
 
 _MODEL = constriction.stream.model.Categorical(perfect=False)
+_ONE_PASS_FLOATS = 1 << 20  # probabilities an Encoder codes per constriction call, at most
 
 
 def coding_probabilities(logits: torch.Tensor) -> np.ndarray:
-    """(B, V) logits → (B, V) float64 probabilities, the same bits for the same logits."""
+    """(R, V) logits → (R, V) float64 probabilities: row by row, the same bits for the same row
+    of logits whatever the other rows (a float32 softmax over the last dim, then widened)."""
     return torch.softmax(logits.detach().float().contiguous(), dim=-1).cpu().double().numpy()
 
 
@@ -80,11 +82,27 @@ class Decoder:
         return bool(self._coder.maybe_exhausted())
 
 
-def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder,
-               top_k: int = 0) -> None:
+def code_batch(logits: torch.Tensor | Callable[[int], torch.Tensor], targets: torch.Tensor,
+               coder: Encoder | Decoder, top_k: int = 0) -> None:
     """Encode `targets` (B, L), or decode into it (positions != IGNORE), column by column.
-    `top_k` > 0 codes with top-k + escape (see the module docstring)."""
+
+    `logits` is the (B, L, V) tensor when all of it is known before coding (Alice with the
+    training forward), else a function giving column t's (B, V) logits once columns < t are
+    known. Given the tensor, the columns are coded in one pass: the same rows through the same
+    `coding_probabilities` (row-wise, so the batch shape cannot change its bits) in the same
+    column-major order, hence the same words as the column loop (tested), at a tenth of the
+    cost. `top_k` > 0 codes with top-k + escape (see the module docstring)."""
     present = targets != IGNORE
+    if isinstance(logits, torch.Tensor) and isinstance(coder, Encoder) and not top_k:
+        b, length, vocab = logits.shape
+        step = max(1, _ONE_PASS_FLOATS // (b * vocab))  # columns per pass: bounded memory at large V
+        for t in range(0, length, step):
+            columns = logits[:, t : t + step].detach().transpose(0, 1)  # column-major, as the loop codes
+            rows = present[:, t : t + step].T
+            coder.code(targets[:, t : t + step].T[rows], coding_probabilities(columns.flatten(0, 1))[rows.flatten().numpy()])
+        coder.flush()
+        return
+    logits_at = (lambda t: logits[:, t]) if isinstance(logits, torch.Tensor) else logits
     for t in range(targets.shape[1]):
         rows = present[:, t]
         if not rows.any():
