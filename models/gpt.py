@@ -173,8 +173,9 @@ class GPT(nn.Module):
         # parameters() yields a shared tensor once, so a tied embedding is counted once.
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T, vocab_size). `counted`: the
+        targets, when the n-gram prior has counted them already (see NGramPrior.forward)."""
         t = idx.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
@@ -185,7 +186,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        return self._head(x, self.ngram(idx) if self.ngram is not None else None)
+        return self._head(x, self.ngram(idx, counted) if self.ngram is not None else None)
 
     def _head(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         x = self.ln_f(x)

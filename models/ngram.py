@@ -40,11 +40,22 @@ class NGramPrior(nn.Module):
             out.append(h >> (31 - HASH_BITS))
         return out
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (B, T, K, V) of the next token after each input position."""
+    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities (B, T, K, V) of the next token after each input position.
+
+        `leave_out` (B, T): targets already in the counts (training again on coded data); each
+        is taken out of its own context's counts, so the model learns to trust the counts as
+        they are when a token is new, not as they are once it has been counted (a leak that
+        makes every replay step teach over-confidence in the long contexts)."""
         out = []
+        if leave_out is not None:
+            present = (leave_out >= 0).float()[..., None]
+            leave_out = leave_out.clamp(min=0)[..., None]
         for k, ctx in enumerate(self.contexts(idx), start=1):
-            counts = getattr(self, f"counts{k}")[ctx] + self.alpha
+            counts = getattr(self, f"counts{k}")[ctx]
+            if leave_out is not None:
+                counts = counts.scatter_add(-1, leave_out, -present)
+            counts = counts + self.alpha
             out.append(counts.log() - counts.sum(-1, keepdim=True).log())
         return torch.stack(out, dim=2)
 

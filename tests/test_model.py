@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT, GPTConfig, KVCache
+from models.ngram import NGramPrior
 from tests.conftest import tiny_config
 from training.run import train
 
@@ -87,3 +88,16 @@ def test_forward_step_matches_forward_with_ngram_prior():
     steps = torch.stack([model.forward_step(idx[:, t], cache) for t in range(16)], dim=1)
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
     assert not torch.equal(full, GPT(CFG)(idx)), "the prior changes the prediction"
+
+
+def test_ngram_leave_out_sees_the_counts_as_before_the_tokens_were_counted():
+    prior = NGramPrior(vocab_size=50, max_order=3)
+    history = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
+    prior.update(history, history.roll(-1, 1), -100)
+    idx = torch.arange(16)[None] * 3 % 50  # 16 distinct contexts of every order
+    targets = torch.randint(0, 50, (1, 16))
+    targets[0, -1] = -100  # padding: nothing to leave out
+    before = prior(idx)
+    prior.update(idx, targets, -100)
+    assert not torch.allclose(prior(idx), before)  # counting changed the prediction ...
+    torch.testing.assert_close(prior(idx, leave_out=targets), before)  # ... leaving it out restores it

@@ -50,13 +50,14 @@ class PrequelModule(L.LightningModule):
     def attach(self, tape: Tape) -> None:
         self.tape = tape
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx)
+    def forward(self, idx: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(idx, counted)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         spans = batch["spans"]
         x, y = (t.to(self.device) for t in self.tape.batch(spans))
-        logits = self(x)
+        first_pass = batch["fresh"] and self.current_epoch == 0
+        logits = self(x, None if first_pass else y)  # replayed tokens are in the n-gram counts already
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
         nll = nll.view_as(y)
         mask = y != IGNORE
