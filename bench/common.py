@@ -5,6 +5,7 @@ the last batch, so Trainer set-up, the first (slow) steps and teardown are left 
 timed interval is a whole step: data, hooks, forward, backward, optimizer, callbacks.
 """
 
+import argparse
 import logging
 import platform
 import sys
@@ -29,6 +30,14 @@ BENCH_OVERRIDES = [
     "--logging.wandb", "false", "--logging.csv", "false", "--logging.plot", "false",
     "--logging.progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.max_steps", "-1",
 ]
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """A bench script's parser: --config, and (parse_known_args) --dotted.keys overrides as in train.py."""
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=f"{description} Other --dotted.keys override the config, as in train.py.")
+    parser.add_argument("--config", default="configs/small.yaml", help="YAML config (default: %(default)s)")
+    return parser
 
 
 def bench_config(path: str, overrides: list[str]) -> Config:

@@ -15,13 +15,12 @@ Prints tokens/s of each and the ratio prequel / bare (target ≥ 0.95).
     python bench/step_overhead.py [--steps 300] [--config configs/small.yaml] [--model.n_layer 4 ...]
 """
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import (bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
+from common import (bench_parser, bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
                     print_environment)
 from training.curriculum import plan_batches
 from training.data import IGNORE
@@ -59,10 +58,7 @@ def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False,
-        description="Throughput of prequel's Lightning step vs a bare PyTorch loop (same model, data, optimizer). "
-        "Other --dotted.keys override the config, as in train.py.")
-    parser.add_argument("--config", default="configs/small.yaml", help="YAML config (default: %(default)s)")
+    parser = bench_parser("Throughput of prequel's Lightning step vs a bare PyTorch loop (same model, data, optimizer).")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="prequel/bare runs, alternating (default: %(default)s)")

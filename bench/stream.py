@@ -15,7 +15,6 @@
     python bench/stream.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b,c] [--model.n_layer 4 ...]
 """
 
-import argparse
 import contextlib
 import io
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import (bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
+from common import (bench_parser, bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
                     print_environment)
 from callbacks.arithmetic_stream import ArithmeticStream
 from training.coding import Decoder, Encoder, code_batch, coding_probabilities
@@ -74,8 +73,6 @@ def encode_overhead(config, n_tokens: int, warmup: int, repeats: int) -> float:
 
 
 def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
-    import wandb  # noqa: F401  train() imports it at the end even with W&B off; keep that out of the timing
-
     tokenizer, tokens, _ = corpus_prefix(config, n_tokens)
     print(f"(b) decode / train time: {n_tokens:,} tokens, train with the stream, then verify the run")
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,10 +137,7 @@ def coder_table(vocabs: list[int], rows: int, cols: int, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False,
-        description="Stream encode overhead, decode/train time ratio and coder symbols/s. "
-        "Other --dotted.keys override the config, as in train.py.")
-    parser.add_argument("--config", default="configs/small.yaml", help="YAML config (default: %(default)s)")
+    parser = bench_parser("Stream encode overhead, decode/train time ratio and coder symbols/s.")
     parser.add_argument("--tokens", type=int, default=60000, help="(a) corpus prefix (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="(a) untimed steps per run (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="(a) runs per side, (c) timings per V (default: %(default)s)")

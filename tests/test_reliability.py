@@ -36,7 +36,7 @@ from tests.conftest import ROOT, TINY, run_cli, tiny_config
 from training.config import _NON_NEGATIVE, _POSITIVE, Config, ConfigError, load_config
 from training.run import STREAM_NAME, SUMMARY_NAME, train
 from training.stream import (
-    MAGIC, MAX_JSON_BYTES, VERSION, Segment, Stream, StreamError, decode_stream, encode_stream, read_stream,
+    MAGIC, MAX_JSON_BYTES, VERSION, Stream, StreamError, decode_stream, encode_stream, read_stream,
     remove_stale_temps, write_atomic,
 )
 

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import lightning as L
-import yaml
 
 from models.gpt import GPT
-from training.config import ConfigError, _build, _merge, config_from_dict, parse_overrides
+from training.config import ConfigError, _build, _merge, config_from_dict, parse_overrides, read_yaml_mapping
 from training.data import read_corpus
+from training.report import pyplot, save_loss_axes
 from training.run import SUMMARY_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,31 +80,19 @@ def _path(name: str) -> Path:
     return Path(name) if Path(name).exists() else ROOT / name
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {values!r}")
-    return values
-
-
 def preset_path(size: str) -> Path:
     return _path(size) if size.endswith(".yaml") else ROOT / "configs" / "sizes" / f"{size}.yaml"
 
 
 def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_path: str | None):
     """base config, then the size preset, then the command line; the sweep sets where and what data."""
-    preset = _read_yaml(preset_path(size), f"size preset {size!r}")
+    preset = read_yaml_mapping(preset_path(size), f"size preset {size!r}")
     for key in ("name", "run_dir"):
         if key in preset:
             raise ConfigError(f"{preset_path(size)}: {key} is set by the sweep, remove it from the preset")
     if "path" in (preset.get("data") or {}):
         raise ConfigError(f"{preset_path(size)}: data.path would give this size other data; set it in the base config")
-    values = _merge(_merge(_read_yaml(_path(sweep.base), "base config"), preset), overrides)
+    values = _merge(_merge(read_yaml_mapping(_path(sweep.base), "base config"), preset), overrides)
     values = _merge(values, {"name": Path(size).stem, "run_dir": str(sweep_dir / Path(size).stem),
                              "data": {"path": data_path}, "logging": {"wandb_group": sweep.group or sweep_dir.name}})
     try:
@@ -163,7 +151,7 @@ def run_sweep(sweep: Sweep, overrides: dict) -> Path:
         if key in overrides:
             raise ConfigError(f"--{key} is set per size by the sweep; use --sweep_dir")
     sweep_dir = Path(sweep.sweep_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    base_values = _merge(_read_yaml(_path(sweep.base), "base config"), overrides)
+    base_values = _merge(read_yaml_mapping(_path(sweep.base), "base config"), overrides)
     corpus = (base_values.get("data") or {}).get("path")
     data = read_corpus(corpus)
     data_path = corpus if sweep.budget.bytes is None else str(sweep_dir / f"corpus-{sweep.budget.bytes}.bin")
@@ -270,15 +258,6 @@ def markdown_table(rows: list[dict], baselines: list[dict], budget: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _binned(curve: list[tuple[int, float, int]], bins: int = 200) -> tuple[list[int], list[float]]:
     """Steps merged into ~`bins` groups: bits/token per group, so the area under the stairs is still Σ."""
     groups: list[list[float]] = []  # [start, bits, tokens]
@@ -293,7 +272,7 @@ def _binned(curve: list[tuple[int, float, int]], bins: int = 200) -> tuple[list[
 
 
 def plot_curves(runs: list[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     for i, r in enumerate(run for run in runs if run["curve"]):
         edges, per_token = _binned(r["curve"])
@@ -301,19 +280,11 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
         ax.stairs(per_token, edges, fill=True, alpha=0.12, color=color)
         ax.stairs(per_token, edges, color=color, linewidth=1.3,
                   label=f"{r['row']['size']} ({r['row']['params']:,} params): Σ = {r['row']['sigma_bits']:,.0f} bits")
-    ax.set_xlabel("tokens seen (first pass)")
-    ax.set_ylabel("bits per token before learning it")
-    ax.set_title("Prequential loss curves; the shaded area under each is its Σ")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_loss_axes(fig, ax, "Prequential loss curves; the shaded area under each is its Σ", path)
 
 
 def plot_sizes(rows: list[dict], baselines: list[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     params = [r["params"] for r in rows]
     ax.plot(params, [r["bpb"] for r in rows], "o-", color="C0", label="code length |f| + n + Σ")
@@ -354,7 +325,7 @@ def main(argv: list[str]) -> int:
                          Path(tree.get("sweep_dir") or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"))
         return 0
     where = args.config or "command line"
-    values = _read_yaml(_path(args.config), "sweep config") if args.config else {}
+    values = read_yaml_mapping(_path(args.config), "sweep config") if args.config else {}
     sweep = parse_sweep(_merge(values, {k: v for k, v in tree.items() if k in sweep_keys}), where)
     run_sweep(sweep, overrides)
     return 0

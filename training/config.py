@@ -269,21 +269,27 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file's top-level mapping (`yaml.safe_load`), or a ConfigError naming what is wrong."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
+                          f"got a {type(values).__name__}: {str(values)[:60]!r}")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     values: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
-                              f"got a {type(values).__name__}: {str(values)[:60]!r}")
+        values = read_yaml_mapping(path, "config file")
         values.setdefault("name", path.stem)
     values = _merge(values, parse_overrides(overrides or []))
     config = _build(Config, values)

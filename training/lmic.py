@@ -38,7 +38,7 @@ from training.program import xz_bits
 from training.report import classic_baselines
 from training.run import STREAM_NAME, environment
 from training.stream import Segment, Stream, StreamError, read_stream, write_atomic, write_stream
-from training.tokenizer import TokenizerError, build_tokenizer
+from training.tokenizer import build_tokenizer
 
 KIND = "compress"
 FORMAT = 1  # bump when the coding procedure changes bits

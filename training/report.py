@@ -75,13 +75,32 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines + [f"covers {coverage}"])
 
 
-def plot_loss_curve(curve: list[tuple[int, float, int]], summary: dict, path: Path) -> Path:
-    """Per-step bits/token against tokens seen; the shaded area is Σ, the data part of the code."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_loss_axes(fig, ax, title: str, path: Path) -> Path:
+    """The common frame of a loss-curve plot (bits per token against tokens seen), saved to `path`."""
+    ax.set_xlabel("tokens seen (first pass)")
+    ax.set_ylabel("bits per token before learning it")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
+def plot_loss_curve(curve: list[tuple[int, float, int]], summary: dict, path: Path) -> Path:
+    """Per-step bits/token against tokens seen; the shaded area is Σ, the data part of the code."""
+    plt = pyplot()
     seen = [0] + [c[0] for c in curve]
     per_token = [c[1] / max(c[2], 1) for c in curve]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
@@ -90,12 +109,5 @@ def plot_loss_curve(curve: list[tuple[int, float, int]], summary: dict, path: Pa
     ax.stairs(per_token, seen, color="tab:blue", linewidth=1)
     ax.axhline(summary["code/uniform_bpb"] * summary["data/bytes"] / max(summary["data/tokens"], 1),
                color="gray", linestyle="--", linewidth=1, label="uniform code")
-    ax.set_xlabel("tokens seen (first pass)")
-    ax.set_ylabel("bits per token before learning it")
-    ax.set_title(f"Prequential code length: {summary['code/total_bits']:,.0f} bits = {summary['code/bpb']:.3f} bpb (|f| + n + Σ)")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    title = f"Prequential code length: {summary['code/total_bits']:,.0f} bits = {summary['code/bpb']:.3f} bpb (|f| + n + Σ)"
+    return save_loss_axes(fig, ax, title, path)

@@ -240,17 +240,16 @@ def _covered_bytes(tokenizer, tape: Tape, datamodule: PrequelDataModule, totals:
 def _log_summary(loggers: list, summary: dict) -> None:
     for logger in loggers:
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
-            import wandb
+            import wandb  # only with W&B on: importing it costs seconds
 
             run = logger.experiment
             run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
             if "plot/loss_curve" in summary:
                 run.log({"plot/loss_curve": wandb.Image(summary["plot/loss_curve"])})
-        logger.finalize("success")
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
+            logger.finalize("success")
+            wandb.finish()
+        else:
+            logger.finalize("success")
 
 
 def find_stream(path: Path) -> Path:
