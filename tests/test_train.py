@@ -1,7 +1,10 @@
 import csv
 import json
 
-from tests.conftest import TINY, run_cli, tiny_config, wandb_offline_summary
+import pytest
+
+from tests.conftest import ROOT, TINY, run_cli, tiny_config, wandb_offline_summary
+from training.config import load_config
 from training.run import train
 
 
@@ -55,3 +58,11 @@ def test_missing_and_empty_data_files_fail_clearly(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     r = run_cli("--config", TINY, "--data.path", tmp_path / "empty.txt")
     assert r.returncode == 2 and "is empty" in r.stderr
+
+
+TRAINING_CONFIGS = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if p.name != "compare.yaml"]  # that one is a sweep
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_shipped_config_loads_and_validates(path):
+    assert load_config(path).name == path.stem

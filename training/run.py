@@ -30,7 +30,7 @@ from training.tokenizer import build_tokenizer
 STREAM_NAME = "stream.prequel"
 SUMMARY_NAME = "summary.json"
 # Facts that change the bits of training; a stream decodes only where they match.
-BIT_FACTS = ("torch", "lightning", "constriction", "numpy", "num_threads", "machine", "device")
+BIT_FACTS = ("torch", "lightning", "constriction", "numpy", "num_threads", "machine", "device", "device_name")
 
 
 def environment(config: Config) -> dict:
@@ -77,6 +77,13 @@ def _set_determinism(config: Config) -> None:
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    if environment(config)["device"] == "cuda":  # bitwise replay on a GPU (untested here: no GPU lent)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+        # warn_only: the n-gram counts' scatter-adds add integers, exact in any order; anything
+        # else that drifts is caught and named by the stream's parameter checksums.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def _tokens(config: Config, data: bytes):
