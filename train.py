@@ -73,6 +73,8 @@ def _lmic(argv: list[str], command: str) -> int:
                             "(default: the model's block_size)")
         parser.add_argument("--batch_chunks", type=int, help="chunks coded at once (default 256)")
         parser.add_argument("--top_k", type=int, default=0, help="code among the top k + an escape (0 = off)")
+        parser.add_argument("--kernels", choices=("native", "portable"), default="native",
+                            help="portable: decompresses on any x86-64 CPU with AVX2 (slower); see README")
     else:
         parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
     args = parser.parse_args(argv)
@@ -80,7 +82,8 @@ def _lmic(argv: list[str], command: str) -> int:
 
     if command == "compress":
         r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size,
-                          batch_chunks=args.batch_chunks, top_k=args.top_k, threads=args.threads)
+                          batch_chunks=args.batch_chunks, top_k=args.top_k, threads=args.threads,
+                          kernels=args.kernels)
         print(lmic.format_report(r))
     else:
         r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
@@ -93,6 +96,10 @@ def _lmic(argv: list[str], command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training import environment  # imports no torch: kernel pins must precede torch's start
+
+    if argv is None:  # a real command line: it may re-execute itself with the pins a run needs
+        environment.allow_reexec()
     argv = sys.argv[1:] if argv is None else argv
     _quiet()
     from training.config import ConfigError
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in ("compress", "decompress"):
             return _lmic(argv[1:], argv[0])
         return _train(argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, environment.KernelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StreamError as e:

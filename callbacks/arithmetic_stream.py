@@ -62,7 +62,10 @@ class ArithmeticStream(L.Callback):
         # Alice's targets are the data; Bob's start unknown (0: never attended to) and fill in.
         targets = torch.where(valid, 0, IGNORE) if self.decoding else self.tape.batch(batch["spans"])[1]
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
-            code_batch(self._logits_at(pl_module, targets), targets, self.coder)
+            try:
+                code_batch(self._logits_at(pl_module, targets), targets, self.coder)
+            except StreamError as e:
+                raise StreamError(f"batch {self.coded_batches + 1}: {e}") from None
         if self.decoding:
             self.tape.tokens[pos[valid]] = targets[valid]
 

@@ -1,10 +1,22 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from training import environment
 
-from training.config import load_config
+# Every test computes with portable kernels, so golden values and fixtures hold on any x86-64
+# machine (AVX2 or AVX-512, Intel or AMD). The pins act when torch starts: set them before it
+# does, for this process and (inherited) for the train.py processes the tests start.
+if "torch" in sys.modules and not environment.pinned("portable"):
+    raise RuntimeError("torch was imported before tests/conftest.py could pin its kernels")
+for _name in environment.KERNEL_VARIABLES:
+    os.environ.pop(_name, None)
+os.environ.update(environment.PORTABLE_PINS)
+
+import pytest  # noqa: E402
+
+from training.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from training.data import IGNORE
+from training.stream import StreamError
 
 _MODEL = constriction.stream.model.Categorical(perfect=False)
 _ONE_PASS_FLOATS = 1 << 20  # probabilities an Encoder codes per constriction call, at most
@@ -75,7 +76,12 @@ class Decoder:
         self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
 
     def code(self, targets: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self._coder.decode(_MODEL, probs).astype(np.int64))
+        try:
+            symbols = self._coder.decode(_MODEL, probs)
+        except (AssertionError, ValueError, RuntimeError, IndexError) as e:  # constriction's word check
+            raise StreamError(f"the range coder met words that do not decode ({e}): the payload is corrupted, or "
+                              "this machine's arithmetic differs from the encoder's") from None
+        return torch.from_numpy(symbols.astype(np.int64))
 
     def exhausted(self) -> bool:
         """True once every word of the stream has been consumed."""

@@ -70,6 +70,9 @@ class TrainerConfig:
     devices: int = 1
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     num_threads: int = 2  # torch intra-op threads; changes bits, recorded in the stream
+    # native = the CPU's fastest kernels: a stream verifies on the same kind of CPU; portable = kernels
+    # pinned before torch starts (training/environment.py): verifies on any x86-64 CPU with AVX2, slower
+    kernels: Literal["native", "portable"] = "native"
     compile: bool = False  # torch.compile changes bits, recorded in the stream
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 0  # 0 = only at the end of training

@@ -36,7 +36,10 @@ from training.config import Config, ConfigError, config_from_dict
 from training.data import IGNORE, DataError, read_corpus
 from training.program import xz_bits
 from training.report import classic_baselines
-from training.run import STREAM_NAME, environment
+from training.environment import KernelError, ensure_kernels
+from training.environment import check as check_environment
+from training.environment import facts as environment_facts
+from training.run import STREAM_NAME
 from training.stream import Segment, Stream, StreamError, read_stream, write_atomic, write_stream
 from training.tokenizer import build_tokenizer
 
@@ -46,8 +49,6 @@ DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger
 # One step is many small ops; with more threads each op ends at an OpenMP barrier, and on a
 # busy machine a descheduled thread stalls it for a time slice (measured 14x slower with 2).
 DEFAULT_THREADS = 1
-# Facts that can change the model's floating-point results, hence the decoded bits.
-BIT_FACTS = ("torch", "constriction", "numpy", "machine", "num_threads", "device")
 
 
 class CompressError(StreamError):
@@ -183,7 +184,10 @@ def code_tokens(gpt: GPT, tokens: torch.Tensor, coder: Encoder | Decoder, chunk_
         targets = torch.full((rows * chunk_size,), IGNORE, dtype=torch.long)
         targets[: len(span)] = span
         targets = targets.view(rows, chunk_size)
-        code_chunks(gpt, targets, coder, top_k)
+        try:
+            code_chunks(gpt, targets, coder, top_k)
+        except StreamError as e:
+            raise StreamError(f"batch {batches + 1} (tokens {first:,}..{first + len(span):,}): {e}") from None
         span.copy_(targets.flatten()[: len(span)])
         batches += 1
     return tokens, batches
@@ -204,7 +208,9 @@ def _keeps_threads(command):
 
 @_keeps_threads
 def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int | None = None,
-             batch_chunks: int | None = None, top_k: int = 0, threads: int | None = None) -> dict:
+             batch_chunks: int | None = None, top_k: int = 0, threads: int | None = None,
+             kernels: str = "native") -> dict:
+    ensure_kernels(kernels)
     frozen = load_frozen(ckpt)
     batch_chunks = batch_chunks or DEFAULT_BATCH_CHUNKS
     block_size = frozen.gpt.config.block_size
@@ -226,7 +232,7 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
         "chunk_size": chunk_size, "batch_chunks": batch_chunks, "top_k": top_k,
         "model": {"checkpoint": frozen.path.name, "sha256": frozen.model_sha256},
         "tokenizer": {"name": frozen.tokenizer.name, "sha256": frozen.tokenizer_sha256},
-        "environment": environment(Config()), "dtype": "float32",
+        "environment": environment_facts(kernels, "cpu"), "dtype": "float32",
     }
     segments = [Segment(batches, words)] if len(tokens) else []
     stream = Stream(header, segments, {"data_sha256": hashlib.sha256(data).hexdigest()})
@@ -266,13 +272,15 @@ def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int 
     if tokenizer.get("sha256") != frozen.tokenizer_sha256:
         raise CompressError(f"wrong tokenizer: {input_path} was coded with another {tokenizer.get('name')} tokenizer "
                             f"than the one rebuilt for {frozen.path}")
-    torch.set_num_threads(threads or int(recorded.get("num_threads") or torch.get_num_threads()))
-    here = environment(Config())
-    diffs = [f"{k}: file has {recorded.get(k)!r}, here {here.get(k)!r}" for k in BIT_FACTS if recorded.get(k) != here.get(k)]
-    if diffs and not allow_env_mismatch:
-        raise CompressError(f"environment mismatch, the model's arithmetic may differ from the compressor's: "
-                            f"{'; '.join(diffs)} (match it, or pass --allow-env-mismatch; the sha256 check catches a "
-                            "wrong result)")
+    if not isinstance(recorded, dict):
+        raise CompressError(f"{input_path}: header corrupted (environment is not a JSON object)")
+    kernels = recorded.get("kernels", "native")
+    try:
+        ensure_kernels(kernels)  # (a CLI re-executes itself here with the pins the file was written with)
+        torch.set_num_threads(threads or int(recorded.get("num_threads") or torch.get_num_threads()))
+        diffs = check_environment(recorded, kernels, "cpu", allow_env_mismatch, error=CompressError)
+    except KernelError as e:
+        raise CompressError(f"{input_path}: {e}") from None
     if len(stream.segments) != (1 if n_tokens else 0) or not 1 <= chunk_size <= frozen.gpt.config.block_size:
         raise CompressError(f"{input_path}: corrupted (unexpected segment count or chunk size)")
     started = time.perf_counter()
@@ -281,8 +289,8 @@ def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int 
         decoder = Decoder(stream.segments[0].words)
         try:
             code_tokens(frozen.gpt, tokens, decoder, chunk_size, batch_chunks, top_k)
-        except (ValueError, RuntimeError, IndexError) as e:  # constriction on words that do not decode
-            raise CompressError(f"{input_path}: payload does not decode ({e})") from None
+        except StreamError as e:  # the coder found words that do not decode
+            raise CompressError(f"{input_path}: {e}") from None
         if not decoder.exhausted():
             raise CompressError(f"{input_path}: payload has words left over after {n_tokens:,} tokens: corrupted")
     data = frozen.tokenizer.decode(tokens)

@@ -4,11 +4,9 @@ import hashlib
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
-from importlib.metadata import version
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +18,9 @@ from callbacks.arithmetic_stream import ArithmeticStream
 from callbacks.code_length import CodeLength
 from training.config import Config, ConfigError, config_from_dict, dump_yaml, program_dict, to_dict
 from training.curriculum import labels_from_header, labels_to_header, order_bits
+from training.environment import KernelError, device_of, ensure_kernels, require_device
+from training.environment import check as check_environment
+from training.environment import facts as environment_facts
 from training.data import DataError, PrequelDataModule, Tape, order_labels, plan_options, read_corpus
 from training.module import PrequelModule
 from training.program import code_hash, program_bits
@@ -29,30 +30,10 @@ from training.tokenizer import build_tokenizer
 
 STREAM_NAME = "stream.prequel"
 SUMMARY_NAME = "summary.json"
-# Facts that change the bits of training; a stream decodes only where they match.
-BIT_FACTS = ("torch", "lightning", "constriction", "numpy", "num_threads", "machine", "device", "device_name")
 
 
 def environment(config: Config) -> dict:
-    device = "cuda" if config.trainer.accelerator == "gpu" or (
-        config.trainer.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
-    return {
-        "torch": torch.__version__, "lightning": L.__version__, "constriction": version("constriction"),
-        "numpy": version("numpy"), "python": platform.python_version(), "machine": platform.machine(),
-        "num_threads": torch.get_num_threads(), "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
-    }
-
-
-def check_environment(recorded: dict, here: dict, allow_mismatch: bool) -> list[str]:
-    """Refuse to decode where training would not replay bit for bit (unless allowed)."""
-    diffs = [f"{k}: stream has {recorded.get(k)!r}, here {here.get(k)!r}" for k in BIT_FACTS if recorded.get(k) != here.get(k)]
-    if diffs and not allow_mismatch:
-        raise StreamError(
-            "environment mismatch, training would not replay bitwise: " + "; ".join(diffs)
-            + " (match it, e.g. --threads N, or pass --allow-env-mismatch to try anyway; checksums catch drift)"
-        )
-    return diffs
+    return environment_facts(config.trainer.kernels, config.trainer.accelerator)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,10 +55,11 @@ class _TrainStarted(L.Callback):
 
 
 def _set_determinism(config: Config) -> None:
+    ensure_kernels(config.trainer.kernels)  # first: nothing may be computed with other kernels
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    if environment(config)["device"] == "cuda":  # bitwise replay on a GPU (untested here: no GPU lent)
+    if device_of(config.trainer.accelerator) == "cuda":  # bitwise replay on a GPU (untested here: no GPU lent)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
         # warn_only: the n-gram counts' scatter-adds add integers, exact in any order; anything
         # else that drifts is caught and named by the stream's parameter checksums.
@@ -293,8 +275,13 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         trainer=replace(config.trainer, num_threads=threads or config.trainer.num_threads),
         logging=replace(config.logging, wandb=False, csv=False, plot=False),
     )
-    _set_determinism(config)
-    diffs = check_environment(recorded, environment(config), allow_env_mismatch)
+    try:
+        require_device(recorded)  # before the config's accelerator is used
+        _set_determinism(config)
+        diffs = check_environment(recorded, config.trainer.kernels, config.trainer.accelerator, allow_env_mismatch,
+                                  error=StreamError)
+    except KernelError as e:
+        raise StreamError(str(e)) from None
     try:
         tokenizer = build_tokenizer(tokenizer_info["name"], serialized=bytes.fromhex(tokenizer_info["blob"]))
     except (KeyError, TypeError, ValueError) as e:  # (TokenizerError is a ValueError)
