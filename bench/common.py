@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from train import _quiet  # noqa: E402
 from training.config import Config, dump_yaml, load_config  # noqa: E402
+from training import environment  # noqa: E402
 from training.data import Tape, read_corpus  # noqa: E402
 from training.program import program_bits  # noqa: E402
 from training.run import _build, _set_determinism, _tokens  # noqa: E402
@@ -43,6 +44,7 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
 def bench_config(path: str, overrides: list[str]) -> Config:
     """The config as `train.py` would load it, with the bench defaults, then the user's overrides."""
     _quiet()
+    environment.allow_reexec()  # a portable config restarts the script with the kernel pins
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False ..." and tips
         logging.getLogger(name).setLevel(logging.WARNING)
     config = load_config(path, BENCH_OVERRIDES + overrides)
