@@ -1,16 +1,31 @@
 """prequel: train a GPT and report its loss as a code length.
 
-    python train.py --config configs/small.yaml [--data.path notes.txt --trainer.max_steps 200 --run_dir runs/x]
+    python train.py [train] --config configs/small.yaml [--data.path notes.txt --trainer.max_steps 200 --run_dir runs/x]
     python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch]
-    python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk_size N] [--batch_chunks B] [--top_k K]
+    python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk-size N] [--batch-chunks B] [--top-k K]
     python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch]
-    python train.py compare --config configs/compare.yaml [--budget.bytes N --sizes a,b] | --from_runs RUN_DIR...
+    python train.py compare --config configs/compare.yaml [--budget.bytes N --sizes a,b] | --from-runs RUN_DIR...
+
+`COMMANDS` is the one table of what train.py can do: each command's one-line summary (what
+`--help` lists), its parser and its handler. Flags are spelt with dashes; their underscore
+spellings (--chunk_size) still work. Config keys (--trainer.max_steps) are spelt as in YAML.
 """
 
 import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import io
 import os
 import sys
+import tokenize
+import types
+import typing
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal
 
 
 def _quiet() -> None:
@@ -21,26 +36,155 @@ def _quiet() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _train(argv: list[str]) -> int:
-    from training.config import load_config
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser that also accepts each flag's underscore spelling (--chunk_size for
+    --chunk-size: older docs and scripts use it), and builds a callable epilog only when help
+    is shown (the config keys' epilog reads the config source)."""
 
-    parser = argparse.ArgumentParser(prog="train.py", description="Train with the prequential code length.")
-    parser.add_argument("--config", help="YAML config (e.g. configs/small.yaml)")
-    args, overrides = parser.parse_known_args(argv)
-    config = load_config(args.config, overrides)
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        for i, arg in enumerate(args):
+            name, eq, value = arg.partition("=")
+            dashed = "--" + name[2:].replace("_", "-")
+            if name.startswith("--") and dashed in self._option_string_actions:  # every spelling argparse knows
+                args[i] = dashed + eq + value
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+# --- --help: every config key with its type, default and meaning, read from the dataclasses ---------
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's ``# comment`` in its class's source (on its line, else the comment lines just
+    above it): what the field means, written once beside it and free in |f| (comments are stripped)."""
+    source = Path(inspect.getsourcefile(cls)).read_text()
+    comments = {}  # line number -> (text, whether the comment is the whole line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[: tok.start[1]].strip())
+    (node,) = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
+    meanings = {}
+    for stmt in node.body:
+        if not isinstance(stmt, ast.AnnAssign):
+            continue
+        text, whole_line = comments.get(stmt.end_lineno, ("", True))
+        if whole_line:  # no comment after the field: the block above it, if any
+            row, above = stmt.lineno - 1, []
+            while comments.get(row, ("", False))[1]:
+                above.insert(0, comments[row][0])
+                row -= 1
+            text = " ".join(above)
+        meanings[stmt.target.id] = text
+    return meanings
+
+
+def _type_text(hint: Any) -> str:
+    """A field's type as --help shows it: ``int > 0``, ``{bytes, bpe}``, ``str | null``."""
+    from training.config import limits_of
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return " ".join([_type_text(args[0]), *(limit.text for limit in limits_of(hint))])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_text(a) for a in args)
+    if origin is Literal:
+        return "{" + ", ".join(map(str, args)) + "}"
+    if origin in (tuple, list):
+        return "list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _value_text(value: Any) -> str:
+    """A default as it is written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(_value_text, value)) + "]"
+    return str(value)
+
+
+def describe_keys(cls: type) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, meaning) of every settable key of `cls`, section by section."""
+    from training.config import field_types, leaf_fields
+
+    rows, comments = [], {}
+    for key, f, hint in leaf_fields(cls):
+        owner = key.rpartition(".")[0]
+        if owner not in comments:  # the class whose source holds this section's comments
+            section = cls
+            for part in filter(None, owner.split(".")):
+                section = field_types(section)[part]
+            comments[owner] = _field_comments(section)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((key, _type_text(hint), _value_text(default), comments[owner].get(f.name, "")))
+    return rows
+
+
+def _keys_help(cls: type, title: str) -> str:
+    """Every settable key of the dataclass `cls`, by section: type, default and the meaning its
+    `# comment` gives, formatted as argparse formats flags."""
+    keys = argparse.ArgumentParser(prog="", usage=argparse.SUPPRESS, add_help=False)  # only formats, never parses
+    groups = {}
+    for key, kind, default, meaning in describe_keys(cls):
+        section = key.rpartition(".")[0]
+        if section not in groups:
+            groups[section] = keys.add_argument_group(f"{section}.*" if section else "top level")
+        help_text = f"{meaning} (default: {default})" if meaning else f"default: {default}"
+        groups[section].add_argument(f"--{key}", metavar=kind, help=help_text.replace("%", "%%"))
+    return f"{title}\n\n{keys.format_help()}"
+
+
+# --- train (the default) -------------------------------------------------------------------------
+
+def _train_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<12} {command.summary}" for name, command in COMMANDS.items())
+    parser = _Parser(prog="train.py", usage="%(prog)s [train] [--config YAML] [--KEY VALUE ...]\n"
+                     "       %(prog)s {" + ",".join(COMMANDS) + "} ... (see %(prog)s COMMAND --help)",
+                     description="Train a GPT and report its loss as a prequential code length.\n"
+                     f"With no command, train.py trains.\n\ncommands:\n{commands}")
+    parser.add_argument("--config", metavar="YAML", help="a config file (e.g. configs/small.yaml); "
+                        "--KEY VALUE options after it override its keys")
+
+    def epilog() -> str:
+        from training.config import Config
+
+        return _keys_help(Config, "config keys: set them in the YAML file, or with --KEY VALUE after it\n"
+                          "(VALUE is read as YAML: --trainer.max_steps 200 --data.path null --model.bias true)")
+
+    parser.epilog = epilog
+    return parser
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.config import load_config
     from training.run import train
 
-    train(config)
+    train(load_config(args.config, overrides))
     return 0
 
 
-def _verify(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train.py verify", description="Decode a stream by replaying training.")
+# --- verify --------------------------------------------------------------------------------------
+
+def _verify_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="train.py verify", description="Decode a stream by replaying training; every checksum "
+                     "must match.")
     parser.add_argument("path", help="a run directory or a stream file")
-    parser.add_argument("--out", help="where to write the decoded bytes (default: beside the stream)")
-    parser.add_argument("--threads", type=int, help="torch threads (must match the encoder's)")
+    parser.add_argument("--out", metavar="FILE", help="where to write the decoded bytes (default: beside the stream)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (must match the encoder's)")
     parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.run import verify
 
     r = verify(args.path, args.out, args.allow_env_mismatch, args.threads)
@@ -60,39 +204,90 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
-def _lmic(argv: list[str], command: str) -> int:
-    parser = argparse.ArgumentParser(prog=f"train.py {command}",
-                                     description=f"{command.capitalize()} any file with a frozen trained model.")
-    parser.add_argument("--ckpt", required=True, help="a run directory (its checkpoints/last.ckpt) or a .ckpt file")
-    parser.add_argument("input")
-    parser.add_argument("output")
-    parser.add_argument("--threads", type=int,
+# --- compress / decompress -----------------------------------------------------------------------
+
+def _lmic_parser(command: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"train.py {command}", description=COMMANDS[command].summary.capitalize() + ".")
+    parser.add_argument("--ckpt", required=True, metavar="RUN_OR_CKPT",
+                        help="a run directory (its checkpoints/last.ckpt) or a .ckpt file")
+    parser.add_argument("input", help="the file to compress" if command == "compress" else "a file made by compress")
+    parser.add_argument("output", help="where to write the result")
+    parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads (compress: default 1; decompress: default and must be the compressor's)")
     if command == "compress":
-        parser.add_argument("--chunk_size", type=int, help="tokens per chunk, each coded from a fresh context "
-                            "(default: the model's block_size)")
-        parser.add_argument("--batch_chunks", type=int, help="chunks coded at once (default 256)")
-        parser.add_argument("--top_k", type=int, default=0, help="code among the top k + an escape (0 = off)")
+        parser.add_argument("--chunk-size", type=int, metavar="N", help="tokens per chunk, each coded from a fresh "
+                            "context (default: the model's block_size)")
+        parser.add_argument("--batch-chunks", type=int, metavar="B", help="chunks coded at once (default 256)")
+        parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                            help="code among the top k + an escape (0 = off)")
         parser.add_argument("--kernels", choices=("native", "portable"), default="native",
                             help="portable: decompresses on any x86-64 CPU with AVX2 (slower); see README")
     else:
         parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _compress(args: argparse.Namespace, overrides: list[str]) -> int:
     from training import lmic
 
-    if command == "compress":
-        r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size,
-                          batch_chunks=args.batch_chunks, top_k=args.top_k, threads=args.threads,
-                          kernels=args.kernels)
-        print(lmic.format_report(r))
-    else:
-        r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
-                            allow_env_mismatch=args.allow_env_mismatch)
-        for diff in r["environment_differences"]:
-            print(f"warning: environment differs ({diff}); decoded anyway and the sha256 matched")
-        print(f"decompressed {r['original_bytes']:,} bytes at {r['decompress_MBps']:.3f} MB/s; "
-              f"sha256 {r['sha256']} matches the original; written to {r['output']}")
+    r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size, batch_chunks=args.batch_chunks,
+                      top_k=args.top_k, threads=args.threads, kernels=args.kernels)
+    print(lmic.format_report(r))
     return 0
+
+
+def _decompress(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training import lmic
+
+    r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
+                        allow_env_mismatch=args.allow_env_mismatch)
+    for diff in r["environment_differences"]:
+        print(f"warning: environment differs ({diff}); decoded anyway and the sha256 matched")
+    print(f"decompressed {r['original_bytes']:,} bytes at {r['decompress_MBps']:.3f} MB/s; "
+          f"sha256 {r['sha256']} matches the original; written to {r['output']}")
+    return 0
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="train.py compare", description="Train a size sweep (or read finished runs) and compare "
+                     "their code lengths.\nOther options: sweep keys (below), or run settings for every size "
+                     "(--trainer.num_threads 2:\nthe config keys of train.py --help).")
+    parser.add_argument("--config", metavar="YAML", help="sweep YAML (configs/compare.yaml)")
+    parser.add_argument("--from-runs", nargs="+", metavar="RUN_DIR", help="compare these finished runs; train nothing")
+
+    def epilog() -> str:
+        from training.compare import Sweep
+
+        return _keys_help(Sweep, "sweep keys: set in the sweep YAML, or --KEY VALUE")
+
+    parser.epilog = epilog
+    return parser
+
+
+def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.compare import from_command_line
+
+    return from_command_line(args.config, args.from_runs, overrides)
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str  # the one line `train.py --help` shows
+    parser: Callable[[], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace, list[str]], int]  # the parsed flags, then the --KEY VALUE config overrides
+    overrides: bool = False  # takes config keys after its flags; a command without refuses unknown options
+
+
+COMMANDS = {
+    "train": Command("train with the prequential code length (the default)", _train_parser, _train, overrides=True),
+    "verify": Command("decode a training stream by replaying training; check every bit", _verify_parser, _verify),
+    "compress": Command("compress any file with a frozen trained model", lambda: _lmic_parser("compress"), _compress),
+    "decompress": Command("decompress a file made by compress", lambda: _lmic_parser("decompress"), _decompress),
+    "compare": Command("train models of several sizes on the same data and compare their code lengths",
+                       _compare_parser, _compare, overrides=True),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,16 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.stream import StreamError
 
+    named = bool(argv) and argv[0] in COMMANDS
+    name, rest = (argv[0], argv[1:]) if named else ("train", argv)
+    command = COMMANDS[name]
+    parser = command.parser()
+    if not named and argv and not argv[0].startswith("-"):  # a word where a command or an option goes
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        parser.error(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else
+                     f"; commands: {', '.join(COMMANDS)}; a config file goes after --config"))
+    if command.overrides:
+        args, overrides = parser.parse_known_args(rest)
+    else:
+        args, overrides = parser.parse_args(rest), []
     try:
-        if argv and argv[0] == "verify":
-            return _verify(argv[1:])
-        if argv and argv[0] == "compare":
-            from training.compare import main as compare
-
-            return compare(argv[1:])
-        if argv and argv[0] in ("compress", "decompress"):
-            return _lmic(argv[1:], argv[0])
-        return _train(argv)
+        return command.run(args, overrides)
     except (ConfigError, DataError, environment.KernelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except OSError as e:  # disk full, unwritable run directory: files are whole or absent (atomic writes)
         where = f": {e.filename}" if e.filename else ""
-        then = ("no decoded output was written" if argv and argv[0] == "verify" else
+        then = ("no decoded output was written" if name == "verify" else
                 "fix it and re-run the same command to resume from the last checkpoint")
         print(f"error: {e.strerror or e}{where} ({then})", file=sys.stderr)
         return 4

@@ -1,16 +1,16 @@
 """Stream costs (issue 5): encode overhead, decode/train time, and coder symbols/s.
 
 (a) encode overhead: steady-state tokens/s of prequel's Trainer (`training.run._build`, CodeLength
-    callback, no loggers or checkpoints) on the first `--tokens` tokens, with the ArithmeticStream
-    encoder callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
+    callback, no loggers or checkpoints) on the first `--tokens` tokens, with the StreamEncoder
+    callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
 (b) decode/train time: `training.run.train` with the stream on, into a temporary run directory,
     on the first `--decode-tokens` tokens (written to a temporary data file), then
     `training.run.verify` on that run; prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
-(c) coder symbols/s: `training.coding.code_batch` with an Encoder (all logits known: one pass),
-    then a Decoder (column by column), on random logits of `--rows` × `--cols` symbols at each
-    `--vocab` (no model: coding_probabilities + the range coder), and `coding_probabilities`
-    column by column alone for comparison.
+(c) coder symbols/s: `training.coding.encode_known` with an Encoder (all logits known: one pass),
+    then `code_batch` with a Decoder (column by column), on random logits of `--rows` × `--cols`
+    symbols at each `--vocab` (no model: coding_probabilities + the range coder), and
+    `coding_probabilities` column by column alone for comparison.
 
     python bench/stream.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b,c] [--model.n_layer 4 ...]
 """
@@ -26,13 +26,13 @@ import torch
 
 from common import (bench_parser, bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
                     print_environment)
-from callbacks.arithmetic_stream import ArithmeticStream
-from training.coding import Decoder, Encoder, code_batch, coding_probabilities
+from callbacks.arithmetic_stream import StreamEncoder
+from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
 from training.run import stream_header, train, verify
 from training.stream import StreamError
 
 
-class TimedStream(ArithmeticStream):
+class TimedStream(StreamEncoder):
     """The encoder callback, timing its own per-batch hooks: a low-noise view of its cost."""
 
     seconds, batches = 0.0, 0
@@ -112,7 +112,7 @@ def coder_rates(vocab: int, rows: int, cols: int, repeats: int) -> dict:
     for _ in range(repeats):
         t0 = time.perf_counter()
         encoder = Encoder()
-        code_batch(logits, targets.clone(), encoder)  # Alice: all logits known, one pass
+        encode_known(logits, targets.clone(), encoder)  # Alice: all logits known, one pass
         t1 = time.perf_counter()
         decoded = torch.zeros_like(targets)  # 0 = not decoded yet
         code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()))

@@ -1,14 +1,16 @@
-"""Alice and Bob as one callback: encode the first pass into a stream, or decode it back.
+"""Alice and Bob as two callbacks: encode the first pass into a stream, or decode it back.
 
-Encode: after each first-pass batch, code its targets with the probabilities of the training
-forward that just ran (weights from before the step). Decode: before each first-pass batch,
-fill the tape by decoding with the current weights; the same `training_step` then learns it.
-Both sides call `coding.code_batch`, and both record the same checks (a hash chain of the
-tokens coded so far and a hash of the parameters every `checksum_every` batches), so the
-decoder names the first batch where anything drifted instead of producing garbage.
+`StreamEncoder` (Alice): after each first-pass batch, code its targets with the probabilities of
+the training forward that just ran (weights from before the step). `StreamDecoder` (Bob): before
+each first-pass batch, fill the tape by decoding with the current weights; the same
+`training_step` then learns it. Both call `training.coding`, and both keep what `StreamCallback`
+keeps: a hash chain of the tokens coded so far and a hash of the parameters every
+`checksum_every` batches. Alice writes those checks into the stream; Bob compares, so he names
+the first batch where anything drifted instead of producing garbage.
 
-Every checkpoint seals the current range-coder segment and stores the sealed segments in the
-checkpoint, so a run resumed from it continues the stream bit for bit where it left off.
+The stream is a list of range-coder segments. Every checkpoint makes Alice seal the open one and
+store the sealed segments in the checkpoint, so a run resumed from it continues the stream bit
+for bit where it left off; Bob opens each segment where the one before it ended.
 """
 
 import hashlib
@@ -17,8 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from models.gpt import KVCache
-from training.coding import Decoder, Encoder, code_batch
+from training.coding import Decoder, Encoder, code_batch, encode_known, incremental_logits
 from training.data import IGNORE, Tape
 from training.stream import Segment, Stream, StreamError, write_stream
 
@@ -31,102 +32,159 @@ def parameters_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class ArithmeticStream(L.Callback):
-    def __init__(self, tape: Tape, checksum_every: int, procedure: str = "full", *, header: dict | None = None,
-                 stream: Stream | None = None):
-        if (header is None) == (stream is None):
-            raise ValueError("give a header (to encode) or a stream (to decode)")
+class StreamCallback(L.Callback):
+    """What both sides do identically: code a batch before the step (Bob always, Alice when
+    incremental), and after it count and hash what was coded, checking every `checksum_every`."""
+
+    def __init__(self, tape: Tape, checksum_every: int, procedure: str, stream: Stream):
         self.tape = tape
         self.checksum_every = checksum_every
-        self.procedure = procedure
-        self.decoding = stream is not None
-        self.stream = stream or Stream(header, [], {})
+        self.procedure = procedure  # "full" or "incremental": how column t's logits are computed
+        self.stream = stream
         self.tokens_hash = hashlib.sha256().hexdigest()  # chained per batch, so it can be checkpointed
         self.coded_tokens = 0
         self.coded_batches = 0
         self.checksums: dict[str, dict] = {}
-        self._segment_start = 0  # coded_batches when the open segment began
-        self._segment = -1  # decoder: index of the open segment
-        self.coder = None if self.decoding else Encoder()
-        self._segment_end = 0
+        self.coder: Encoder | Decoder | None = None
 
-    # --- before the step: Bob always; Alice too when coding incrementally ----------------------
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch > 0 or not batch["fresh"]:
-            return
-        if self.decoding:
-            self._open_decoder_segment()
-        elif self.procedure != "incremental":
-            return  # Alice codes after the step, with the training forward's logits
-        pos, valid = self.tape.positions(batch["spans"])
-        # Alice's targets are the data; Bob's start unknown (0: never attended to) and fill in.
-        targets = torch.where(valid, 0, IGNORE) if self.decoding else self.tape.batch(batch["spans"])[1]
-        with torch.no_grad(), trainer.precision_plugin.train_step_context():
-            try:
-                code_batch(self._logits_at(pl_module, targets), targets, self.coder)
-            except StreamError as e:
-                raise StreamError(f"batch {self.coded_batches + 1}: {e}") from None
-        if self.decoding:
-            self.tape.tokens[pos[valid]] = targets[valid]
-
-    def _logits_at(self, pl_module, targets: torch.Tensor):
-        """Column t's logits from what is known before column t, by the configured procedure.
+    def _code_before_step(self, trainer, pl_module, targets: torch.Tensor) -> None:
+        """Encode `targets` (B, L), or decode into them, with the weights from before the step:
+        column t's logits from what is known before column t, by the configured procedure.
 
         ``full``: the model on the whole (B, L) batch, positions >= t holding anything (causal
         attention ignores them), bitwise equal to the training forward: L forwards per batch
-        for Bob, none extra for Alice. ``incremental``: a KV-cache step per column, the same
-        steps on both sides: about one forward per batch for each (but not the training
-        forward's bits, so Alice runs it too)."""
-        device = pl_module.device
+        for Bob, none extra for Alice (she codes after the step). ``incremental``: a KV-cache
+        step per column, the same steps on both sides: about one forward per batch for each
+        (but not the training forward's bits, so Alice runs it too)."""
         if self.procedure == "full":
-            return lambda t: pl_module(self.tape.inputs(targets).to(device))[:, t]
-        cache = KVCache(pl_module.model.config, len(targets), device=device)
+            def logits_at(t: int) -> torch.Tensor:
+                return pl_module(self.tape.inputs(targets).to(pl_module.device))[:, t]
+        else:
+            logits_at = incremental_logits(pl_module.model, targets, self.tape.bos_id)
+        with torch.no_grad(), trainer.precision_plugin.train_step_context():
+            try:
+                code_batch(logits_at, targets, self.coder)
+            except StreamError as e:
+                raise StreamError(f"batch {self.coded_batches + 1}: {e}") from None
 
-        bos = torch.full((len(targets),), self.tape.bos_id)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.coded.first_pass:
+            self._record(pl_module.coded.targets.cpu(), pl_module)
 
-        def step(t: int) -> torch.Tensor:
-            while True:  # columns without tokens (at the end) are skipped by code_batch
-                x = targets[:, cache.pos - 1].clamp(min=0) if cache.pos else bos  # as Tape.inputs
-                logits = pl_module.model.forward_step(x.to(device), cache)
-                if cache.pos > t:
-                    return logits
-        return step
+    def _record(self, targets: torch.Tensor, pl_module: L.LightningModule) -> None:
+        """Chain the batch's coded tokens into the hash; every `checksum_every` batches, check."""
+        symbols = targets[targets != IGNORE].to(torch.int32).numpy()
+        self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.tobytes()).hexdigest()
+        self.coded_tokens += len(symbols)
+        self.coded_batches += 1
+        if self.coded_batches % self.checksum_every == 0:
+            self._check(str(self.coded_batches), pl_module)
 
-    def _open_decoder_segment(self) -> None:
-        if self.coded_batches != self._segment_end:
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check("final", pl_module)
+
+    def _check(self, key: str, pl_module: L.LightningModule) -> None:
+        self.checksums[key] = {"tokens": self.tokens_hash, "params": parameters_sha256(pl_module)}
+
+    def state_dict(self) -> dict:
+        return {
+            "segments": [(s.batches, torch.from_numpy(s.words.astype(np.int64))) for s in self.stream.segments],
+            "tokens_hash": self.tokens_hash, "coded_tokens": self.coded_tokens,
+            "coded_batches": self.coded_batches, "checksums": self.checksums,
+        }
+
+
+class StreamEncoder(StreamCallback):
+    """Alice: codes each first-pass batch into `self.stream`; `save` writes it."""
+
+    def __init__(self, tape: Tape, checksum_every: int, procedure: str = "full", *, header: dict):
+        super().__init__(tape, checksum_every, procedure, Stream(header, [], {}))
+        self.coder = Encoder()
+        self._segment_start = 0  # coded_batches when the open segment began
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.procedure == "incremental" and pl_module.is_first_pass(batch):
+            self._code_before_step(trainer, pl_module, self.tape.batch(batch["spans"])[1])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        coded = pl_module.coded
+        if not coded.first_pass:
             return
-        self._close_decoder_segment()
+        targets = coded.targets.cpu()
+        if self.procedure == "full":  # with the training forward's logits: all known, one pass
+            encode_known(coded.logits, targets, self.coder)
+        self._record(targets, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._seal()
+        super().on_train_end(trainer, pl_module)
+        self.stream.trailer.update(coded_tokens=self.coded_tokens, coded_batches=self.coded_batches,
+                                   checksums=self.checksums)
+
+    def _seal(self) -> None:
+        if self.coded_batches > self._segment_start:
+            self.stream.segments.append(Segment(self.coded_batches - self._segment_start, self.coder.words()))
+            self._segment_start = self.coded_batches
+            self.coder = Encoder()
+
+    def save(self, path, trailer_extra: dict) -> int:
+        """Write the finished stream; returns its size in bytes."""
+        self.stream.trailer.update(trailer_extra)
+        return write_stream(path, self.stream)
+
+    def state_dict(self) -> dict:
+        self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
+        self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
+        self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
+        self._segment_start = self.coded_batches
+        self.coder = Encoder()
+
+
+class StreamDecoder(StreamCallback):
+    """Bob: decodes each first-pass batch of `stream` onto the tape, just before it is learned."""
+
+    def __init__(self, tape: Tape, checksum_every: int, procedure: str = "full", *, stream: Stream):
+        super().__init__(tape, checksum_every, procedure, stream)
+        self._segment = -1  # index of the open segment
+        self._segment_end = 0  # coded_batches when it ends
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not pl_module.is_first_pass(batch):
+            return
+        if self.coded_batches == self._segment_end:
+            self._open_next_segment()
+        pos, valid = self.tape.positions(batch["spans"])
+        targets = torch.where(valid, 0, IGNORE)  # unknown yet: 0 stands in, never attended to
+        self._code_before_step(trainer, pl_module, targets)
+        self.tape.tokens[pos[valid]] = targets[valid]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close_segment()
+        expected = sum(seg.batches for seg in self.stream.segments)
+        if self.coded_batches != expected:
+            raise StreamError(f"training ended after {self.coded_batches} batches; the stream has {expected}: "
+                              "it was cut short, or config and code differ")
+        super().on_train_end(trainer, pl_module)
+
+    def _open_next_segment(self) -> None:
+        self._close_segment()
         self._segment += 1
         if self._segment >= len(self.stream.segments):
             raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
         segment = self.stream.segments[self._segment]
         self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
 
-    def _close_decoder_segment(self) -> None:
+    def _close_segment(self) -> None:
         if self.coder is not None and not self.coder.exhausted():
             raise StreamError(f"segment ending at batch {self.coded_batches} has words left over: stream does not match")
 
-    # --- both --------------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        coded = pl_module.coded
-        if trainer.current_epoch > 0 or not coded.fresh:
-            return
-        targets = coded.targets.cpu()
-        if not self.decoding and self.procedure == "full":
-            code_batch(coded.logits, targets, self.coder)
-        symbols = targets[targets != IGNORE]
-        self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.to(torch.int32).numpy().tobytes()).hexdigest()
-        self.coded_tokens += len(symbols)
-        self.coded_batches += 1
-        if self.coded_batches % self.checksum_every == 0:
-            self._check(str(self.coded_batches), pl_module)
-
     def _check(self, key: str, pl_module: L.LightningModule) -> None:
-        here = {"tokens": self.tokens_hash, "params": parameters_sha256(pl_module)}
-        if not self.decoding:
-            self.checksums[key] = here
-            return
-        expected = self.stream.trailer.get("checksums", {}).get(key)
+        super()._check(key, pl_module)
+        here, expected = self.checksums[key], self.stream.trailer.get("checksums", {}).get(key)
         if expected is None:
             raise StreamError(f"stream has no checksum for batch {key}: written by other code, or truncated")
         if here["tokens"] != expected["tokens"]:
@@ -137,44 +195,5 @@ class ArithmeticStream(L.Callback):
                 "is not bitwise reproducible here (different hardware, thread count or library build?)"
             )
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.decoding:
-            self._close_decoder_segment()
-            expected = sum(seg.batches for seg in self.stream.segments)
-            if self.coded_batches != expected:
-                raise StreamError(f"training ended after {self.coded_batches} batches; the stream has {expected}: "
-                                  "it was cut short, or config and code differ")
-        else:
-            self._seal()
-        self._check("final", pl_module)
-        self.stream.trailer.update(coded_tokens=self.coded_tokens, coded_batches=self.coded_batches, checksums=self.checksums)
-
-    def _seal(self) -> None:
-        if self.coded_batches > self._segment_start:
-            self.stream.segments.append(Segment(self.coded_batches - self._segment_start, self.coder.words()))
-            self._segment_start = self.coded_batches
-            self.coder = Encoder()
-
-    def save(self, path, trailer_extra: dict) -> int:
-        """Write the finished stream (encoder); returns its size in bytes."""
-        self.stream.trailer.update(trailer_extra)
-        return write_stream(path, self.stream)
-
-    # --- resume ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        if not self.decoding:
-            self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
-        return {
-            "segments": [(s.batches, torch.from_numpy(s.words.astype(np.int64))) for s in self.stream.segments],
-            "tokens_hash": self.tokens_hash, "coded_tokens": self.coded_tokens,
-            "coded_batches": self.coded_batches, "checksums": self.checksums,
-        }
-
     def load_state_dict(self, state: dict) -> None:
-        if self.decoding:
-            raise StreamError("the decoder replays from the start; it does not resume from checkpoints")
-        self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
-        self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
-        self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
-        self._segment_start = self.coded_batches
-        self.coder = Encoder()
+        raise StreamError("the decoder replays from the start; it does not resume from checkpoints")

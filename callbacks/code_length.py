@@ -66,7 +66,7 @@ class CodeLength(L.Callback):
         bits = coded.nll.double().sum() / math.log(2)  # the NLL is 0 where there is no token
         tokens = coded.mask.sum()
         self.last_epoch.update(bits, tokens, coded.nbytes)
-        if trainer.current_epoch > 0:
+        if not coded.first_pass:  # a later epoch: reported as last_epoch, never as code length
             return
         self.first_pass.update(bits, tokens, coded.nbytes)
         seen = int(self.first_pass.tokens)

@@ -47,17 +47,44 @@ class GPTConfig:
         return self.vocab_size
 
 
+class KVCache:
+    """Keys and values of the positions run so far, for `GPT.forward_step`.
+
+    Its result is close to, but not bitwise equal to, the full forward's (other matmul and
+    attention shapes round differently). A coder that needs exact bits must therefore run
+    this same step sequence on both sides, never mixing it with the full forward; then every
+    step has the same shapes and inputs on both sides and gives the same bits.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32):
+        head_dim = config.n_embd // config.n_head
+        # (layer, key|value, B, H, block_size, D): preallocated, so steps never reallocate
+        self.kv = torch.zeros(config.n_layer, 2, batch, config.n_head, config.block_size, head_dim,
+                              device=device, dtype=dtype)
+        self.pos = 0  # the position the next step fills
+        self.idx = torch.zeros(batch, config.block_size, dtype=torch.long, device=device)  # inputs so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's key and value (B, H, 1, D) at position `pos`; return that layer's
+        keys and values of positions 0..pos, for attention."""
+        t, kv = self.pos, self.kv[layer]
+        kv[:, :, :, t : t + 1] = torch.stack((k, v))
+        return kv[0, :, :, : t + 1], kv[1, :, :, : t + 1]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.layer = layer  # which of a KVCache's layers is this one's
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -65,10 +92,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
-        else:  # x is the one position t: store its key and value, attend to positions 0..t
-            kv, t = cache
-            kv[:, :, :, t : t + 1] = torch.stack((k, v))
-            y = F.scaled_dot_product_attention(q, kv[0, :, :, : t + 1], kv[1, :, :, : t + 1])
+        else:  # x is the one position cache.pos: store its key and value, attend to positions 0..pos
+            y = F.scaled_dot_product_attention(q, *cache.update(self.layer, k, v))
         return self.resid_dropout(self.proj(rearrange(y, "b h t d -> b t (h d)")))
 
 
@@ -86,14 +111,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -112,24 +137,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2)
 
 
-class KVCache:
-    """Keys and values of the positions run so far, for `GPT.forward_step`.
-
-    Its result is close to, but not bitwise equal to, the full forward's (other matmul and
-    attention shapes round differently). A coder that needs exact bits must therefore run
-    this same step sequence on both sides, never mixing it with the full forward; then every
-    step has the same shapes and inputs on both sides and gives the same bits.
-    """
-
-    def __init__(self, config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32):
-        head_dim = config.n_embd // config.n_head
-        # (layer, key|value, B, H, block_size, D): preallocated, so steps never reallocate
-        self.kv = torch.zeros(config.n_layer, 2, batch, config.n_head, config.block_size, head_dim,
-                              device=device, dtype=dtype)
-        self.pos = 0  # the position the next step fills
-        self.idx = torch.zeros(batch, config.block_size, dtype=torch.long, device=device)  # inputs so far
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -141,7 +148,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         # Tied: the head reads the first vocab_size rows of the embedding (BOS is never
         # predicted), so the two share one tensor and one set of gradients.
@@ -179,14 +186,22 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(t, device=idx.device))
-        rope = (self.rope_cos, self.rope_sin) if self.config.positions == "rope" else None
+        x, rope = self._embed(idx, 0)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
         return self._head(x, self.ngram(idx, counted) if self.ngram is not None else None)
+
+    def _embed(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Embeddings of the ids `idx` (B, T) at positions start..start + T - 1, and those
+        positions' rotary tables (None unless rope): one code path for forward and forward_step."""
+        x = self.wte(idx)
+        end = start + idx.shape[1]
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+        if self.config.positions != "rope":
+            return x, None
+        return x, (self.rope_cos[start:end], self.rope_sin[start:end])
 
     def _head(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         x = self.ln_f(x)
@@ -205,12 +220,9 @@ class GPT(nn.Module):
         t = cache.pos
         if t >= self.config.block_size:
             raise ValueError(f"KV cache is full: position {t} exceeds block_size {self.config.block_size}")
-        x = self.wte(idx[:, None])
-        if self.wpe is not None:
-            x = x + self.wpe.weight[t]
-        rope = (self.rope_cos[t : t + 1], self.rope_sin[t : t + 1]) if self.config.positions == "rope" else None
-        for block, kv in zip(self.blocks, cache.kv):
-            x = block(x, rope, (kv, t))
+        x, rope = self._embed(idx[:, None], t)
+        for block in self.blocks:
+            x = block(x, rope, cache)
         cache.idx[:, t] = idx
         cache.pos += 1
         prior = None

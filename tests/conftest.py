@@ -1,5 +1,6 @@
+"""Pytest fixtures. Helpers that test files import (tiny_config, run_cli, paths) are in tests/helpers.py."""
+
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,11 +17,7 @@ os.environ.update(environment.PORTABLE_PINS)
 
 import pytest  # noqa: E402
 
-from training.config import load_config  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
-TINY = ROOT / "configs" / "tiny.yaml"
+from tests.helpers import ROOT  # noqa: E402  (imports torch: after the pins)
 
 
 @pytest.fixture
@@ -29,39 +26,3 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     path.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000])
     return path
-
-
-def tiny_config(data_path: Path, run_dir: Path, *overrides: str):
-    return load_config(TINY, [
-        "--data.path", str(data_path), "--run_dir", str(run_dir), "--logging.progress_bar", "false", *overrides,
-    ])
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """train.py in a separate process, as a user runs it."""
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def wandb_offline_summary(run_dir: Path) -> dict:
-    """The summary W&B recorded in an offline run (wandb-core keeps it in the .wandb log only)."""
-    import json
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    (log,) = run_dir.glob("*.wandb")
-    data, pos, buf, summary = log.read_bytes(), 7, b"", {}
-    while pos + 7 <= len(data):  # LevelDB-style log: 32 KiB blocks of [crc u32][len u16][type u8][bytes]
-        if 32768 - pos % 32768 < 7:
-            pos += 32768 - pos % 32768
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        buf, pos = buf + data[pos + 7 : pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # a FULL record, or the LAST fragment of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            if record.WhichOneof("record_type") == "summary":
-                summary.update({item.key: json.loads(item.value_json) for item in record.summary.update})
-    return summary

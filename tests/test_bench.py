@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 SCRIPTS = {
     "step_overhead.py": (["--steps", "3", "--warmup", "1", "--repeats", "1"], "ratio"),

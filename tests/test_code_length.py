@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ROOT, TINY, run_cli, tiny_config
+from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from training.curriculum import plan_batches
 from training.data import IGNORE, Tape, read_corpus
 from training.module import PrequelModule

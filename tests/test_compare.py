@@ -4,8 +4,9 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import TINY, run_cli
-from training.compare import Budget, Sweep, main, parse_sweep, run_sweep, size_config
+import train as cli
+from tests.helpers import TINY, run_cli
+from training.compare import Budget, Sweep, parse_sweep, run_sweep, size_config
 from training.config import ConfigError
 
 FAST = ["--stream.enabled", "false", "--logging.wandb", "false", "--logging.progress_bar", "false",
@@ -39,9 +40,10 @@ def test_two_size_sweep_end_to_end(text_file, tmp_path):
     md = (sweep_dir / "comparison.md").read_text()
     assert "first 3,000 bytes" in md and "| nano | " in md and "| micro | " in md and "| xz -9e |" in md
 
-    # Reading the finished runs gives the same table, without training.
+    # Reading the finished runs gives the same table, without training (the flag's old spelling works too).
     again = tmp_path / "again"
-    assert main(["--from_runs", str(sweep_dir / "nano"), str(sweep_dir / "micro"), "--sweep_dir", str(again)]) == 0
+    assert cli.main(["compare", "--from_runs", str(sweep_dir / "nano"), str(sweep_dir / "micro"),
+                     "--sweep_dir", str(again)]) == 0
     assert _rows(again / "comparison.csv") == rows
 
 

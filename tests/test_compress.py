@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.gpt import GPT, GPTConfig, KVCache
-from tests.conftest import ROOT, SHARED_CORPORA, run_cli, tiny_config
+from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config
 from training.lmic import CompressError, compress, decompress, load_frozen
 from training.run import train
 from training.stream import Stream, read_stream, write_stream

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli, tiny_config
+from tests.helpers import SHARED_CORPORA, TINY, run_cli, tiny_config
 from training.config import BPE_MAX_VOCAB, ConfigError, load_config
 from training.curriculum import (
     CURRICULA, PACINGS, chunk_spans, difficulty_labels, labels_from_header, labels_to_header, order_bits, pace,
@@ -18,7 +18,6 @@ from training.data import DataError, fetch_dataset, read_corpus, read_documents
 from training.program import program_bits, xz_bits
 from training.tokenizer import ALPHABET, BPETokenizer, TokenizerError, build_tokenizer
 
-SHARED_CORPORA = Path(__file__).parents[1].parent / "shared" / "corpora"
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
 
 

@@ -7,11 +7,10 @@ environment chosen per test (the test process itself computes with portable kern
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 from training import environment
 from training.program import code_hash
 from training.stream import encode_stream, read_stream
@@ -73,7 +72,7 @@ def test_a_native_stream_under_other_kernels_is_refused_before_decoding(native_r
     r = cli("verify", root / "run", "--out", out, env=unpinned(ATEN_CPU_CAPABILITY=other))
     assert r.returncode == 3, r.stdout + r.stderr
     assert "environment mismatch" in r.stderr and "cpu_capability: stream has" in r.stderr
-    assert "portable mode (trainer.kernels: portable)" in r.stderr
+    assert "Portable mode (trainer.kernels: portable)" in r.stderr
     assert "Traceback" not in r.stderr and "decoded" not in r.stdout and not out.exists()
 
 

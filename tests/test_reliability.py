@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import train as cli
-from tests.conftest import ROOT, TINY, run_cli, tiny_config
+from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from training.config import _NON_NEGATIVE, _POSITIVE, Config, ConfigError, load_config
 from training.run import STREAM_NAME, SUMMARY_NAME, train
 from training.stream import (

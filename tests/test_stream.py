@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from tests.conftest import run_cli, tiny_config
-from training.coding import Decoder, Encoder, code_batch, coding_probabilities
+from tests.helpers import run_cli, tiny_config
+from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
 from training.data import IGNORE
 from training.run import train
 from training.stream import decode_stream, encode_stream, read_stream
@@ -38,7 +38,7 @@ def test_coder_golden_words_and_round_trip():
 def test_known_logits_code_in_one_pass_to_the_same_words_as_the_column_loop():
     logits, targets = fixed_batch()
     encoder = Encoder()
-    code_batch(logits, targets.clone(), encoder)  # Alice's path: the whole (B, L, V) at once
+    encode_known(logits, targets.clone(), encoder)  # Alice's path: the whole (B, L, V) at once
     assert encoder.words().tolist() == GOLDEN_WORDS
     rows = torch.randn(64, 256) * 4  # the premise: a row's probabilities ignore the other rows
     assert (coding_probabilities(rows)[5:9] == coding_probabilities(rows[5:9])).all()

@@ -1,10 +1,12 @@
 import csv
 import json
+import re
 
 import pytest
 
-from tests.conftest import ROOT, TINY, run_cli, tiny_config, wandb_offline_summary
-from training.config import load_config
+import train as cli
+from tests.helpers import ROOT, TINY, run_cli, tiny_config, wandb_offline_summary
+from training.config import Config, ConfigError, load_config
 from training.run import train
 
 
@@ -66,3 +68,58 @@ TRAINING_CONFIGS = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if p.n
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_shipped_config_loads_and_validates(path):
     assert load_config(path).name == path.stem
+
+
+# --- the command line: one table of commands, every config key in --help ----------------------
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal: compare words
+
+
+def test_help_lists_the_commands_and_every_config_key(capsys):
+    text = _help(capsys, "--help")
+    assert "With no command, train.py trains." in text
+    for name, command in cli.COMMANDS.items():
+        assert f"{name} {command.summary}" in text
+    for key, type_text, default, meaning in cli.describe_keys(Config):
+        assert " ".join(f"--{key} {type_text} {meaning}".split()) in text, key
+        assert f"default: {default}" in text, key
+        if not key.startswith("model."):  # GPTConfig's fields (models/gpt.py) are not all commented yet
+            assert meaning, f"{key} has no comment in training/config.py for --help"
+    assert ("--data.batch_size int > 0 sequences per optimizer micro-step (global, across processes) (default: 8)"
+            in text)
+    assert "--trainer.kernels {native, portable} native = the CPU's fastest kernels" in text  # a comment above
+    assert "--model.vocab_size" not in text  # derived from the tokenizer, not settable
+    assert _help(capsys, "train", "--help") == text
+    assert "--budget.bytes int | null" in _help(capsys, "compare", "--help")
+
+
+def test_flags_take_dashes_and_their_old_underscore_spellings():
+    compress = cli.COMMANDS["compress"].parser().parse_args(
+        ["--ckpt", "run", "in", "out", "--chunk_size", "16", "--batch-chunks=4", "--top_k=3", "--kernels", "portable"])
+    assert (compress.chunk_size, compress.batch_chunks, compress.top_k, compress.kernels) == (16, 4, 3, "portable")
+    for spelling in ("--allow-env-mismatch", "--allow_env_mismatch"):
+        assert cli.COMMANDS["verify"].parser().parse_args(["run", spelling]).allow_env_mismatch
+    args, overrides = cli.COMMANDS["compare"].parser().parse_known_args(["--from_runs", "a", "b", "--sweep_dir", "c"])
+    assert args.from_runs == ["a", "b"] and overrides == ["--sweep_dir", "c"]  # a sweep key keeps its YAML spelling
+
+
+def test_a_misspelt_command_is_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verfy", "runs/x"])
+    assert e.value.code == 2 and "unknown command 'verfy' (did you mean verify?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.ngram_order", "7", "model.ngram_order: must be in 0..6 (0 = off), got 7"),
+    ("model.dropout", "1.0", "model.dropout: must be in [0, 1), got 1.0"),
+    ("trainer.max_steps", "0", "trainer.max_steps: must be -1 or > 0, got 0"),
+    ("data.batch_size", "0", "data.batch_size: must be > 0, got 0"),
+    ("optim.weight_decay", "-1", "optim.weight_decay: must be >= 0, got -1"),
+])
+def test_each_limit_is_checked_with_its_field(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, [f"--{key}", value])

@@ -1,12 +1,15 @@
 """Arithmetic coding of a batch with the model's predictions: one procedure for both sides.
 
 `code_batch` walks a batch position-major (column t of every row, then t + 1), asks for the
-logits of column t, turns them into probabilities and either encodes the known targets or
-decodes them into `targets` in place. The encoder's `logits_at` reads the training forward it
-already ran; the decoder's runs the model on what it has decoded so far. Because the decoder
-has positions < t when it needs column t, and causal attention makes column t independent of
-later inputs, both sides see bitwise identical logits, so identical probabilities, so the
-range coder inverts exactly.
+logits of column t, turns them into probabilities and hands them to a coder: an `Encoder`
+codes the known targets, a `Decoder` decodes them, and `code_batch` writes what came back into
+`targets` (the same symbols when encoding). The decoder's `logits_at` runs the model on what
+it has decoded so far; `incremental_logits` is that, by KV-cache steps, for both sides. Because
+the decoder has positions < t when it needs column t, and causal attention makes column t
+independent of later inputs, both sides see bitwise identical logits, so identical
+probabilities, so the range coder inverts exactly. When the encoder knows all the logits
+before coding (the training forward), `encode_known` codes the same rows in the same order in
+one pass, so the same words.
 
 Quantisation is constriction's leaky `Categorical(perfect=False)`: a deterministic function of
 the float64 probability row that gives every symbol at least one quantum (so any symbol, even
@@ -26,6 +29,7 @@ import constriction
 import numpy as np
 import torch
 
+from models.gpt import GPT, KVCache
 from training.data import IGNORE
 from training.stream import StreamError
 
@@ -47,8 +51,10 @@ class Encoder:
         self._coder = constriction.stream.queue.RangeEncoder()
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def code(self, targets: torch.Tensor, probs: np.ndarray) -> None:
-        self._pending.append((targets.numpy().astype(np.int32), probs))
+    def code(self, symbols: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
+        """Encode `symbols` (R,), row r with the probabilities `probs[r]` (R, V); returns them."""
+        self._pending.append((symbols.numpy().astype(np.int32), probs))
+        return symbols
 
     def flush(self) -> None:
         runs: list[tuple[list, list]] = []  # consecutive rows of one width (top-k mixes widths)
@@ -75,40 +81,32 @@ class Decoder:
     def __init__(self, words: np.ndarray):
         self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
 
-    def code(self, targets: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
+    def code(self, symbols: torch.Tensor | None, probs: np.ndarray) -> torch.Tensor:
+        """Decode one symbol per row of `probs` (R, V) and return them; `symbols` (what the
+        encoder had in their place, unknown here) is ignored."""
         try:
-            symbols = self._coder.decode(_MODEL, probs)
+            decoded = self._coder.decode(_MODEL, probs)
         except (AssertionError, ValueError, RuntimeError, IndexError) as e:  # constriction's word check
             raise StreamError(f"the range coder met words that do not decode ({e}): the payload is corrupted, or "
                               "this machine's arithmetic differs from the encoder's") from None
-        return torch.from_numpy(symbols.astype(np.int64))
+        return torch.from_numpy(decoded.astype(np.int64))
+
+    def flush(self) -> None:
+        """Nothing is queued: each symbol is decoded when asked for (the next column needs it)."""
 
     def exhausted(self) -> bool:
         """True once every word of the stream has been consumed."""
         return bool(self._coder.maybe_exhausted())
 
 
-def code_batch(logits: torch.Tensor | Callable[[int], torch.Tensor], targets: torch.Tensor,
-               coder: Encoder | Decoder, top_k: int = 0) -> None:
-    """Encode `targets` (B, L), or decode into it (positions != IGNORE), column by column.
+def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder,
+               top_k: int = 0) -> None:
+    """Code `targets` (B, L) column by column (positions != IGNORE): encode them, or decode
+    into them (the decoder's are placeholders until then).
 
-    `logits` is the (B, L, V) tensor when all of it is known before coding (Alice with the
-    training forward), else a function giving column t's (B, V) logits once columns < t are
-    known. Given the tensor, the columns are coded in one pass: the same rows through the same
-    `coding_probabilities` (row-wise, so the batch shape cannot change its bits) in the same
-    column-major order, hence the same words as the column loop (tested), at a tenth of the
-    cost. `top_k` > 0 codes with top-k + escape (see the module docstring)."""
+    `logits_at(t)` gives column t's (B, V) logits once columns < t are in `targets`. `top_k` > 0
+    codes with top-k + escape (see the module docstring)."""
     present = targets != IGNORE
-    if isinstance(logits, torch.Tensor) and isinstance(coder, Encoder) and not top_k:
-        b, length, vocab = logits.shape
-        step = max(1, _ONE_PASS_FLOATS // (b * vocab))  # columns per pass: bounded memory at large V
-        for t in range(0, length, step):
-            columns = logits[:, t : t + step].detach().transpose(0, 1)  # column-major, as the loop codes
-            rows = present[:, t : t + step].T
-            coder.code(targets[:, t : t + step].T[rows], coding_probabilities(columns.flatten(0, 1))[rows.flatten().numpy()])
-        coder.flush()
-        return
-    logits_at = (lambda t: logits[:, t]) if isinstance(logits, torch.Tensor) else logits
     for t in range(targets.shape[1]):
         rows = present[:, t]
         if not rows.any():
@@ -116,12 +114,44 @@ def code_batch(logits: torch.Tensor | Callable[[int], torch.Tensor], targets: to
         if top_k:
             symbols = code_top_k(logits_at(t)[rows], targets[rows, t], coder, top_k)
         else:
-            probs = coding_probabilities(logits_at(t))[rows.numpy()]
-            symbols = coder.code(targets[rows, t], probs)
-        if isinstance(coder, Decoder):
-            targets[rows, t] = symbols
-    if isinstance(coder, Encoder):
-        coder.flush()
+            symbols = coder.code(targets[rows, t], coding_probabilities(logits_at(t))[rows.numpy()])
+        targets[rows, t] = symbols
+    coder.flush()
+
+
+def encode_known(logits: torch.Tensor, targets: torch.Tensor, encoder: Encoder) -> None:
+    """Encode `targets` (B, L) when all the logits (B, L, V) are known before coding (Alice with
+    the training forward): the same rows through the same `coding_probabilities` (row-wise, so
+    the batch shape cannot change its bits) in `code_batch`'s column-major order, hence the same
+    words (tested), in a few passes instead of L, at a tenth of the cost."""
+    present = targets != IGNORE
+    b, length, vocab = logits.shape
+    step = max(1, _ONE_PASS_FLOATS // (b * vocab))  # columns per pass: bounded memory at large V
+    for t in range(0, length, step):
+        columns = logits[:, t : t + step].detach().transpose(0, 1)  # column-major, as code_batch codes
+        rows = present[:, t : t + step].T
+        probs = coding_probabilities(columns.flatten(0, 1))[rows.flatten().numpy()]
+        encoder.code(targets[:, t : t + step].T[rows], probs)
+    encoder.flush()
+
+
+def incremental_logits(model: GPT, targets: torch.Tensor, bos_id: int) -> Callable[[int], torch.Tensor]:
+    """`logits_at` for `code_batch` by KV-cache steps: one `GPT.forward_step` per column, fed
+    BOS, then column t - 1 of `targets` (known by then on both sides). Its bits are not the full
+    forward's (see KVCache), so both sides must code with it. Columns `code_batch` skips (no
+    tokens) are stepped through all the same, so the cache stays at the position asked for."""
+    device = model.wte.weight.device
+    cache = KVCache(model.config, len(targets), device=device)
+    bos = torch.full((len(targets),), bos_id)
+
+    def logits_at(t: int) -> torch.Tensor:
+        while True:
+            x = targets[:, cache.pos - 1].clamp(min=0) if cache.pos else bos  # as Tape.inputs: IGNORE → 0
+            logits = model.forward_step(x.to(device), cache)
+            if cache.pos > t:
+                return logits
+
+    return logits_at
 
 
 def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Decoder, k: int) -> torch.Tensor:
@@ -132,16 +162,11 @@ def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Dec
     p_top, index = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)  # sorted: same input, same ranks
     p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # leaky quantisation keeps it codable
     hit = index == symbols[:, None]
-    rank = _coded(coder, torch.where(hit.any(-1), hit.int().argmax(-1), k), torch.cat([p_top, p_escape], -1))
+    rank = torch.where(hit.any(-1), hit.int().argmax(-1), k)  # the decoder's is a placeholder
+    rank = coder.code(rank, torch.cat([p_top, p_escape], -1).double().numpy())
     out = index.gather(-1, rank.clamp(max=k - 1)[:, None])[:, 0]
     escaped = rank == k
     if escaped.any():  # the exact conditional: the softmax of the logits outside the top k
         rest = torch.softmax(logits[escaped].scatter(-1, index[escaped], -torch.inf), dim=-1)
-        out[escaped] = _coded(coder, symbols[escaped], rest)
+        out[escaped] = coder.code(symbols[escaped], rest.double().numpy())
     return out
-
-
-def _coded(coder: Encoder | Decoder, symbols: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Encode `symbols` and return them, or decode and return the decoded ones."""
-    decoded = coder.code(symbols, probs.double().numpy())
-    return symbols if decoded is None else decoded

@@ -1,7 +1,7 @@
 """Size sweep: train each size on the same data, then compare code lengths with gzip/bzip2/xz.
 
     python train.py compare --config configs/compare.yaml [--budget.bytes 100000] [--trainer.num_threads 2]
-    python train.py compare --from_runs runs/a runs/b [--sweep_dir DIR]
+    python train.py compare --from-runs runs/a runs/b [--sweep_dir DIR]
 
 A bigger model reaches a lower loss, but it also learns more slowly at first, and the early part
 of the curve dominates the area Σ on a small corpus. The sweep shows where the optimum lies for
@@ -16,7 +16,6 @@ one corpus and budget. Budgets:
   under a constant schedule; a cosine schedule is stretched over max_steps, so it changes).
 """
 
-import argparse
 import csv
 import json
 import math
@@ -307,25 +306,21 @@ def plot_sizes(rows: list[dict], baselines: list[dict], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train.py compare", description="Train a size sweep (or read finished "
-                                     "runs) and compare their code lengths. Other options: sweep keys (--budget.bytes "
-                                     "N, --sizes a,b, --sweep_dir D) or run settings for every size (--trainer.X V).")
-    parser.add_argument("--config", help="sweep YAML (configs/compare.yaml)")
-    parser.add_argument("--from_runs", nargs="+", metavar="RUN_DIR", help="compare these finished runs; train nothing")
-    args, rest = parser.parse_known_args(argv)
-    tree = parse_overrides(rest)
+def from_command_line(config_path: str | None, from_runs: list[str] | None, overrides: list[str]) -> int:
+    """`train.py compare` (train.py parses its flags): a sweep from the YAML at `config_path` and the
+    --KEY VALUE `overrides` (sweep keys, or run settings for every size); or, with `from_runs`, the
+    comparison of those finished runs."""
+    tree = parse_overrides(overrides)
     sweep_keys = [f.name for f in fields(Sweep)]
-    overrides = {k: v for k, v in tree.items() if k not in sweep_keys}
-    if args.from_runs:
+    if from_runs:
         extra = sorted(set(tree) - {"sweep_dir"})
         if extra:
-            raise ConfigError(f"--from_runs reads finished runs and takes only --sweep_dir, got --{extra[0]}")
-        write_comparison([Path(d) for d in args.from_runs],
+            raise ConfigError(f"--from-runs reads finished runs and takes only --sweep_dir, got --{extra[0]}")
+        write_comparison([Path(d) for d in from_runs],
                          Path(tree.get("sweep_dir") or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"))
         return 0
-    where = args.config or "command line"
-    values = read_yaml_mapping(_path(args.config), "sweep config") if args.config else {}
+    values = read_yaml_mapping(_path(config_path), "sweep config") if config_path else {}
+    where = config_path or "command line"
     sweep = parse_sweep(_merge(values, {k: v for k, v in tree.items() if k in sweep_keys}), where)
-    run_sweep(sweep, overrides)
+    run_sweep(sweep, {k: v for k, v in tree.items() if k not in sweep_keys})
     return 0

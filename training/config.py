@@ -5,6 +5,10 @@
 checking every key and value. Any problem raises `ConfigError` with the dotted key, the value
 and what is allowed, so `train.py` can print one clear line instead of a traceback.
 
+Each field says everything about itself in one place: its type, its default, its limit
+(``Annotated[int, POSITIVE]``) and, in its ``# comment``, what it means; `train.py --help`
+lists them from here.
+
 Everything here is part of the program f: the resolved config is stored in the stream header
 and counted (compressed) in the code length.
 """
@@ -16,16 +20,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 
 from models.gpt import GPTConfig
+from training.curriculum import CURRICULA, PACINGS
 
 
 class ConfigError(ValueError):
     """A config key or value a person must fix; the message names it."""
 
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a number field allows, annotated on the field (``Annotated[int, POSITIVE]``)
+    and checked with its type, so a limit is stated once, beside what it limits."""
+
+    text: str  # completes "must be ...", in errors and in --help
+    allows: Callable[[float], bool]
+
+
+POSITIVE = Limit("> 0", lambda v: v > 0)
+NON_NEGATIVE = Limit(">= 0", lambda v: v >= 0)
+BELOW_ONE = Limit("in [0, 1)", lambda v: 0 <= v < 1)
+FRACTION = Limit("in [0, 1]", lambda v: 0 <= v <= 1)
 
 BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow with it
 
@@ -33,55 +52,57 @@ BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow wi
 @dataclass
 class DataConfig:
     path: str | None = None  # a file, a directory, a glob, dataset:NAME; null = bundled tinyshakespeare
-    tokenizer: Literal["bytes", "bpe"] = "bytes"
-    vocab_size: int = 256  # bytes: 256; bpe: tokens to learn (> 256), trained on the data, counted in |f|
+    tokenizer: Literal["bytes", "bpe"] = "bytes"  # bytes: one token per byte; bpe: byte-level BPE learned from the data
+    vocab_size: Annotated[int, POSITIVE] = 256  # bytes: 256; bpe: tokens to learn (> 256), counted in |f|
     tokenizer_file: str | None = None  # bpe: a pretrained byte-level BPE tokenizer.json (counted in |f|)
-    batch_size: int = 8  # sequences per optimizer micro-step (global, across processes)
-    curriculum: Literal["sequential", "shuffle", "length_warmup", "difficulty"] = "sequential"
-    pacing: Literal["linear", "step", "root"] = "linear"  # how length_warmup / difficulty open up
-    pacing_start: float = 0.125  # where pacing starts: a fraction of block_size, or of the chunks
-    warmup_tokens: int = 0  # tokens over which pacing opens fully; 0 = the whole first pass
+    batch_size: Annotated[int, POSITIVE] = 8  # sequences per optimizer micro-step (global, across processes)
+    curriculum: Literal[CURRICULA] = "sequential"  # the order chunks are coded in (see training/curriculum.py)
+    pacing: Literal[PACINGS] = "linear"  # how length_warmup / difficulty open up
+    pacing_start: Annotated[float, FRACTION] = 0.125  # where pacing starts: a fraction of block_size, or of the chunks
+    warmup_tokens: Annotated[int, NON_NEGATIVE] = 0  # tokens over which pacing opens fully; 0 = the whole first pass
     difficulty_score: Literal["zlib", "length"] = "zlib"  # what makes a chunk hard (see curriculum.py)
-    replay_steps: int = 0  # extra optimizer steps on already-coded chunks after each fresh batch (free)
-    replay_window: int = 0  # replay from the last this-many fresh batches; 0 = all coded so far
-    difficulty_levels: int = 4  # levels sent per chunk (|f| += <= log2(levels) bits each); >= chunks = full ranking
+    # extra optimizer steps on already-coded chunks after each fresh batch (free in bits)
+    replay_steps: Annotated[int, NON_NEGATIVE] = 0
+    replay_window: Annotated[int, NON_NEGATIVE] = 0  # replay the last this-many fresh batches; 0 = all coded so far
+    # levels sent per chunk (|f| += <= log2(levels) bits each); >= chunks = full ranking
+    difficulty_levels: Annotated[int, POSITIVE] = 4
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0  # applied to matrices only
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up from 0; early steps dominate the code length
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 0.0  # 0 = off
+    lr: Annotated[float, POSITIVE] = 1e-3  # AdamW's learning rate after warm-up
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # applied to matrices only
+    beta1: Annotated[float, BELOW_ONE] = 0.9  # AdamW's decay of the gradient average
+    beta2: Annotated[float, BELOW_ONE] = 0.99  # AdamW's decay of the squared-gradient average
+    eps: Annotated[float, POSITIVE] = 1e-8  # AdamW's term added to the denominator
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # linear warm-up from 0; early steps dominate the code length
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay over all steps
+    min_lr_ratio: Annotated[float, NON_NEGATIVE] = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: Annotated[float, NON_NEGATIVE] = 0.0  # 0 = off
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 1  # only the first pass is coded; later epochs just train
-    max_steps: int = -1  # -1 = no limit
-    accumulate_grad_batches: int = 1
-    precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = "32-true"
-    accelerator: Literal["cpu", "gpu", "auto"] = "cpu"
-    devices: int = 1
-    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
-    num_threads: int = 2  # torch intra-op threads; changes bits, recorded in the stream
+    max_epochs: Annotated[int, POSITIVE] = 1  # only the first pass is coded; later epochs just train
+    max_steps: Annotated[int, Limit("-1 or > 0", lambda v: v == -1 or v > 0)] = -1  # optimizer steps; -1 = no limit
+    accumulate_grad_batches: Annotated[int, POSITIVE] = 1  # micro-steps (batches) per optimizer step
+    precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = "32-true"  # changes bits, recorded in the stream
+    accelerator: Literal["cpu", "gpu", "auto"] = "cpu"  # Lightning's; a stream records the device it was made on
+    devices: Annotated[int, POSITIVE] = 1  # processes (DDP); the stream and the n-gram counts need 1
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"  # Lightning's, for devices > 1
+    num_threads: Annotated[int, NON_NEGATIVE] = 2  # torch intra-op threads; changes bits, recorded in the stream
     # native = the CPU's fastest kernels: a stream verifies on the same kind of CPU; portable = kernels
     # pinned before torch starts (training/environment.py): verifies on any x86-64 CPU with AVX2, slower
     kernels: Literal["native", "portable"] = "native"
     compile: bool = False  # torch.compile changes bits, recorded in the stream
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 0  # 0 = only at the end of training
+    log_every_n_steps: Annotated[int, POSITIVE] = 10  # steps between logged metrics
+    checkpoint_every_n_steps: Annotated[int, NON_NEGATIVE] = 0  # 0 = only at the end of training
 
 
 @dataclass
 class StreamConfig:
     enabled: bool = False  # write a real arithmetic-coded stream during training
-    checksum_every: int = 50  # steps between token/parameter checksums in the stream
+    checksum_every: Annotated[int, POSITIVE] = 50  # steps between token/parameter checksums in the stream
     # How both sides compute coding probabilities (see callbacks/arithmetic_stream.py):
     # full = free for the encoder, ~block_size forwards per batch to decode;
     # incremental = a KV-cache pass on both sides, ~one forward per batch each.
@@ -91,18 +112,18 @@ class StreamConfig:
 @dataclass
 class LoggingConfig:
     wandb: bool = True  # offline: a run directory you can `wandb sync` later
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "prequel"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # how W&B logs (offline needs no account)
+    wandb_project: str = "prequel"  # the W&B project runs are logged to
     wandb_group: str | None = None  # runs of one group overlay in the W&B UI (a size sweep sets it)
-    csv: bool = True
-    progress_bar: bool = True
-    plot: bool = True
+    csv: bool = True  # metrics to <run_dir>/csv/metrics.csv
+    progress_bar: bool = True  # Lightning's progress bar
+    plot: bool = True  # <run_dir>/loss_curve.png at the end
 
 
 @dataclass
 class Config:
-    name: str = "run"
-    seed: int = 1337
+    name: str = "run"  # names the run directory; a config file's name by default
+    seed: Annotated[int, Limit("in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32)] = 1337  # all randomness in training
     run_dir: str | None = None  # null = runs/<name>-<timestamp>
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,22 +136,51 @@ class Config:
 # Keys that are derived, not chosen: refusing them keeps one source of truth.
 _DERIVED = {"model.vocab_size": "it is set by the tokenizer"}
 
-_POSITIVE = {
-    "model.block_size", "model.n_layer", "model.n_head", "model.n_embd", "data.batch_size",
-    "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.devices",
-    "trainer.log_every_n_steps", "stream.checksum_every", "optim.lr", "optim.eps", "data.vocab_size",
-    "data.difficulty_levels",
+# GPTConfig's limits. Its fields live in models/gpt.py, which cannot import Limit from here
+# (this module imports it), so they are listed here and checked by the same code as the rest.
+_MODEL_LIMITS = {
+    "block_size": POSITIVE, "n_layer": POSITIVE, "n_head": POSITIVE, "n_embd": POSITIVE, "dropout": BELOW_ONE,
+    "z_loss": NON_NEGATIVE, "ngram_order": Limit("in 0..6 (0 = off)", lambda v: 0 <= v <= 6),
 }
-_NON_NEGATIVE = {
-    "model.dropout", "model.z_loss", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
-    "trainer.num_threads", "trainer.checkpoint_every_n_steps", "optim.min_lr_ratio", "data.replay_steps",
-    "data.replay_window", "data.warmup_tokens",
-    "data.pacing_start",
-}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's type, with its limits as ``Annotated`` metadata."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if cls is GPTConfig:
+        hints.update({name: Annotated[hints[name], limit] for name, limit in _MODEL_LIMITS.items()})
+    return hints
+
+
+def leaf_fields(cls: type = Config, prefix: str = ""):
+    """(dotted key, dataclass field, type) of every settable key, section by section."""
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaf_fields(hints[f.name], f"{key}.")
+        elif key not in _DERIVED:
+            yield key, f, hints[f.name]
+
+
+def limits_of(hint: Any) -> tuple[Limit, ...]:
+    return tuple(m for m in typing.get_args(hint)[1:] if isinstance(m, Limit)) \
+        if typing.get_origin(hint) is Annotated else ()
+
+
+# The keys with the two common limits (tests check each one's message).
+_POSITIVE = {key for key, _, hint in leaf_fields() if POSITIVE in limits_of(hint)}
+_NON_NEGATIVE = {key for key, _, hint in leaf_fields() if NON_NEGATIVE in limits_of(hint)}
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        checked = _check_type(key, value, typing.get_args(hint)[0])
+        for limit in limits_of(hint):
+            if not limit.allows(checked):
+                raise ConfigError(f"{key}: must be {limit.text}, got {value!r}")
+        return checked
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -173,7 +223,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -189,32 +239,18 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             kwargs[key] = _build(hint, value, f"{dotted}.")
         else:
             kwargs[key] = _check_type(dotted, value, hint)
-            if dotted in _POSITIVE and kwargs[key] <= 0:
-                raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
-            if dotted in _NON_NEGATIVE and kwargs[key] < 0:
-                raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
     return cls(**kwargs)
 
 
 def _validate(config: Config) -> None:
+    """What no single field's limit can say: how fields depend on each other."""
     m = config.model
-    if not 0 <= m.ngram_order <= 6:
-        raise ConfigError(f"model.ngram_order: must be in 0..6 (0 = off), got {m.ngram_order}")
     if m.ngram_order and config.trainer.devices > 1:
         raise ConfigError("model.ngram_order needs trainer.devices: 1 (each process would count only its own rows)")
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
         raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if not 0 <= config.seed < 2**32:
-        raise ConfigError(f"seed: must be in [0, 2**32 - 1], got {config.seed}")
-    for beta in ("beta1", "beta2"):
-        if not 0 <= getattr(config.optim, beta) < 1:
-            raise ConfigError(f"optim.{beta}: must be in [0, 1), got {getattr(config.optim, beta)}")
-    if config.trainer.max_steps == 0 or config.trainer.max_steps < -1:
-        raise ConfigError(f"trainer.max_steps: must be -1 (no limit) or > 0, got {config.trainer.max_steps}")
     _validate_data(config.data)
     if config.stream.enabled and m.dropout > 0:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
@@ -231,8 +267,6 @@ def _validate_data(d: DataConfig) -> None:
             raise ConfigError("data.tokenizer_file needs data.tokenizer: bpe")
     elif d.tokenizer_file is None and not 256 < d.vocab_size <= BPE_MAX_VOCAB:
         raise ConfigError(f"data.vocab_size: bpe needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {d.vocab_size}")
-    if d.pacing_start > 1:
-        raise ConfigError(f"data.pacing_start: must be in [0, 1], got {d.pacing_start}")
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -327,3 +361,4 @@ def program_dict(config: Config) -> dict:
 def dump_yaml(config: Config) -> str:
     """Canonical text of the program's settings, as |f| counts them."""
     return yaml.safe_dump(program_dict(config), sort_keys=True)
+

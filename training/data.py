@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training.curriculum import chunk_spans, difficulty_labels, plan_batches, with_replay
+from training.stream import write_atomic
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 BUNDLED_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -80,10 +81,7 @@ def fetch_dataset(name: str) -> Path:
         ) from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"data.path: dataset {name!r} from {url} does not match its sha256 {sha256}; not using it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # a reader never sees half a file
+    write_atomic(path, data)  # a reader, or another process fetching it too, never sees half a file
     return path
 
 

@@ -186,9 +186,9 @@ def check(recorded: dict, kernels: str, accelerator: str, allow_mismatch: bool, 
     require_device(recorded, error)
     diffs = differences(recorded, facts(kernels, accelerator))
     if diffs and not allow_mismatch:
-        advice = ("portable mode (trainer.kernels: portable) writes streams that verify on any x86-64 CPU with AVX2"
+        advice = ("Portable mode (trainer.kernels: portable) writes streams that verify on any x86-64 CPU with AVX2"
                   if recorded.get("kernels", "native") != "portable" else
-                  "match it (e.g. --threads N or the pinned package versions)")
+                  "Match it (e.g. --threads N, or the pinned package versions)")
         raise error("environment mismatch, training would not replay bitwise: " + "; ".join(diffs)
                     + f". {advice}; or pass --allow-env-mismatch to try anyway (the stream's checksums catch drift)")
     return diffs

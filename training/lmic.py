@@ -30,10 +30,11 @@ import torch
 import yaml
 
 from callbacks.arithmetic_stream import parameters_sha256
-from models.gpt import GPT, GPTConfig, KVCache
-from training.coding import Decoder, Encoder, code_batch
+from models.gpt import GPT, GPTConfig
+from training.coding import Decoder, Encoder, code_batch, incremental_logits
 from training.config import Config, ConfigError, config_from_dict
 from training.data import IGNORE, DataError, read_corpus
+from training.header import CompressHeader
 from training.program import xz_bits
 from training.report import classic_baselines
 from training.environment import KernelError, ensure_kernels
@@ -43,7 +44,6 @@ from training.run import STREAM_NAME
 from training.stream import Segment, Stream, StreamError, read_stream, write_atomic, write_stream
 from training.tokenizer import build_tokenizer
 
-KIND = "compress"
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache
 # One step is many small ops; with more threads each op ends at an OpenMP barrier, and on a
@@ -164,14 +164,7 @@ def _tokenizer(ckpt_path: Path, run_config: Config | None, vocab_size: int):
 # --- the coding procedure, shared by both sides ------------------------------------------------
 def code_chunks(gpt: GPT, targets: torch.Tensor, coder: Encoder | Decoder, top_k: int = 0) -> None:
     """Encode the chunks (rows of `targets`, IGNORE after a chunk's end), or decode into them."""
-    cache = KVCache(gpt.config, len(targets))
-    bos = torch.full((len(targets),), gpt.config.bos_id)
-
-    def logits_at(t: int) -> torch.Tensor:
-        assert cache.pos == t, "chunks are coded one position after another"
-        return gpt.forward_step(bos if t == 0 else targets[:, t - 1].clamp(min=0), cache)
-
-    code_batch(logits_at, targets, coder, top_k)
+    code_batch(incremental_logits(gpt, targets, gpt.config.bos_id), targets, coder, top_k)
 
 
 def code_tokens(gpt: GPT, tokens: torch.Tensor, coder: Encoder | Decoder, chunk_size: int, batch_chunks: int,
@@ -227,13 +220,12 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
     _, batches = code_tokens(frozen.gpt, tokens.clone(), encoder, chunk_size, batch_chunks, top_k)
     words = encoder.words()
     seconds = time.perf_counter() - started
-    header = {
-        "kind": KIND, "format": FORMAT, "original_bytes": len(data), "tokens": len(tokens),
-        "chunk_size": chunk_size, "batch_chunks": batch_chunks, "top_k": top_k,
-        "model": {"checkpoint": frozen.path.name, "sha256": frozen.model_sha256},
-        "tokenizer": {"name": frozen.tokenizer.name, "sha256": frozen.tokenizer_sha256},
-        "environment": environment_facts(kernels, "cpu"), "dtype": "float32",
-    }
+    header = CompressHeader(
+        format=FORMAT, original_bytes=len(data), tokens=len(tokens), chunk_size=chunk_size,
+        batch_chunks=batch_chunks, top_k=top_k, model_checkpoint=frozen.path.name, model_sha256=frozen.model_sha256,
+        tokenizer_name=frozen.tokenizer.name, tokenizer_sha256=frozen.tokenizer_sha256,
+        environment=environment_facts(kernels, "cpu"), dtype="float32",
+    ).to_dict()
     segments = [Segment(batches, words)] if len(tokens) else []
     stream = Stream(header, segments, {"data_sha256": hashlib.sha256(data).hexdigest()})
     size = write_stream(output_path, stream)
@@ -251,57 +243,52 @@ def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int 
         stream = read_stream(input_path)
     except StreamError as e:
         raise CompressError(f"{input_path}: {e}") from None
-    h = stream.header
-    if h.get("kind") != KIND:
-        raise CompressError(f"{input_path} is not a compressed file (a training stream? use train.py verify)")
     try:
-        n_bytes, n_tokens, chunk_size, batch_chunks, top_k = (
-            int(h[k]) for k in ("original_bytes", "tokens", "chunk_size", "batch_chunks", "top_k"))
-        model, tokenizer, recorded, fmt = h["model"], h["tokenizer"], h["environment"], h["format"]
-        expected_sha = stream.trailer["data_sha256"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CompressError(f"{input_path}: header corrupted ({e!r})") from None
-    if fmt != FORMAT:
-        raise CompressError(f"{input_path} has format {fmt}; this prequel reads format {FORMAT}")
+        header = CompressHeader.from_dict(stream.header)
+    except StreamError as e:
+        raise CompressError(f"{input_path}: {e}") from None
+    expected_sha = stream.trailer.get("data_sha256")
+    if not isinstance(expected_sha, str):
+        raise CompressError(f"{input_path}: trailer corrupted: data_sha256 missing")
+    if header.format != FORMAT:
+        raise CompressError(f"{input_path} has format {header.format}; this prequel reads format {FORMAT}")
     frozen = load_frozen(ckpt)
-    if model.get("sha256") != frozen.model_sha256:
+    if header.model_sha256 != frozen.model_sha256:
         raise CompressError(
-            f"wrong checkpoint: {input_path} was compressed with {model.get('checkpoint')} (model sha256 "
-            f"{str(model.get('sha256'))[:16]}…), but {frozen.path} holds model {frozen.model_sha256[:16]}…; "
+            f"wrong checkpoint: {input_path} was compressed with {header.model_checkpoint} (model sha256 "
+            f"{header.model_sha256[:16]}…), but {frozen.path} holds model {frozen.model_sha256[:16]}…; "
             "pass the checkpoint it was compressed with")
-    if tokenizer.get("sha256") != frozen.tokenizer_sha256:
-        raise CompressError(f"wrong tokenizer: {input_path} was coded with another {tokenizer.get('name')} tokenizer "
+    if header.tokenizer_sha256 != frozen.tokenizer_sha256:
+        raise CompressError(f"wrong tokenizer: {input_path} was coded with another {header.tokenizer_name} tokenizer "
                             f"than the one rebuilt for {frozen.path}")
-    if not isinstance(recorded, dict):
-        raise CompressError(f"{input_path}: header corrupted (environment is not a JSON object)")
-    kernels = recorded.get("kernels", "native")
+    kernels = header.environment.get("kernels", "native")
     try:
         ensure_kernels(kernels)  # (a CLI re-executes itself here with the pins the file was written with)
-        torch.set_num_threads(threads or int(recorded.get("num_threads") or torch.get_num_threads()))
-        diffs = check_environment(recorded, kernels, "cpu", allow_env_mismatch, error=CompressError)
+        torch.set_num_threads(threads or int(header.environment.get("num_threads") or torch.get_num_threads()))
+        diffs = check_environment(header.environment, kernels, "cpu", allow_env_mismatch, error=CompressError)
     except KernelError as e:
         raise CompressError(f"{input_path}: {e}") from None
-    if len(stream.segments) != (1 if n_tokens else 0) or not 1 <= chunk_size <= frozen.gpt.config.block_size:
+    if len(stream.segments) != (1 if header.tokens else 0) or header.chunk_size > frozen.gpt.config.block_size:
         raise CompressError(f"{input_path}: corrupted (unexpected segment count or chunk size)")
     started = time.perf_counter()
-    tokens = torch.full((n_tokens,), 0, dtype=torch.long)
-    if n_tokens:
+    tokens = torch.full((header.tokens,), 0, dtype=torch.long)
+    if header.tokens:
         decoder = Decoder(stream.segments[0].words)
         try:
-            code_tokens(frozen.gpt, tokens, decoder, chunk_size, batch_chunks, top_k)
+            code_tokens(frozen.gpt, tokens, decoder, header.chunk_size, header.batch_chunks, header.top_k)
         except StreamError as e:  # the coder found words that do not decode
             raise CompressError(f"{input_path}: {e}") from None
         if not decoder.exhausted():
-            raise CompressError(f"{input_path}: payload has words left over after {n_tokens:,} tokens: corrupted")
+            raise CompressError(f"{input_path}: payload has words left over after {header.tokens:,} tokens: corrupted")
     data = frozen.tokenizer.decode(tokens)
     seconds = time.perf_counter() - started
-    if len(data) != n_bytes or hashlib.sha256(data).hexdigest() != expected_sha:
+    if len(data) != header.original_bytes or hashlib.sha256(data).hexdigest() != expected_sha:
         raise CompressError(f"{input_path}: decoded bytes do not match the original's sha256 (corrupted file, or "
                             "an environment whose arithmetic differs; no output written)")
     write_atomic(output_path, data)
     return {"input": str(input_path), "output": str(output_path), "checkpoint": str(frozen.path),
-            "original_bytes": n_bytes, "sha256": expected_sha, "environment_differences": diffs,
-            "decompress_seconds": seconds, "decompress_MBps": n_bytes / 1e6 / max(seconds, 1e-9)}
+            "original_bytes": header.original_bytes, "sha256": expected_sha, "environment_differences": diffs,
+            "decompress_seconds": seconds, "decompress_MBps": header.original_bytes / 1e6 / max(seconds, 1e-9)}
 
 
 def _read_input(path: Path) -> bytes:

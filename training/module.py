@@ -4,7 +4,8 @@ Lightning runs backward and the optimizer step *after* `training_step` returns, 
 per-token NLL computed here is under the weights from before this batch was learned: exactly
 the probability Alice codes the batch with. It is kept (detached) in `self.coded` for the
 code-length and stream callbacks, which must not use the loss Lightning hands to hooks (that
-one is scaled by gradient accumulation).
+one is scaled by gradient accumulation). Whether a batch is coded at all is decided in one
+place, `is_first_pass`, and carried in `coded.first_pass`.
 """
 
 import math
@@ -24,7 +25,8 @@ class CodedBatch:
     """What the model predicted for one batch, before learning it."""
 
     spans: torch.Tensor  # (B, 2) start, length on the tape
-    fresh: bool  # first-pass data (coded), not a replay of coded data
+    fresh: bool  # a pass over the data, not a replay of coded data
+    first_pass: bool  # coded: fresh, in epoch 0 (see PrequelModule.is_first_pass)
     logits: torch.Tensor  # (B, L, V), detached
     targets: torch.Tensor  # (B, L), IGNORE where there is no token
     nll: torch.Tensor  # (B, L) nats, float32, 0 where IGNORE
@@ -53,17 +55,24 @@ class PrequelModule(L.LightningModule):
     def forward(self, idx: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(idx, counted)
 
+    def is_first_pass(self, batch: dict) -> bool:
+        """Is this batch coded? Only the data's first visit is: a replay, or any batch of a later
+        epoch, is data the receiver already has. The stream decoder asks before the step (to
+        decode the batch); every hook after it reads `coded.first_pass`."""
+        return batch["fresh"] and self.current_epoch == 0
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         spans = batch["spans"]
         x, y = (t.to(self.device) for t in self.tape.batch(spans))
-        first_pass = batch["fresh"] and self.current_epoch == 0
+        first_pass = self.is_first_pass(batch)
         logits = self(x, None if first_pass else y)  # replayed tokens are in the n-gram counts already
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
         nll = nll.view_as(y)
         mask = y != IGNORE
         tokens = mask.sum()
         loss = nll.sum() / tokens.clamp(min=1)
-        self.coded = CodedBatch(spans, batch["fresh"], logits.detach(), y, nll.detach(), self.tape.nbytes(spans))
+        self.coded = CodedBatch(spans, batch["fresh"], first_pass, logits.detach(), y, nll.detach(),
+                                self.tape.nbytes(spans))
         if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call
             bits = nll.detach().sum() / math.log(2)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
@@ -76,7 +85,7 @@ class PrequelModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Context counts learn only from coded data (first-pass batches, after coding them),
         # so the decoder, who has just decoded this batch, counts exactly the same.
-        if self.model.ngram is not None and self.coded.fresh and self.current_epoch == 0:
+        if self.model.ngram is not None and self.coded.first_pass:
             targets = self.coded.targets
             self.model.ngram.update(self.tape.inputs(targets.cpu()).to(targets.device), targets, IGNORE)
 

@@ -14,14 +14,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from callbacks.arithmetic_stream import ArithmeticStream
+from callbacks.arithmetic_stream import StreamDecoder, StreamEncoder
 from callbacks.code_length import CodeLength
-from training.config import Config, ConfigError, config_from_dict, dump_yaml, program_dict, to_dict
-from training.curriculum import labels_from_header, labels_to_header, order_bits
+from training.config import Config, ConfigError, dump_yaml, program_dict, to_dict
+from training.curriculum import labels_to_header, order_bits
 from training.environment import KernelError, device_of, ensure_kernels, require_device
 from training.environment import check as check_environment
 from training.environment import facts as environment_facts
 from training.data import DataError, PrequelDataModule, Tape, order_labels, plan_options, read_corpus
+from training.header import TrainingHeader
 from training.module import PrequelModule
 from training.program import code_hash, program_bits
 from training.report import code_length_summary, format_table, plot_loss_curve
@@ -118,14 +119,13 @@ def _loggers(config: Config, run_dir: Path) -> list:
 
 
 def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor | None = None) -> dict:
-    header = {
-        "config": program_dict(config), "tokenizer": {"name": tokenizer.name, "blob": tokenizer.serialize().hex()},
-        "data_tokens": n_tokens, "code_hash": code_hash(), "environment": environment(config),
-        "precision": config.trainer.precision, "compile": config.trainer.compile,
-    }
-    if labels is not None:  # a content-dependent order: the decoder plans batches before it has data
-        header["order"] = labels_to_header(labels)
-    return header
+    return TrainingHeader(
+        config=program_dict(config), tokenizer_name=tokenizer.name, tokenizer_blob=tokenizer.serialize(),
+        data_tokens=n_tokens, code_hash=code_hash(), environment=environment(config),
+        precision=config.trainer.precision, compile=config.trainer.compile,
+        # a content-dependent order: the decoder plans batches before it has data
+        order=None if labels is None else labels_to_header(labels),
+    ).to_dict()
 
 
 def train(config: Config, extra_callbacks: list | None = None) -> dict:
@@ -152,7 +152,8 @@ def train(config: Config, extra_callbacks: list | None = None) -> dict:
     started = _TrainStarted()
     callbacks: list = [code_length]
     if config.stream.enabled:
-        stream = ArithmeticStream(tape, config.stream.checksum_every, config.stream.procedure, header=stream_header(config, tokenizer, len(tokens), labels))
+        stream = StreamEncoder(tape, config.stream.checksum_every, config.stream.procedure,
+                               header=stream_header(config, tokenizer, len(tokens), labels))
         callbacks.append(stream)
     loggers = _loggers(config, run_dir)
     module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks + [started] + (extra_callbacks or []),
@@ -204,11 +205,9 @@ def train(config: Config, extra_callbacks: list | None = None) -> dict:
 
 
 def _save_final_checkpoint(trainer: L.Trainer, path: Path) -> None:
-    """last.ckpt = the weights training ended with (periodic saves may predate the end)."""
-    tmp = path.with_suffix(".tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)  # with callback states: a resumable checkpoint
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    """last.ckpt = the weights training ended with (periodic saves may predate the end). Atomic:
+    the trainer writes through `AtomicCheckpointIO`, on global rank 0 only."""
+    trainer.save_checkpoint(path, weights_only=False)  # with callback states: a resumable checkpoint
 
 
 def _covered_bytes(tokenizer, tape: Tape, datamodule: PrequelDataModule, totals: dict) -> bytes:
@@ -254,20 +253,9 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     """Bob: rebuild f from the stream header, replay training while decoding, check everything."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
-    header = stream.header
-    try:
-        config = config_from_dict(header["config"])
-        n_tokens, tokenizer_info, recorded = header["data_tokens"], header["tokenizer"], header["environment"]
-        labels = labels_from_header(header.get("order"))
-        if type(n_tokens) is not int or not 0 < n_tokens < 2**48:
-            raise ValueError(f"data_tokens must be a count of tokens, got {n_tokens!r}")
-        if not isinstance(recorded, dict) or not isinstance(tokenizer_info, dict):
-            raise ValueError("environment and tokenizer must be JSON objects")
-    except (KeyError, TypeError, ValueError) as e:
-        raise StreamError(f"header corrupted: {e}") from None
-    if config.data.curriculum == "difficulty" and labels is None:
-        raise StreamError("header corrupted: a difficulty order needs its transmitted levels (header['order'])")
-    if header.get("code_hash") != code_hash():
+    header = TrainingHeader.from_dict(stream.header)
+    config, labels = header.program(), header.labels()
+    if header.code_hash != code_hash():
         raise StreamError("the stream was written by different prequel source code (code hash differs); "
                           "check out the commit that wrote it")
     config = replace(
@@ -276,22 +264,19 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         logging=replace(config.logging, wandb=False, csv=False, plot=False),
     )
     try:
-        require_device(recorded)  # before the config's accelerator is used
+        require_device(header.environment)  # before the config's accelerator is used
         _set_determinism(config)
-        diffs = check_environment(recorded, config.trainer.kernels, config.trainer.accelerator, allow_env_mismatch,
-                                  error=StreamError)
+        diffs = check_environment(header.environment, config.trainer.kernels, config.trainer.accelerator,
+                                  allow_env_mismatch, error=StreamError)
     except KernelError as e:
         raise StreamError(str(e)) from None
-    try:
-        tokenizer = build_tokenizer(tokenizer_info["name"], serialized=bytes.fromhex(tokenizer_info["blob"]))
-    except (KeyError, TypeError, ValueError) as e:  # (TokenizerError is a ValueError)
-        raise StreamError(f"header corrupted: tokenizer: {e}") from None
+    tokenizer, n_tokens = header.tokenizer(), header.data_tokens
     try:
         tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     except (RuntimeError, MemoryError):
         raise StreamError(f"the header claims {n_tokens:,} tokens: more than this machine can hold") from None
     code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
-    decoder = ArithmeticStream(tape, config.stream.checksum_every, config.stream.procedure, stream=stream)
+    decoder = StreamDecoder(tape, config.stream.checksum_every, config.stream.procedure, stream=stream)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
