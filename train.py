@@ -2,8 +2,8 @@
 
     python train.py [train] --config configs/small.yaml [--data.path notes.txt --trainer.max_steps 200 --run_dir runs/x]
     python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch]
-    python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk-size N] [--batch-chunks B] [--top-k K]
-    python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch]
+    python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk-size N] [--batch-chunks B] [--top-k K] [--force]
+    python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch] [--force]
     python train.py compare --config configs/compare.yaml [--budget.bytes N --sizes a,b] | --from-runs RUN_DIR...
 
 `COMMANDS` is the one table of what train.py can do: each command's one-line summary (what
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 
-def _quiet() -> None:
+def quiet_warnings() -> None:
     # Lightning's tips about workers and log intervals do not apply to an in-process plan loader.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
@@ -166,7 +166,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.config import load_config
-    from training.run import train
+    from tools.run import train
 
     train(load_config(args.config, overrides))
     return 0
@@ -196,8 +196,10 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"sha256 {r['sha256']} matches the original; decoded bytes written to {r['output']}")
     else:
         print("the stream covers a partial first pass: coded-token checksums match; no output file written")
-    if r["final_weights_equal_checkpoint"]:
+    if r["final_weights_equal_checkpoint"] is True:
         print("final weights are bitwise equal to the encoder's final checkpoint")
+    elif r["final_weights_equal_checkpoint"]:
+        print(f"warning: {r['final_weights_equal_checkpoint']}")
     for diff in r["environment_differences"]:
         print(f"warning: environment differs ({diff}); decoded anyway and every checksum matched")
     print("OK")
@@ -211,7 +213,9 @@ def _lmic_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, metavar="RUN_OR_CKPT",
                         help="a run directory (its checkpoints/last.ckpt) or a .ckpt file")
     parser.add_argument("input", help="the file to compress" if command == "compress" else "a file made by compress")
-    parser.add_argument("output", help="where to write the result")
+    parser.add_argument("output", help="where to write the result (a new file, unless --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUTPUT if it exists (never the input, the checkpoint or its run's files)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads (compress: default 1; decompress: default and must be the compressor's)")
     if command == "compress":
@@ -227,20 +231,34 @@ def _lmic_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _compress(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training import lmic
+def _os_error(e: OSError) -> int:
+    """compress/decompress write one file, whole or not at all: there is nothing to resume."""
+    where = f": {e.filename}" if e.filename else ""
+    print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+    return 4
 
-    r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size, batch_chunks=args.batch_chunks,
-                      top_k=args.top_k, threads=args.threads, kernels=args.kernels)
+
+def _compress(args: argparse.Namespace, overrides: list[str]) -> int:
+    from tools import compress as lmic
+
+    try:
+        r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size,
+                          batch_chunks=args.batch_chunks, top_k=args.top_k, threads=args.threads,
+                          kernels=args.kernels, overwrite=args.force)
+    except OSError as e:
+        return _os_error(e)
     print(lmic.format_report(r))
     return 0
 
 
 def _decompress(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training import lmic
+    from tools import compress as lmic
 
-    r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
-                        allow_env_mismatch=args.allow_env_mismatch)
+    try:
+        r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
+                            allow_env_mismatch=args.allow_env_mismatch, overwrite=args.force)
+    except OSError as e:
+        return _os_error(e)
     for diff in r["environment_differences"]:
         print(f"warning: environment differs ({diff}); decoded anyway and the sha256 matched")
     print(f"decompressed {r['original_bytes']:,} bytes at {r['decompress_MBps']:.3f} MB/s; "
@@ -258,7 +276,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-runs", nargs="+", metavar="RUN_DIR", help="compare these finished runs; train nothing")
 
     def epilog() -> str:
-        from training.compare import Sweep
+        from tools.compare import Sweep
 
         return _keys_help(Sweep, "sweep keys: set in the sweep YAML, or --KEY VALUE")
 
@@ -267,7 +285,7 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.compare import from_command_line
+    from tools.compare import from_command_line
 
     return from_command_line(args.config, args.from_runs, overrides)
 
@@ -296,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real command line: it may re-execute itself with the pins a run needs
         environment.allow_reexec()
     argv = sys.argv[1:] if argv is None else argv
-    _quiet()
+    quiet_warnings()
     from training.config import ConfigError
     from training.data import DataError
+    from training.run import Interrupted
     from training.stream import StreamError
 
     named = bool(argv) and argv[0] in COMMANDS
@@ -321,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except StreamError as e:
         print(f"stream error: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:  # SIGTERM (schedulers, timeout): a resumable stop, not a success
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 143
     except OSError as e:  # disk full, unwritable run directory: files are whole or absent (atomic writes)
         where = f": {e.filename}" if e.filename else ""
         then = ("no decoded output was written" if name == "verify" else

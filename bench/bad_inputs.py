@@ -10,6 +10,7 @@ child process too (with passive OpenMP waiting). Temporary paths print as $TMP.
 """
 
 import contextlib
+import fcntl
 import io
 import logging
 import os
@@ -19,11 +20,17 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from training import environment  # noqa: E402
+
+environment.allow_reexec()
+environment.ensure_kernels("portable")  # tiny.yaml's kernels; re-executes this script with the pins if needed
 
 import train as cli  # noqa: E402
 from training.stream import MAGIC, VERSION, decode_stream, encode_stream  # noqa: E402
@@ -62,6 +69,36 @@ def real_thread_drift(tmp: Path, run_dir: Path) -> tuple[int, str]:
     return r.returncode, line.replace(str(tmp), "$TMP")
 
 
+def sigterm(tmp: Path) -> tuple[int, str]:
+    """SIGTERM (what schedulers and `timeout` send) two seconds into training."""
+    text = tmp / "long.txt"
+    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:300_000])
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(TINY), "--data.path", str(text), "--run_dir",
+                             str(tmp / "term"), "--logging.progress_bar", "false", "--trainer.max_steps", "1500"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("prequel:"):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    line = next(ln for ln in err.splitlines() if ln.startswith("interrupted:"))
+    return proc.returncode, line.replace(str(tmp), "$TMP")
+
+
+def busy_run_dir(tmp: Path, text: Path) -> tuple[int, str]:
+    """A second training process on a run directory another one holds (its lock taken here)."""
+    run_dir = tmp / "busy"
+    run_dir.mkdir()
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    r = subprocess.run([sys.executable, "train.py", "--config", str(TINY), "--data.path", str(text), "--run_dir",
+                        str(run_dir), "--logging.progress_bar", "false"], cwd=ROOT, capture_output=True, text=True)
+    os.close(fd)
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))
+    return r.returncode, line.replace(str(tmp), "$TMP")
+
+
 def stream_file(tmp: Path, name: str, data: bytes) -> Path:
     (tmp / name).mkdir()
     (tmp / name / "stream.prequel").write_bytes(data)
@@ -78,7 +115,7 @@ def forged(segment_count: int | None = None, segment_words: int | None = None, h
 
 
 def main() -> None:
-    cli._quiet()
+    cli.quiet_warnings()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as t:
@@ -113,6 +150,23 @@ def main() -> None:
         (tmp / "nofiles").mkdir()
         (tmp / "file").write_text("a regular file")
 
+        (tmp / "reversed.txt").write_bytes(text.read_bytes()[::-1])
+        packed = tmp / "packed.prq"
+        assert run(tmp, "compress", "--ckpt", run_dir, text, packed)[0] == 0, "the reference compress failed"
+
+        def forged_packed(tokens: int) -> Path:
+            stream = decode_stream(packed.read_bytes())
+            stream.header["tokens"] = tokens
+            path = tmp / f"forged-{tokens}.prq"
+            path.write_bytes(encode_stream(stream))
+            return path
+
+        def bomb() -> str:
+            import base64
+
+            z, zeros = zlib.compressobj(9), bytes(1 << 20)
+            return base64.b64encode(b"".join(z.compress(zeros) for _ in range(1024)) + z.flush()).decode()
+
         def set_params(s):
             s.header["environment"]["num_threads"] = 2
             s.trailer["checksums"]["5"]["params"] = "0" * 64
@@ -139,6 +193,12 @@ def main() -> None:
             ("config", "a Python tag (`!!python/object/apply:os.getpid []`): safe_load only",
              lambda: run(tmp, "--config", yaml("d.yaml", "seed: !!python/object/apply:os.getpid []\n"))),
             ("config", "a section that is not a mapping (`model: 3`)", lambda: run(tmp, "--config", yaml("e.yaml", "model: 3\n"))),
+            ("config", "`--trainer.num_threads 100000` (used to crash the process)",
+             lambda: run(tmp, "--config", TINY, "--trainer.num_threads", "100000")),
+            ("config", "`--trainer.strategy ddp_spawn` with the stream on (used to fail after creating the run directory)",
+             lambda: run(tmp, "--config", TINY, "--trainer.strategy", "ddp_spawn")),
+            ("config", "`--trainer.accelerator gpu` on a machine without one",
+             lambda: run(tmp, *train_args, "--trainer.accelerator", "gpu")),
             ("config", "config file missing", lambda: run(tmp, "--config", tmp / "nope.yaml")),
             ("config", "config file is binary", lambda: run(tmp, "--config", yaml("f.yaml", b"\xff\xfe\x00binary"))),
             ("data", "file missing", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "missing.txt")),
@@ -147,6 +207,12 @@ def main() -> None:
             ("data", "glob matching nothing", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "*.none")),
             ("data", "shorter than one sequence (19 bytes, block_size 32)",
              lambda: run(tmp, *train_args[:2], "--data.path", tmp / "short.txt")),
+            ("data", "a device, `--data.path /dev/zero` (used to read until memory ran out)",
+             lambda: run(tmp, *train_args[:2], "--data.path", "/dev/zero")),
+            ("run dir", "the finished run's directory with other data (used to mix two runs, exit 0)",
+             lambda: run(tmp, *train_args[:2], "--data.path", tmp / "reversed.txt", "--run_dir", run_dir)),
+            ("run dir", "a run directory another training process holds", lambda: busy_run_dir(tmp, text)),
+            ("run dir", "SIGTERM during training (exit 143, resumable; used to exit 0)", lambda: sigterm(tmp)),
             ("run dir", "`--run_dir` under a regular file", lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file" / "run")),
             ("run dir", "`--run_dir` is a regular file", lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file")),
             ("run dir", "disk full while writing the first checkpoint (100 kB file-size limit)", lambda: full_disk(tmp, text)),
@@ -176,6 +242,18 @@ def main() -> None:
              lambda: run(tmp, "verify", with_stream("s17", lambda s: s.header.update(tokenizer={"name": "bpe", "blob": "00ff"})))),
             ("stream", "written by other source code (code hash)",
              lambda: run(tmp, "verify", with_stream("s15", lambda s: s.header.update(code_hash="0" * 64)))),
+            ("stream", "header asks for `model.n_layer: 100000` (used to take 5.6 GB)",
+             lambda: run(tmp, "verify", with_stream("b1", lambda s: s.header["config"]["model"].update(n_layer=100000)))),
+            ("stream", "header asks for `model.block_size: 2**31`",
+             lambda: run(tmp, "verify", with_stream("b2", lambda s: s.header["config"]["model"].update(block_size=2**31)))),
+            ("stream", "a 1 GiB zlib bomb as the curriculum order of a sequential run (used to take 3.56 GB)",
+             lambda: run(tmp, "verify", with_stream("b3", lambda s: s.header.update(order=bomb())))),
+            ("environment", "a native stream from another CPU (header says AVX512 kernels, this process runs AVX2)",
+             lambda: run(tmp, "verify", with_stream("k1", lambda s: s.header["environment"].update(
+                 kernels="native", cpu_capability="AVX512", kernel_env={}, cpu_model="Another CPU")))),
+            ("environment", "a stream written on a GPU, verified on a machine without one (even with `--allow-env-mismatch`)",
+             lambda: run(tmp, "verify", with_stream("k2", lambda s: s.header["environment"].update(
+                 device="cuda", gpu="NVIDIA H100 80GB HBM3")), "--allow-env-mismatch")),
             ("environment", "`verify --threads 2` of a 1-thread stream", lambda: run(tmp, "verify", run_dir, "--threads", "2")),
             ("environment", "torch version differs (header says 0.0.1+other)",
              lambda: run(tmp, "verify", with_stream("e1", lambda s: s.header["environment"].update(torch="0.0.1+other")))),
@@ -185,6 +263,16 @@ def main() -> None:
              lambda: real_thread_drift(tmp, run_dir)),
             ("environment", "thread count differs, allowed, and the weights drift (checksum forged)",
              lambda: run(tmp, "verify", with_stream("e2", set_params), "--allow-env-mismatch")),
+            ("compress", "`compress` onto an existing file without `--force`",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, text, packed)),
+            ("compress", "`compress` onto its own checkpoint, even with `--force` (used to destroy the model)",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, text, run_dir / "checkpoints" / "last.ckpt", "--force")),
+            ("compress", "`compress --chunk-size 0` (used to be replaced silently)",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, text, tmp / "c0.prq", "--chunk-size", "0")),
+            ("compress", "`compress /dev/zero` (used to say: input file not found)",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, "/dev/zero", tmp / "z.prq")),
+            ("compress", "`decompress` of a file whose header claims 2²⁸ tokens, crc recomputed (used to take 2.5 GB)",
+             lambda: run(tmp, "decompress", "--ckpt", run_dir, forged_packed(2**28), tmp / "d.txt")),
             ("output", "`verify --out` under a regular file", lambda: run(tmp, "verify", run_dir, "--out", tmp / "file" / "x" / "out")),
         ]
         print("| what | bad input | exit | what it prints |")

@@ -18,12 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for train.py
 
-from train import _quiet  # noqa: E402
+from train import quiet_warnings  # noqa: E402
 from training.config import Config, dump_yaml, load_config  # noqa: E402
 from training import environment  # noqa: E402
 from training.data import Tape, read_corpus  # noqa: E402
-from training.program import program_bits  # noqa: E402
-from training.run import _build, _set_determinism, _tokens  # noqa: E402
+from training.program import f_parts  # noqa: E402
+from training.run import build_trainer, set_determinism, tokenize  # noqa: E402
 from callbacks.code_length import CodeLength  # noqa: E402
 
 # Nothing but training: no loggers, plots or progress bar (the scripts' overrides may turn them on).
@@ -43,12 +43,12 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
 
 def bench_config(path: str, overrides: list[str]) -> Config:
     """The config as `train.py` would load it, with the bench defaults, then the user's overrides."""
-    _quiet()
+    quiet_warnings()
     environment.allow_reexec()  # a portable config restarts the script with the kernel pins
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False ..." and tips
         logging.getLogger(name).setLevel(logging.WARNING)
     config = load_config(path, BENCH_OVERRIDES + overrides)
-    _set_determinism(config)  # torch threads = trainer.num_threads, as in training
+    set_determinism(config)  # torch threads = trainer.num_threads, as in training
     return config
 
 
@@ -63,7 +63,7 @@ def print_environment(config: Config) -> None:
 
 def corpus_prefix(config: Config, n_tokens: int):
     """(tokenizer, tokens, tape) for the first `n_tokens` tokens of the configured corpus."""
-    tokenizer, tokens = _tokens(config, read_corpus(config.data.path))
+    tokenizer, tokens = tokenize(config, read_corpus(config.data.path))
     if n_tokens > len(tokens):
         raise SystemExit(f"the corpus has only {len(tokens):,} tokens; asked for {n_tokens:,}")
     tokens = tokens[:n_tokens]
@@ -71,7 +71,7 @@ def corpus_prefix(config: Config, n_tokens: int):
 
 
 def code_length_callback(config: Config, tokenizer, n_tokens: int) -> CodeLength:
-    return CodeLength(program_bits(dump_yaml(config), tokenizer.serialize()), n_tokens)
+    return CodeLength(f_parts(dump_yaml(config), tokenizer.serialize()), n_tokens)
 
 
 class Clock(L.Callback):
@@ -94,11 +94,11 @@ class Clock(L.Callback):
 
 
 def lightning_tokens_per_s(config: Config, tape: Tape, vocab_size: int, callbacks: list, warmup: int) -> float:
-    """prequel's own Trainer (training.run._build), no loggers, no checkpoints; steady-state tokens/s."""
-    _set_determinism(config)
+    """prequel's own Trainer (training.run.build_trainer), no loggers, no checkpoints; steady-state tokens/s."""
+    set_determinism(config)
     clock = Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        module, data, trainer = _build(config, tape, vocab_size, callbacks + [clock], [], Path(tmp), checkpoint=False)
+        module, data, trainer = build_trainer(config, tape, vocab_size, callbacks + [clock], [], Path(tmp), checkpoint=False)
         trainer.fit(module, data)
     return clock.tokens_per_s()
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.config import load_config  # noqa: E402
-from training.run import train, verify  # noqa: E402
+from tools.run import train  # noqa: E402
+from training.run import verify  # noqa: E402
 
 CORPORA = ROOT.parent / "shared" / "corpora"
 FILES = {
@@ -59,7 +60,7 @@ def main() -> None:
         rows.append({
             "file": name, "bytes": f"{n:,}", "seconds": f"{seconds:.0f}",
             "total bpb (|f| + stream)": f"{s['code/stream_total_bpb']:.3f}",
-            "Σ bpb": f"{s['code/data_bpb']:.3f}", "|f| bpb": f"{s['code/model_bits'] / n:.3f}",
+            "Σ bpb": f"{s['code/data_bpb']:.3f}", "|f| bpb": f"{s['code/f_bits'] / n:.3f}",
             "gzip": f"{s['baseline/gzip_bpb']:.3f}", "bzip2": f"{s['baseline/bzip2_bpb']:.3f}",
             "xz": f"{s['baseline/xz_bpb']:.3f}", "paq8px -12L": f"{PAQ8PX[name]:.3f}" if name in PAQ8PX else "—",
             "verified": decoded or "not run",

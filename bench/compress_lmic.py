@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.coding import Decoder, Encoder, code_batch  # noqa: E402
-from training.lmic import compress, decompress  # noqa: E402
+from tools.compress import compress, decompress  # noqa: E402
 
 ALICE = ROOT.parent / "shared" / "corpora" / "canterbury" / "alice29.txt"
 RATE = 16_000  # Hz, 16-bit mono: LibriSpeech's format

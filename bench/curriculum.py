@@ -1,6 +1,6 @@
 """Curriculum orders and tokenizers compared by what they are for: the code length.
 
-Each variant trains one first pass from scratch (`training.run.train`, the same code as
+Each variant trains one first pass from scratch (`tools.run.train`, the same code as
 `train.py`, stream off: the ideal code length Σ + n + |f| is what is compared; the stream adds
 only a few bits) on the same bytes, and reports bits per byte *including* what its choice costs
 in |f|: the transmitted order (`difficulty`) and the trained tokenizer (`bpe`). Variants:
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import bench_config, print_environment
 from training.data import read_corpus
-from training.run import train
+from tools.run import train
 
 VARIANTS = {
     "sequential": ["--data.curriculum", "sequential"],
@@ -88,8 +88,8 @@ def main() -> None:
     for name, s in rows:
         delta = f"{s['code/bpb'] - base['code/bpb']:+.4f}" if base and s["data/bytes"] == base["data/bytes"] else ""
         print(f"{name:<14} {s['data/tokens']:>9,} {s['data/bytes']:>9,} {s['code/data_bpb']:>7.4f} "
-              f"{s['code/n_bits'] / max(s['data/bytes'], 1):>7.4f} {s['code/model_bits/order']:>10,} "
-              f"{s['code/model_bits/tokenizer']:>14,} {s['code/bpb']:>9.4f} {delta:>13} {s['seconds']:>7.0f}")
+              f"{s['code/n_bits'] / max(s['data/bytes'], 1):>7.4f} {s['code/f_bits/order']:>10,} "
+              f"{s['code/f_bits/tokenizer']:>14,} {s['code/bpb']:>9.4f} {delta:>13} {s['seconds']:>7.0f}")
     if any(not s["data/complete"] for _, s in rows):
         print("\nPARTIAL passes (--max_steps): each row covers only the bytes its order reached; compare with care.")
     baselines = rows[0][1]

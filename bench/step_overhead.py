@@ -5,7 +5,7 @@ batches (the plan of `training.curriculum.plan_batches` read through `training.d
 the same optimizer (AdamW, param groups, LR schedule and grad clipping of
 `PrequelModule.configure_optimizers` and `optim.grad_clip`):
 
-* prequel: the Trainer that `training.run` builds (`_build`) with the CodeLength callback; the
+* prequel: the Trainer that `training.run` builds (`build_trainer`) with the CodeLength callback; the
   stream, loggers, checkpoints and progress bar are off.
 * bare: for each batch, forward, mean cross-entropy, backward, clip, AdamW step, scheduler step.
 
@@ -25,12 +25,12 @@ from common import (bench_parser, bench_config, code_length_callback, corpus_pre
 from training.curriculum import plan_batches
 from training.data import IGNORE
 from training.module import PrequelModule
-from training.run import _set_determinism
+from training.run import set_determinism
 
 
 def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:
     """The same training in a plain loop: no Trainer, no callbacks, no logging."""
-    _set_determinism(config)
+    set_determinism(config)
     module = PrequelModule(config, vocab_size)  # only for its model and configure_optimizers
     model = module.model.train()
     if config.trainer.compile:

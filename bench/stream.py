@@ -1,9 +1,9 @@
 """Stream costs (issue 5): encode overhead, decode/train time, and coder symbols/s.
 
-(a) encode overhead: steady-state tokens/s of prequel's Trainer (`training.run._build`, CodeLength
+(a) encode overhead: steady-state tokens/s of prequel's Trainer (`training.run.build_trainer`, CodeLength
     callback, no loggers or checkpoints) on the first `--tokens` tokens, with the StreamEncoder
     callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
-(b) decode/train time: `training.run.train` with the stream on, into a temporary run directory,
+(b) decode/train time: `tools.run.train` with the stream on, into a temporary run directory,
     on the first `--decode-tokens` tokens (written to a temporary data file), then
     `training.run.verify` on that run; prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
@@ -28,7 +28,8 @@ from common import (bench_parser, bench_config, code_length_callback, corpus_pre
                     print_environment)
 from callbacks.arithmetic_stream import StreamEncoder
 from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
-from training.run import stream_header, train, verify
+from tools.run import train
+from training.run import stream_header, verify
 from training.stream import StreamError
 
 

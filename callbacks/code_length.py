@@ -39,16 +39,16 @@ class BitsMetric(Metric):
 
 
 class CodeLength(L.Callback):
-    def __init__(self, program_bits: dict[str, int], total_tokens: int):
-        self.program_bits = program_bits  # |f| by part
+    def __init__(self, f_parts: dict[str, int], total_tokens: int):
+        self.f_parts = f_parts  # |f| by part
         self.total_tokens = total_tokens  # tokens in one full pass
         self.first_pass = BitsMetric()
         self.last_epoch = BitsMetric()
         self.curve: list[tuple[int, float, int]] = []  # (tokens seen, bits of step, tokens of step)
 
     @property
-    def model_bits(self) -> int:
-        return sum(self.program_bits.values())
+    def f_bits(self) -> int:
+        return sum(self.f_parts.values())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.first_pass.to(pl_module.device)
@@ -75,7 +75,7 @@ class CodeLength(L.Callback):
             return
         # Running values are this process's (no sync on the hot path); the final report syncs.
         data_bits, nbytes = self.first_pass.bits.item(), self.first_pass.nbytes.item()
-        total = self.model_bits + seen + data_bits
+        total = self.f_bits + seen + data_bits
         pl_module.log_dict(
             {"code/data_bits": data_bits, "code/total_bits": total, "code/bpb": total / max(nbytes, 1),
              "code/data_bpb": data_bits / max(nbytes, 1)},
@@ -88,7 +88,7 @@ class CodeLength(L.Callback):
         return {
             "data_bits": first["bits"], "tokens": int(first["tokens"]), "nbytes": int(first["nbytes"]),
             "complete": int(first["tokens"]) == self.total_tokens,
-            "program_bits": dict(self.program_bits),
+            "f_parts": dict(self.f_parts),
             "last_epoch_bpb": last["bits"] / max(last["nbytes"], 1),
         }
 

@@ -31,14 +31,14 @@ from models.ngram import NGramPrior
 class GPTConfig:
     vocab_size: int = 256  # coded alphabet size m; the input alphabet adds BOS
     block_size: int = 128  # longest context, in tokens
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads per block (n_embd / n_head = head size)
+    n_embd: int = 128  # width of the residual stream
     dropout: float = 0.0  # 0 keeps training replayable without RNG state (as NNCP)
-    bias: bool = False
-    head: Literal["linear", "norm"] = "linear"
-    tie_embeddings: bool = True
-    positions: Literal["learned", "rope"] = "learned"
+    bias: bool = False  # biases in the linear layers and layer norms
+    head: Literal["linear", "norm"] = "linear"  # norm = NormHead: logits = h @ normalize(W, dim=1).T
+    tie_embeddings: bool = True  # the head reads the input embedding matrix (one tensor)
+    positions: Literal["learned", "rope"] = "learned"  # learned position embeddings, or rotary
     z_loss: float = 0.0  # coefficient of the auxiliary loss z_loss * logsumexp(logits)^2
     ngram_order: int = 0  # > 0: mix adaptive context counts of orders 1..K into the logits (models/ngram.py)
 
@@ -180,8 +180,8 @@ class GPT(nn.Module):
         # parameters() yields a shared tensor once, so a tied embedding is counted once.
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T, vocab_size). `counted`: the
+    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T, vocab_size). `leave_out`: the
         targets, when the n-gram prior has counted them already (see NGramPrior.forward)."""
         t = idx.shape[1]
         if t > self.config.block_size:
@@ -190,7 +190,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        return self._head(x, self.ngram(idx, counted) if self.ngram is not None else None)
+        return self._head(x, self.ngram(idx, leave_out) if self.ngram is not None else None)
 
     def _embed(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Embeddings of the ids `idx` (B, T) at positions start..start + T - 1, and those

@@ -22,6 +22,28 @@ def tiny_config(data_path: Path, run_dir: Path, *overrides: str):
     ])
 
 
+def assert_refused(r: subprocess.CompletedProcess, code: int, *messages: str, nothing_at: Path) -> None:
+    """A CLI run refused with one clear line: its exit code, the messages, no traceback, and no
+    output (nor a temp file of one) at `nothing_at`."""
+    assert r.returncode == code, r.stdout + r.stderr
+    for message in messages:
+        assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "MemoryError" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line
+    assert not nothing_at.exists()
+    assert not list(nothing_at.parent.glob(f".{nothing_at.name}.*")), "a temp file was left behind"
+
+
+def trained_tiny_model(tmp: Path) -> Path:
+    """A tiny byte model (a few steps on real text, no stream): a run directory with a checkpoint."""
+    from tools.run import train
+
+    text = tmp / "text.txt"
+    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000])
+    train(tiny_config(text, tmp / "run", "--trainer.max_steps", "15", "--stream.enabled", "false"))
+    return tmp / "run"
+
+
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """train.py in a separate process, as a user runs it."""
     return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True,

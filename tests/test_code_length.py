@@ -17,7 +17,7 @@ from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from training.curriculum import plan_batches
 from training.data import IGNORE, Tape, read_corpus
 from training.module import PrequelModule
-from training.run import train
+from tools.run import train
 
 
 def hand_written_code_length(config, accumulate: int = 1) -> float:
@@ -49,7 +49,7 @@ def test_sum_equals_an_independent_prequential_loop(text_file, tmp_path, accumul
     expected = hand_written_code_length(config, accumulate)
     assert summary["code/data_bits"] == pytest.approx(expected, rel=1e-6)
     assert summary["data/tokens"] == 4000 and summary["data/complete"]
-    total = summary["code/model_bits"] + summary["code/n_bits"] + summary["code/data_bits"]
+    total = summary["code/f_bits"] + summary["code/n_bits"] + summary["code/data_bits"]
     assert summary["code/total_bits"] == pytest.approx(total)
 
 

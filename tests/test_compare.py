@@ -6,7 +6,7 @@ import yaml
 
 import train as cli
 from tests.helpers import TINY, run_cli
-from training.compare import Budget, Sweep, parse_sweep, run_sweep, size_config
+from tools.compare import Budget, Sweep, parse_sweep, run_sweep, size_config
 from training.config import ConfigError
 
 FAST = ["--stream.enabled", "false", "--logging.wandb", "false", "--logging.progress_bar", "false",

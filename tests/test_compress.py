@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models.gpt import GPT, GPTConfig, KVCache
-from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config
-from training.lmic import CompressError, compress, decompress, load_frozen
-from training.run import train
+from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config, trained_tiny_model
+from tools.compress import CompressError, compress, decompress, load_frozen
+from tools.run import train
 from training.stream import Stream, read_stream, write_stream
 
 CHUNK = 32  # configs/tiny.yaml block_size
@@ -18,12 +18,7 @@ CHUNK = 32  # configs/tiny.yaml block_size
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """One tiny byte model for the whole module: a few steps on real text, no stream."""
-    tmp = tmp_path_factory.mktemp("lmic")
-    text = tmp / "text.txt"
-    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000])
-    train(tiny_config(text, tmp / "run", "--trainer.max_steps", "15", "--stream.enabled", "false"))
-    return tmp / "run"
+    return trained_tiny_model(tmp_path_factory.mktemp("lmic"))
 
 
 def round_trip(run_dir: Path, tmp_path: Path, data: bytes, **options) -> dict:

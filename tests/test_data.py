@@ -15,7 +15,7 @@ from training.curriculum import (
     plan_batches,
 )
 from training.data import DataError, fetch_dataset, read_corpus, read_documents
-from training.program import program_bits, xz_bits
+from training.program import f_parts, xz_bits
 from training.tokenizer import ALPHABET, BPETokenizer, TokenizerError, build_tokenizer
 
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
@@ -73,7 +73,7 @@ def test_bad_corpora_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_corpus_shorter_than_one_sequence_fails_clearly(tmp_path):
-    from training.run import train
+    from tools.run import train
 
     (tmp_path / "short.txt").write_bytes(b"too short")
     with pytest.raises(DataError, match="less than one sequence"):
@@ -107,7 +107,7 @@ def test_bytes_tokenizer_round_trips_and_costs_nothing():
     raw = os.urandom(4096)
     tok = build_tokenizer("bytes")
     assert tok.decode(tok.encode(raw)) == raw
-    assert tok.serialize() == b"" and program_bits("", tok.serialize())["tokenizer"] == 0
+    assert tok.serialize() == b"" and f_parts("", tok.serialize())["tokenizer"] == 0
 
 
 def test_bpe_round_trips_random_bytes_exactly(bpe):
@@ -146,7 +146,7 @@ def test_bpe_part_of_f_is_its_xz_compressed_serialisation(bpe):
     blob = bpe.serialize()
     packed = lzma.compress(blob, format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    assert program_bits("", blob)["tokenizer"] == xz_bits(blob) == 8 * len(packed)
+    assert f_parts("", blob)["tokenizer"] == xz_bits(blob) == 8 * len(packed)
     assert 0 < xz_bits(blob) < 8 * len(blob)
 
 
@@ -287,7 +287,8 @@ def test_curriculum_keys_from_the_command_line():
 
 def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
     from training.data import order_labels
-    from training.run import train, verify
+    from tools.run import train
+    from training.run import verify
     from training.stream import StreamError, read_stream, write_stream
 
     (tmp_path / "text.txt").write_bytes(TEXT[:4000])
@@ -297,9 +298,9 @@ def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
     assert summary["data/complete"] and summary["data/bytes"] == 4000
     stream = read_stream(tmp_path / "run" / "stream.prequel")
     tok = build_tokenizer("bpe", serialized=bytes.fromhex(stream.header["tokenizer"]["blob"]))
-    assert summary["code/model_bits/tokenizer"] == xz_bits(tok.serialize()) > 0
+    assert summary["code/f_bits/tokenizer"] == xz_bits(tok.serialize()) > 0
     labels = order_labels(config.data, config.model.block_size, tok, tok.encode(TEXT[:4000]))
-    assert summary["code/model_bits/order"] == order_bits(labels) > 0
+    assert summary["code/f_bits/order"] == order_bits(labels) > 0
     assert torch.equal(labels_from_header(stream.header["order"]), labels)
 
     r = run_cli("verify", tmp_path / "run")
@@ -315,11 +316,12 @@ def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
 
 
 def test_length_warmup_trains_and_verifies(tmp_path):
-    from training.run import train, verify
+    from tools.run import train
+    from training.run import verify
 
     (tmp_path / "text.txt").write_bytes(TEXT[:3000])
     summary = train(tiny_config(tmp_path / "text.txt", tmp_path / "run", "--data.curriculum", "length_warmup",
                                 "--data.pacing", "step"))
-    assert summary["data/complete"] and summary["code/model_bits/order"] == 0
+    assert summary["data/complete"] and summary["code/f_bits/order"] == 0
     report = verify(tmp_path / "run")
     assert report["complete"] and Path(report["output"]).read_bytes() == TEXT[:3000]

@@ -13,7 +13,7 @@ from tests.helpers import ROOT, tiny_config
 from training.curriculum import labels_to_header
 from training.data import order_labels
 from training.header import CompressHeader, TrainingHeader
-from training.lmic import compress
+from tools.compress import compress
 from training.program import code_hash
 from training.run import environment, stream_header
 from training.stream import Stream, StreamError, read_stream, write_stream

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from models.gpt import GPT, GPTConfig, KVCache
 from models.ngram import NGramPrior
 from tests.helpers import tiny_config
-from training.run import train
+from tools.run import train
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, head="norm")
 

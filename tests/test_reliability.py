@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 
 import train as cli
 from tests.helpers import ROOT, TINY, run_cli, tiny_config
-from training.config import _NON_NEGATIVE, _POSITIVE, Config, ConfigError, load_config
-from training.run import STREAM_NAME, SUMMARY_NAME, train
+from training.config import NON_NEGATIVE_KEYS, POSITIVE_KEYS, Config, ConfigError, load_config
+from tools.run import SUMMARY_NAME, train
+from training.run import STREAM_NAME
 from training.stream import (
     MAGIC, MAX_JSON_BYTES, VERSION, Stream, StreamError, decode_stream, encode_stream, read_stream,
     remove_stale_temps, write_atomic,
@@ -43,7 +44,7 @@ from training.stream import (
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()
 CHECKPOINT_EVERY = "4"
 # The code length, and every number it is made of, must come out the same after a fault.
-TOTALS = ("code/data_bits", "code/total_bits", "code/model_bits", "code/n_bits", "code/stream_bits",
+TOTALS = ("code/data_bits", "code/total_bits", "code/f_bits", "code/n_bits", "code/stream_bits",
           "data/tokens", "data/bytes", "data/complete", "stream/segments", "stream/file_bytes")
 
 
@@ -498,9 +499,9 @@ def test_every_field_refuses_a_wrong_type_by_key_and_value():
         if typing.get_origin(hint) is typing.Literal:
             allowed = ", ".join(map(repr, typing.get_args(hint)))
             assert f"{key}: 'bogus' is not one of {allowed}" in config_error(key, "bogus")
-    for key in _POSITIVE:
+    for key in POSITIVE_KEYS:
         assert f"{key}: must be > 0, got 0" in config_error(key, "0")
-    for key in _NON_NEGATIVE:
+    for key in NON_NEGATIVE_KEYS:
         assert f"{key}: must be >= 0, got -1" in config_error(key, "-1")
 
 

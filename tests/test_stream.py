@@ -9,7 +9,7 @@ import torch
 from tests.helpers import run_cli, tiny_config
 from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
 from training.data import IGNORE
-from training.run import train
+from tools.run import train
 from training.stream import decode_stream, encode_stream, read_stream
 
 # Words of the stream for a fixed batch: a change that alters bits must change this on purpose.

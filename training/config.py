@@ -16,6 +16,9 @@ and counted (compressed) in the code length.
 import dataclasses
 import difflib
 import math
+import os
+import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +28,21 @@ from typing import Annotated, Any, Callable, Literal
 import yaml
 
 from models.gpt import GPTConfig
-from training.curriculum import CURRICULA, PACINGS
+from models.ngram import HASH_BITS
+from training.curriculum import CURRICULA, PACINGS, plan_size
 
 
 class ConfigError(ValueError):
     """A config key or value a person must fix; the message names it."""
+
+
+class MemoryLimitError(ConfigError):
+    """Settings that are valid but would need more memory than the limit (`check_memory`); `key`
+    is the setting the message names (or "data_tokens")."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,10 @@ BELOW_ONE = Limit("in [0, 1)", lambda v: 0 <= v < 1)
 FRACTION = Limit("in [0, 1]", lambda v: 0 <= v <= 1)
 
 BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow with it
+# torch's thread pool starts one OS thread per intra-op thread: 100000 exhaust the process's
+# threads (libgomp fails, then torch segfaults), and no CPU runs more than 1024 threads at once.
+MAX_THREADS = 1024
+MAX_EPOCHS = 1000  # far beyond any useful run on seen data; what a stream may make Bob replay
 
 
 @dataclass
@@ -83,14 +100,17 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: Annotated[int, POSITIVE] = 1  # only the first pass is coded; later epochs just train
+    # only the first pass is coded; later epochs just train (and Bob replays them: bounded, so a
+    # forged header cannot make verify loop for ever)
+    max_epochs: Annotated[int, Limit(f"in 1..{MAX_EPOCHS}", lambda v: 1 <= v <= MAX_EPOCHS)] = 1
     max_steps: Annotated[int, Limit("-1 or > 0", lambda v: v == -1 or v > 0)] = -1  # optimizer steps; -1 = no limit
     accumulate_grad_batches: Annotated[int, POSITIVE] = 1  # micro-steps (batches) per optimizer step
     precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = "32-true"  # changes bits, recorded in the stream
     accelerator: Literal["cpu", "gpu", "auto"] = "cpu"  # Lightning's; a stream records the device it was made on
     devices: Annotated[int, POSITIVE] = 1  # processes (DDP); the stream and the n-gram counts need 1
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"  # Lightning's, for devices > 1
-    num_threads: Annotated[int, NON_NEGATIVE] = 2  # torch intra-op threads; changes bits, recorded in the stream
+    # torch intra-op threads (0 = torch's default); changes bits, recorded in the stream
+    num_threads: Annotated[int, Limit(f"in 0..{MAX_THREADS} (one OS thread each)", lambda v: 0 <= v <= MAX_THREADS)] = 2
     # native = the CPU's fastest kernels: a stream verifies on the same kind of CPU; portable = kernels
     # pinned before torch starts (training/environment.py): verifies on any x86-64 CPU with AVX2, slower
     kernels: Literal["native", "portable"] = "native"
@@ -169,8 +189,13 @@ def limits_of(hint: Any) -> tuple[Limit, ...]:
 
 
 # The keys with the two common limits (tests check each one's message).
-_POSITIVE = {key for key, _, hint in leaf_fields() if POSITIVE in limits_of(hint)}
-_NON_NEGATIVE = {key for key, _, hint in leaf_fields() if NON_NEGATIVE in limits_of(hint)}
+POSITIVE_KEYS = {key for key, _, hint in leaf_fields() if POSITIVE in limits_of(hint)}
+NON_NEGATIVE_KEYS = {key for key, _, hint in leaf_fields() if NON_NEGATIVE in limits_of(hint)}
+
+
+# Every way people write a float, for float fields: YAML 1.1 reads 1e-3, 1E-3 and 1e+3 as strings
+# (its floats need a dot), and "inf"/"nan" too (they are then refused as not finite).
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?\.?(inf|infinity|nan)", re.IGNORECASE)
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -208,11 +233,13 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # 1e-3: YAML 1.1 reads a float without a dot as a string
+        number = float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
+        if not math.isfinite(number):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+        return float(number)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -220,7 +247,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = field_types(cls)
@@ -236,7 +263,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key {dotted}{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{dotted}.")
+            kwargs[key] = build_dataclass(hint, value, f"{dotted}.")
         else:
             kwargs[key] = _check_type(dotted, value, hint)
     return cls(**kwargs)
@@ -256,6 +283,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
     if config.stream.enabled and config.trainer.devices > 1:
         raise ConfigError("stream.enabled needs trainer.devices: 1 (the stream is written by one process)")
+    if config.stream.enabled and config.trainer.strategy == "ddp_spawn":
+        raise ConfigError("trainer.strategy: ddp_spawn cannot write a stream (it pickles the training state into a "
+                          "new process, and the range coder cannot be pickled); use trainer.strategy: ddp or auto")
+    check_memory(config)
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -267,6 +298,130 @@ def _validate_data(d: DataConfig) -> None:
             raise ConfigError("data.tokenizer_file needs data.tokenizer: bpe")
     elif d.tokenizer_file is None and not 256 < d.vocab_size <= BPE_MAX_VOCAB:
         raise ConfigError(f"data.vocab_size: bpe needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {d.vocab_size}")
+
+
+# --- memory: every number that sizes an allocation is checked before anything is allocated ------
+#
+# A config (or a stream header, which is one) names sizes: layers, width, context, batch, vocabulary,
+# n-gram tables, tokens, replay steps. Each is fine alone, but a forged or mistyped one (n_layer:
+# 100000, block_size: 2**31) would make training allocate until the machine runs out, then fail
+# with a message about something else. So the memory a run needs is estimated from the settings
+# alone, and a run over the limit is refused, naming the setting that makes it so.
+
+MEMORY_ENV = "PREQUEL_MAX_MEMORY_GB"  # the limit in GB (10**9 bytes), inherited by child processes
+DEFAULT_MAX_MEMORY_GB = 16.0  # generous for every shipped config (configs/compress-gpu.yaml needs ~0.3 GB)
+_GB = 10**9
+_ACTIVATIONS_PER_LAYER = 20  # floats kept per token per layer for backward (qkv, attention, MLP 4x twice, norms)
+_LOGITS_COPIES = 4  # logits, log-softmax, their gradient and a spare, per vocabulary entry and n-gram order
+TAPE_BYTES_PER_TOKEN = 16  # an int64 token, plus the bytes it decodes to and the tokenizer's work
+_SPAN_BYTES = 160  # per chunk of a plan: its span, rank, tie-break and draw (curriculum.py)
+_STEP_BYTES = 256  # per step of a plan: a (B, 2) span tensor's object (plus 16 bytes a row)
+
+
+def max_memory_bytes() -> int:
+    """The memory a run may ask for: $PREQUEL_MAX_MEMORY_GB, else DEFAULT_MAX_MEMORY_GB."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if not text:
+        return int(DEFAULT_MAX_MEMORY_GB * _GB)
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise ConfigError(f"{MEMORY_ENV}: expected a number of gigabytes > 0, got {text!r}")
+    return int(gb * _GB)
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in decimal units, as the limit is given: 16 GB, 5.6 GB, 340.2 MB."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            break
+    return f"{n / size:,.1f}".removesuffix(".0") + f" {unit}"
+
+
+def parameter_count(m: GPTConfig, vocab_size: int) -> int:
+    """What `GPT(m).num_params()` will be, without building it (a tied embedding counted once)."""
+    E, L, V, K = m.n_embd, m.n_layer, vocab_size, m.ngram_order
+    return ((V + 1) * E + (m.block_size * E if m.positions == "learned" else 0) + L * 12 * E * E  # embeddings; blocks
+            + (2 * L + 1) * E * (2 if m.bias else 1) + (9 * L * E if m.bias else 0)  # norms; linear biases
+            + (0 if m.tie_embeddings else V * E) + K * (E + 1))  # output head; n-gram mixer
+
+
+def model_memory(m: GPTConfig, vocab_size: int, batch: int, training: bool = True, width: int = 4,
+                 kv_cache: bool = False) -> list[tuple[str, int]]:
+    """(what, bytes) of the memory a GPT of config `m` needs for batches of `batch` full-length
+    sequences: weights (with gradients and AdamW's two moments when `training`), n-gram count
+    tables, activations and logits, and the incremental coder's key/value cache. Estimates, within
+    a small factor of what torch allocates; `width` is bytes per float (8 for 64-true)."""
+    E, L, T, K, V = m.n_embd, m.n_layer, m.block_size, m.ngram_order, vocab_size
+    params = parameter_count(m, vocab_size)
+    parts = [(f"{params:,} parameters" + (" with their gradients and AdamW state" if training else ""),
+              (4 if training else 1) * params * width)]
+    if K:
+        tables = (V + 1) * V + (K - 1) * (1 << HASH_BITS) * V
+        parts.append((f"the n-gram count tables of orders 1..{K} ({tables:,} counts)", tables * width))
+    per_token = (L * _ACTIVATIONS_PER_LAYER * E if training else 8 * E) + _LOGITS_COPIES * V * (1 + K)
+    parts.append((f"activations and logits of {batch:,} sequences of {T:,} tokens", batch * T * per_token * width))
+    if kv_cache:
+        parts.append(("the incremental coder's key/value cache", 2 * L * batch * T * E * width))
+    return parts
+
+
+def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str, int]]:
+    """(what, bytes) of the memory training (or verify's replay of it) needs; with the token count,
+    also the data and the batch plan."""
+    m, d = config.model, config.data
+    vocab_size = max(d.vocab_size, 256)  # (the tokenizer sets model.vocab_size; BPE at least 256)
+    parts = model_memory(m, vocab_size, d.batch_size, training=True,
+                         width=8 if config.trainer.precision == "64-true" else 4,
+                         kv_cache=config.stream.enabled and config.stream.procedure == "incremental")
+    if data_tokens is not None:
+        parts.append((f"{data_tokens:,} tokens of data", data_tokens * TAPE_BYTES_PER_TOKEN))
+        chunks, steps = plan_size(data_tokens, m.block_size, d.batch_size, d.curriculum, d.pacing_start,
+                                  d.replay_steps)
+        parts.append((f"the plan of {steps:,} training steps over {chunks:,} chunks",
+                      chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size)))
+    return parts
+
+
+# The settings `run_memory` grows with, each tried at its default to find the one to name.
+_SIZING_KEYS = ("model.n_layer", "model.n_embd", "model.block_size", "model.ngram_order", "data.batch_size",
+                "data.vocab_size", "data.replay_steps", "data.pacing_start", "trainer.precision", "stream.procedure")
+
+
+def _with_default(config: Config, key: str) -> Config:
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: default})})
+
+
+def check_memory(config: Config, data_tokens: int | None = None, limit: int | None = None) -> None:
+    """Refuse settings whose run would need more than `limit` bytes (default: `max_memory_bytes`),
+    naming the setting that takes most of it (the one whose default value would save the most),
+    the estimate, and how to raise the limit. Pure arithmetic: nothing is allocated."""
+    limit = max_memory_bytes() if limit is None else limit
+    parts = run_memory(config, data_tokens)
+    total = sum(n for _, n in parts)
+    if total <= limit:
+        return
+    saved = {key: total - sum(n for _, n in run_memory(_with_default(config, key), data_tokens)) for key in _SIZING_KEYS}
+    if data_tokens is not None:  # the data's own share: what one chunk of it would need instead
+        saved["data_tokens"] = total - sum(n for _, n in run_memory(config, min(data_tokens, config.model.block_size)))
+    key = max(saved, key=saved.get)
+    what, most = max(parts, key=lambda part: part[1])
+    if key == "data_tokens":
+        shown, advice = f"{data_tokens:,}", ""
+    else:
+        section, name = key.split(".")
+        value, default = getattr(getattr(config, section), name), getattr(getattr(Config(), section), name)
+        shown = str(value)
+        advice = (f"{'lower' if value > default else 'raise'} it" if isinstance(value, (int, float)) else "change it") \
+            + f" (default {default}); "
+    raise MemoryLimitError(
+        f"{key} = {shown}: training would need about {format_bytes(total)} of memory ({format_bytes(most)} for {what}), "
+        f"more than the limit of {format_bytes(limit)}; {advice}if this machine has the memory, raise the limit: "
+        f"{MEMORY_ENV}={math.ceil(total / _GB)}", key)
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -299,17 +454,42 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_values(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+MAX_CONFIG_FILE_BYTES = 16 << 20  # no config file is this large
+
+
+def regular_file_size(path: Path, what: str, max_bytes: int, why: str, error: type[Exception] = ConfigError) -> int:
+    """The size of `path`, checked before anything reads it: it must be a regular file (a device
+    such as /dev/zero or /dev/urandom never ends, a FIFO blocks, a directory is not a file) of at
+    most `max_bytes` (`why` says where that limit comes from)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what}: file not found: {path}") from None
+    except OSError as e:
+        raise error(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+        raise error(f"{what}: {path} is {kind}, not a regular file; give a regular file")
+    if info.st_size > max_bytes:
+        raise error(f"{what}: {path} is {format_bytes(info.st_size)}, more than the {format_bytes(max_bytes)} "
+                    f"allowed ({why})")
+    return info.st_size
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file's top-level mapping (`yaml.safe_load`), or a ConfigError naming what is wrong."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{what} not found: {path}")
+    regular_file_size(path, what, MAX_CONFIG_FILE_BYTES, "no config file is this large")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -328,14 +508,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         values = read_yaml_mapping(path, "config file")
         values.setdefault("name", path.stem)
-    values = _merge(values, parse_overrides(overrides or []))
-    config = _build(Config, values)
+    values = merge_values(values, parse_overrides(overrides or []))
+    config = build_dataclass(Config, values)
     _validate(config)
     return config
 
 
 def config_from_dict(values: dict) -> Config:
-    config = _build(Config, values)
+    config = build_dataclass(Config, values)
     _validate(config)
     return config
 

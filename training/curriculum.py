@@ -19,6 +19,8 @@ import torch
 CURRICULA = ("sequential", "shuffle", "length_warmup", "difficulty")
 PACINGS = ("linear", "step", "root")
 STEP_STAGES = 4  # `step` pacing: this many equal jumps
+LEVEL_BYTES = 4  # a transmitted level is stored as a little-endian u32 (see labels_to_header)
+MAX_UNSIZED_LEVELS = 1 << 24  # labels_from_header without a chunk count reads at most this many levels
 
 
 def chunk_spans(n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -131,14 +133,35 @@ def labels_to_header(labels: torch.Tensor) -> str:
     return base64.b64encode(zlib.compress(labels.numpy().astype("<u4").tobytes(), 9)).decode()
 
 
-def labels_from_header(text: str | None) -> torch.Tensor | None:
+def labels_from_header(text: str | None, n_chunks: int | None = None, levels: int | None = None) -> torch.Tensor | None:
+    """The levels `labels_to_header` wrote, checked against what the header's own sizes allow:
+    exactly `n_chunks` (= ceil(data_tokens / block_size)) levels, each below `levels`. Decompression
+    stops after the bytes those levels take, so a small forged order cannot expand into gigabytes
+    (zlib reaches ~1000:1). Without `n_chunks`, at most `MAX_UNSIZED_LEVELS` levels are read."""
     if text is None:
         return None
+    limit = LEVEL_BYTES * (MAX_UNSIZED_LEVELS if n_chunks is None else n_chunks)
+    inflater = zlib.decompressobj()
     try:
-        raw = zlib.decompress(base64.b64decode(text))
-    except zlib.error as e:
+        raw = inflater.decompress(base64.b64decode(text), limit + 1)  # one byte more tells "too long"
+    except (zlib.error, ValueError) as e:  # (binascii.Error is a ValueError)
         raise ValueError(f"transmitted order is not valid: {e}") from None
-    return torch.from_numpy(np.frombuffer(raw, dtype="<u4").astype(np.int64))
+    if len(raw) > limit:
+        what = f"{n_chunks:,} chunks (data_tokens / block_size)" if n_chunks is not None else \
+            f"at most {MAX_UNSIZED_LEVELS:,} chunks"
+        raise ValueError(f"transmitted order is not valid: it decompresses to more than the {limit:,} bytes "
+                         f"of {LEVEL_BYTES}-byte levels for {what}; not expanding it further")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("transmitted order is not valid: its zlib data is truncated or has bytes after its end")
+    if len(raw) % LEVEL_BYTES or (n_chunks is not None and len(raw) != limit):
+        expected = f"{limit:,} ({n_chunks:,} chunks × {LEVEL_BYTES})" if n_chunks is not None else \
+            f"a multiple of {LEVEL_BYTES}"
+        raise ValueError(f"transmitted order is not valid: {len(raw):,} bytes of levels, expected {expected}")
+    labels = np.frombuffer(raw, dtype="<u4")
+    if levels is not None and len(labels) and int(labels.max()) >= levels:
+        raise ValueError(f"transmitted order is not valid: a chunk has level {int(labels.max())}, "
+                         f"but there are only {levels} levels (data.difficulty_levels, at most one per chunk)")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def with_replay(batches: list[torch.Tensor], replay_steps: int, window: int, seed: int) -> list[tuple[torch.Tensor, bool]]:
@@ -182,3 +205,13 @@ def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, 
             raise ValueError("the difficulty order needs its transmitted levels (labels)")
         return difficulty(n_tokens, seq_len, batch_size, seed, labels, pacing, pacing_start, warmup)
     raise ValueError(f"data.curriculum: unknown order {curriculum!r} (known: {', '.join(CURRICULA)})")
+
+
+def plan_size(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, pacing_start: float = 0.125,
+              replay_steps: int = 0) -> tuple[int, int]:
+    """(chunks, steps) that `plan_batches` and `with_replay` would build, bounded without building
+    them: what a header's sizes commit the decoder to, checked before it plans (config.check_memory).
+    Only `length_warmup` cuts chunks shorter than `seq_len`, never below ``pacing_start * seq_len``."""
+    shortest = max(1, round(seq_len * pacing_start)) if curriculum == "length_warmup" else seq_len
+    chunks = -(-n_tokens // shortest)
+    return chunks, -(-chunks // batch_size) * (1 + replay_steps)

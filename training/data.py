@@ -7,7 +7,8 @@ filled by arithmetic decoding just before each training step. Both then run the 
 
 A corpus is read as exact bytes (a file, a directory or glob of files in sorted order, a named
 dataset, or the bundled tinyshakespeare); the coded data is their concatenation, so a decoded
-stream gives those bytes back, not the file names.
+stream gives those bytes back, not the file names. Only regular files are read (a device such as
+/dev/zero never ends), and only as many bytes as the memory limit lets training hold.
 """
 
 import glob
@@ -22,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from training.config import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes, regular_file_size
 from training.curriculum import chunk_spans, difficulty_labels, plan_batches, with_replay
 from training.stream import write_atomic
 
@@ -69,7 +71,7 @@ def fetch_dataset(name: str) -> Path:
         raise DataError(f"data.path: unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
     url, sha256 = DATASETS[name]
     path = cache_dir() / name
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+    if path.is_file() and hashlib.sha256(_read_file(path)).hexdigest() == sha256:
         return path
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -85,11 +87,28 @@ def fetch_dataset(name: str) -> Path:
     return path
 
 
+def max_corpus_bytes() -> int:
+    """The largest corpus the memory limit allows: training holds ~TAPE_BYTES_PER_TOKEN per byte."""
+    return max_memory_bytes() // TAPE_BYTES_PER_TOKEN
+
+
+def _too_big() -> str:
+    return (f"training holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of data, and the memory limit is "
+            f"{format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if this machine has the memory")
+
+
 def _read_file(path: Path) -> bytes:
+    """A regular file's bytes, checked before reading (`regular_file_size`): at most `max_corpus_bytes`."""
+    limit = max_corpus_bytes()
+    regular_file_size(path, "data.path", limit, _too_big(), error=DataError)
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as e:
         raise DataError(f"data.path: cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:  # it grew between the check and the read
+        raise DataError(f"data.path: {path} grew to {format_bytes(len(data))} while being read, more than the "
+                        f"{format_bytes(limit)} allowed ({_too_big()})")
+    return data
 
 
 def read_documents(path: str | None) -> list[Document]:
@@ -121,6 +140,11 @@ def read_documents(path: str | None) -> list[Document]:
             names = [f.relative_to(p).as_posix() for f in files]
         else:
             files, names = [p], [str(p)]
+    limit = max_corpus_bytes()
+    total = sum(regular_file_size(f, "data.path", limit, _too_big(), error=DataError) for f in files)  # before reading
+    if total > limit:
+        raise DataError(f"data.path: the {len(files):,} files of {path} are {format_bytes(total)} in all, more than "
+                        f"the {format_bytes(limit)} allowed ({_too_big()})")
     return [Document(name, _read_file(f)) for name, f in zip(names, files)]
 
 

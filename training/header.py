@@ -4,18 +4,21 @@ Two kinds of file share the stream layout (training/stream.py), each with its ow
 
 - `TrainingHeader`: a training stream (train.py). The header is the program f that `verify`
   rebuilds and replays: settings, tokenizer, token count, source hash, environment, order.
-- `CompressHeader`: a file compressed with a frozen model (training/lmic.py, kind "compress").
+- `CompressHeader`: a file compressed with a frozen model (tools/compress.py, kind "compress").
 
 `to_dict` gives the JSON the file stores (the layout every existing stream has); `from_dict` is
 the one place a header read from a file is checked. The checksums only catch accidents, so a
 forged header with valid checksums must still fail here, naming the field, before the reader
 allocates or decodes anything: `StreamError("header corrupted: <field>: <what is wrong>")`.
+Every number that sizes memory (the settings, data_tokens, the order, a compressed file's token
+count) is also held to the memory limit (training/config.py `check_memory`), so a header that
+is well-formed but asks for more than this machine allows is refused, named, before decoding.
 
-torch is imported only inside the functions that parse the config and the order, so reading a
-header's fields needs neither torch nor the model code.
+torch is imported only inside the functions that parse the config and the order (and check
+sizes), so reading a header's fields needs neither torch nor the model code.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from training.stream import StreamError
@@ -60,6 +63,15 @@ def _hex(d: dict, key: str, path: str) -> bytes:
         return bytes.fromhex(text)
     except ValueError as e:
         raise _corrupted(path, f"not hex: {e}") from None
+
+
+def _check_threads(environment: dict) -> None:
+    """The recorded thread count is used to set torch's (decompress): bounded as the setting is."""
+    from training.config import MAX_THREADS
+
+    threads = environment.get("num_threads")
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+        raise _corrupted("environment: num_threads", f"must be an integer in 1..{MAX_THREADS}, got {threads!r:.80}")
 
 
 @dataclass(frozen=True)
@@ -108,37 +120,72 @@ class TrainingHeader:
             compile=_field(d, "compile", bool, "true or false"),
             order=_field(d, "order", str, "a base64 string") if "order" in d else None,
         )
-        labels = header.labels()  # parsing both is the check: a bad one fails here, named
-        if header.program().data.curriculum == "difficulty" and labels is None:
+        _check_threads(environment)
+        # Parsing is the check, in this order: the settings and data_tokens are held to the memory
+        # limit before the order, whose size they fix, is decompressed.
+        program, labels = header.program(), header.labels()
+        if program.data.curriculum == "difficulty" and labels is None:
             raise StreamError("header corrupted: a difficulty order needs its transmitted levels (header['order'])")
         return header
 
-    def program(self):
-        """The run's settings (a `training.config.Config`)."""
-        from training.config import config_from_dict
+    def program(self, vocab_size: int | None = None):
+        """The run's settings (a `training.config.Config`), held with data_tokens to the memory
+        limit; `vocab_size`: the tokenizer's, when it is known (see `tokenizer()`)."""
+        from training.config import MemoryLimitError, check_memory, config_from_dict, max_memory_bytes
 
+        limit = max_memory_bytes()  # (a bad $PREQUEL_MAX_MEMORY_GB is the user's ConfigError, not the header's)
         try:
-            return config_from_dict(self.config)
+            config = config_from_dict(self.config)
+            if vocab_size is not None:
+                config = replace(config, data=replace(config.data, vocab_size=vocab_size))
+            check_memory(config, self.data_tokens, limit)
+        except MemoryLimitError as e:  # well-formed, maybe real: too big for this machine (or forged)
+            claim = (f"the header claims {self.data_tokens:,} tokens: more than this machine can hold"
+                     if e.key == "data_tokens" else "the stream's header asks for more memory than allowed")
+            raise StreamError(f"{claim}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:  # ConfigError names the dotted key
             raise StreamError(f"header corrupted: {e}") from None
+        return config
 
     def labels(self):
-        """The transmitted curriculum order (a tensor of levels), None when the settings fix it."""
+        """The transmitted curriculum order (a tensor of levels), None when the settings fix it.
+        Decompressed only up to the ceil(data_tokens / block_size) levels the header's sizes allow."""
         from training.curriculum import labels_from_header
 
+        config = self.program()
+        if self.order is None:
+            return None
+        if config.data.curriculum != "difficulty":
+            raise _corrupted("order", f"the {config.data.curriculum} curriculum transmits no order "
+                                      "(only data.curriculum: difficulty does)")
+        n_chunks = -(-self.data_tokens // config.model.block_size)
         try:
-            return labels_from_header(self.order)
+            return labels_from_header(self.order, n_chunks, min(config.data.difficulty_levels, n_chunks))
         except (TypeError, ValueError) as e:
             raise _corrupted("order", str(e)) from None
 
     def tokenizer(self):
-        """The tokenizer, rebuilt from the blob (its content is checked here, where it is parsed)."""
+        """The tokenizer, rebuilt from the blob (its content is checked here, where it is parsed),
+        and the settings held to the memory limit again with its real vocabulary size."""
         from training.tokenizer import build_tokenizer
 
         try:
-            return build_tokenizer(self.tokenizer_name, serialized=self.tokenizer_blob)
+            tokenizer = build_tokenizer(self.tokenizer_name, serialized=self.tokenizer_blob)
         except (KeyError, TypeError, ValueError) as e:  # (TokenizerError is a ValueError)
             raise _corrupted("tokenizer", str(e)) from None
+        self.program(vocab_size=tokenizer.vocab_size)
+        return tokenizer
+
+
+def _check_token_memory(tokens: int) -> None:
+    """Decompressing holds the tokens (int64) and the bytes they decode to: held to the memory limit."""
+    from training.config import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes
+
+    need, limit = tokens * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
+    if need > limit:
+        raise StreamError(f"the file's header asks for more memory than allowed: tokens = {tokens:,} need about "
+                          f"{format_bytes(need)}, more than the limit of {format_bytes(limit)}; if this machine has "
+                          f"the memory, raise the limit: {MEMORY_ENV}={-(-need // 10**9)}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +222,9 @@ class CompressHeader:
             raise StreamError("not a compressed file (a training stream? use train.py verify)")
         model = _field(d, "model", dict, "a JSON object")
         tokenizer = _field(d, "tokenizer", dict, "a JSON object")
+        environment = _field(d, "environment", dict, "a JSON object")
+        _check_threads(environment)
+        _check_token_memory(_count(d, "tokens", 0))
         return cls(
             format=_count(d, "format", 1),
             original_bytes=_count(d, "original_bytes", 0),
@@ -186,6 +236,6 @@ class CompressHeader:
             model_sha256=_sha256(model, "sha256", "model: sha256"),
             tokenizer_name=_field(tokenizer, "name", str, "a string", "tokenizer: name"),
             tokenizer_sha256=_sha256(tokenizer, "sha256", "tokenizer: sha256"),
-            environment=_field(d, "environment", dict, "a JSON object"),
+            environment=environment,
             dtype=_field(d, "dtype", str, "a string"),
         )

@@ -52,8 +52,8 @@ class PrequelModule(L.LightningModule):
     def attach(self, tape: Tape) -> None:
         self.tape = tape
 
-    def forward(self, idx: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(idx, counted)
+    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(idx, leave_out)
 
     def is_first_pass(self, batch: dict) -> bool:
         """Is this batch coded? Only the data's first visit is: a replay, or any batch of a later

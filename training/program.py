@@ -14,15 +14,17 @@ import lzma
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_GLOBS = ("train.py", "pyproject.toml", "models/*.py", "training/*.py", "callbacks/*.py")
-# Not needed to replay training, so not part of f: end-of-run reporting, the size sweep and
-# the frozen-model compressor. Editing them neither changes |f| nor invalidates a stream.
-NOT_TRAINING = {"training/report.py", "training/lmic.py", "training/compare.py"}
+# f is these folders, whole: exactly the modules Bob imports to decode (tests/test_program.py
+# checks that the decoder imports all of them and nothing else of the project). The CLI
+# (train.py) and tools/ (reports, the size sweep, the frozen-model compressor) are outside:
+# editing them neither changes |f| nor invalidates a stream.
+F_PACKAGES = ("models", "training", "callbacks")
+F_FILES = ("pyproject.toml",)  # the pinned versions of the public packages Bob installs
 
 
 def source_files() -> list[Path]:
-    files = {p.relative_to(ROOT).as_posix(): p for pattern in SOURCE_GLOBS for p in ROOT.glob(pattern)}
-    return [files[name] for name in sorted(files) if name not in NOT_TRAINING]
+    files = [ROOT / name for name in F_FILES] + [p for pkg in F_PACKAGES for p in (ROOT / pkg).glob("*.py")]
+    return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
 
 
 def strip_python(source: str) -> str:
@@ -60,7 +62,7 @@ def xz_bits(data: bytes) -> int:
     return 8 * len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
 
 
-def program_bits(config_yaml: str, tokenizer_blob: bytes, order_bits: int = 0) -> dict[str, int]:
+def f_parts(config_yaml: str, tokenizer_blob: bytes, order_bits: int = 0) -> dict[str, int]:
     """|f| part by part, in bits. `order_bits`: a content-dependent curriculum order's cost
     (0 for orders the decoder rebuilds from config + seed; see training/curriculum.py)."""
     return {

@@ -1,22 +1,27 @@
-"""Train (Alice) and verify (Bob): the same Trainer, model and data plan on both sides."""
+"""Alice's training (`fit`) and Bob's replay (`verify`): the same Trainer, model and data plan.
 
+The coding itself is in callbacks/arithmetic_stream.py (StreamEncoder for Alice, StreamDecoder
+for Bob) and training/coding.py; what a run reports (summary, plots) is in tools/run.py, outside f."""
+
+import fcntl
 import hashlib
 import io
 import json
 import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.arithmetic_stream import StreamDecoder, StreamEncoder
 from callbacks.code_length import CodeLength
-from training.config import Config, ConfigError, dump_yaml, program_dict, to_dict
+from training.config import MAX_THREADS, Config, ConfigError, check_memory, dump_yaml, program_dict
 from training.curriculum import labels_to_header, order_bits
 from training.environment import KernelError, device_of, ensure_kernels, require_device
 from training.environment import check as check_environment
@@ -24,13 +29,17 @@ from training.environment import facts as environment_facts
 from training.data import DataError, PrequelDataModule, Tape, order_labels, plan_options, read_corpus
 from training.header import TrainingHeader
 from training.module import PrequelModule
-from training.program import code_hash, program_bits
-from training.report import code_length_summary, format_table, plot_loss_curve
+from training.program import code_hash, f_parts
 from training.stream import StreamError, read_stream, remove_stale_temps, write_atomic
 from training.tokenizer import build_tokenizer
 
 STREAM_NAME = "stream.prequel"
-SUMMARY_NAME = "summary.json"
+IDENTITY_NAME = "run.json"  # what the run directory is a run of: the program's settings + the data's sha256
+LOCK_NAME = ".lock"
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal; the run directory's last checkpoint resumes it."""
 
 
 def environment(config: Config) -> dict:
@@ -55,7 +64,7 @@ class _TrainStarted(L.Callback):
         self.ran = True
 
 
-def _set_determinism(config: Config) -> None:
+def set_determinism(config: Config) -> None:
     ensure_kernels(config.trainer.kernels)  # first: nothing may be computed with other kernels
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
@@ -69,7 +78,7 @@ def _set_determinism(config: Config) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
-def _tokens(config: Config, data: bytes):
+def tokenize(config: Config, data: bytes):
     tokenizer = build_tokenizer(config.data.tokenizer, data=data, vocab_size=config.data.vocab_size,
                                 pretrained=config.data.tokenizer_file)
     tokens = tokenizer.encode(data)
@@ -80,7 +89,7 @@ def _tokens(config: Config, data: bytes):
     return tokenizer, tokens
 
 
-def _build(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path, checkpoint: bool,
+def build_trainer(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path, checkpoint: bool,
            labels: torch.Tensor | None = None):
     module = PrequelModule(config, vocab_size)
     module.attach(tape)
@@ -106,16 +115,56 @@ def _build(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers
     return module, data, trainer
 
 
-def _loggers(config: Config, run_dir: Path) -> list:
-    loggers = []
-    if config.logging.csv:
-        loggers.append(L.pytorch.loggers.CSVLogger(run_dir, name="csv", version=""))
-    if config.logging.wandb and config.logging.wandb_mode != "disabled":
-        loggers.append(L.pytorch.loggers.WandbLogger(
-            project=config.logging.wandb_project, name=run_dir.name, save_dir=str(run_dir),
-            mode=config.logging.wandb_mode, config=to_dict(config), group=config.logging.wandb_group,
-        ))
-    return loggers
+def _identity(config: Config, data: bytes) -> dict:
+    return {"config": program_dict(config), "data_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_run_dir(run_dir: Path, config: Config, data: bytes) -> None:
+    """Refuse to resume (or report) a run directory that holds a run of other settings or data:
+    its checkpoint and stream would be mixed into this command's code length."""
+    path = Path(run_dir) / IDENTITY_NAME
+    if not path.is_file():
+        return
+    try:
+        theirs = json.loads(path.read_text())
+        theirs_config, theirs_sha = _flat(theirs["config"]), theirs["data_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"run_dir: {path} is damaged; use another --run_dir (or delete {run_dir} to start over)") from None
+    ours = _identity(config, data)
+    ours_config = _flat(ours["config"])
+    diffs = [f"{k}: the run has {theirs_config.get(k)!r}, this command {ours_config.get(k)!r}"
+             for k in sorted(set(theirs_config) | set(ours_config)) if theirs_config.get(k) != ours_config.get(k)]
+    if theirs_sha != ours["data_sha256"]:
+        diffs.append(f"data: the run's sha256 is {theirs_sha[:16]}…, this command's {ours['data_sha256'][:16]}…")
+    if diffs:
+        raise ConfigError(f"run_dir {run_dir} holds a run of other settings or data ({'; '.join(diffs)}); "
+                          "use another --run_dir, or delete it to start over")
+
+
+def _lock(run_dir: Path) -> None:
+    """One process per run directory: a second one would interleave checkpoints and streams.
+    The lock is the OS's (flock): it goes with the process, however it ends. This process may
+    train in it again (a resumed run, a sweep); it holds the lock until it ends."""
+    if run_dir.resolve() in _LOCKS:
+        return
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"run_dir {run_dir} is in use by another training process; wait for it, or use "
+                          "another --run_dir") from None
+    _LOCKS[run_dir.resolve()] = fd
+
+
+_LOCKS: dict[Path, int] = {}
 
 
 def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor | None = None) -> dict:
@@ -128,116 +177,80 @@ def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor
     ).to_dict()
 
 
-def train(config: Config, extra_callbacks: list | None = None) -> dict:
-    """Train with the prequential code length (and stream) on; returns the summary.
-    `extra_callbacks` watch or stop training (a size sweep's wall-clock budget); they change no bit of it."""
+@dataclass
+class Fitted:
+    """What Alice's training leaves: the sums, the stream and the objects a report reads."""
+
+    config: Config
+    run_dir: Path
+    tokenizer: object
+    tape: Tape
+    datamodule: PrequelDataModule
+    module: PrequelModule
+    trainer: L.Trainer
+    code_length: CodeLength
+    stream: StreamEncoder | None
+    stream_path: Path | None
+
+
+def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callbacks: list | None = None) -> Fitted:
+    """Alice: train with the code length (and the stream) on, resuming from the run's last
+    checkpoint, and write the stream. `loggers` and `extra_callbacks` watch or stop training
+    (a size sweep's wall-clock budget); they change no bit of it."""
     data = read_corpus(config.data.path)  # errors before anything is created
-    run_dir = Path(config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / SUMMARY_NAME).exists():
-        print(f"{run_dir} already finished; not training again. Summary: {run_dir / SUMMARY_NAME}")
-        return json.loads((run_dir / SUMMARY_NAME).read_text())
-    _set_determinism(config)
-    tokenizer, tokens = _tokens(config, data)  # a too-short corpus fails before the run directory exists
+    set_determinism(config)
+    tokenizer, tokens = tokenize(config, data)  # a too-short corpus fails before the run directory exists
+    check_memory(config, len(tokens))  # the plan and replay over this many tokens, before anything is built
+    check_run_dir(run_dir, config, data)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"run_dir: cannot create the directory {run_dir}: {e.strerror}") from None
     if os.environ.get("LOCAL_RANK", "0") == "0":  # (DDP's other ranks re-run this while rank 0 writes)
+        _lock(run_dir)
         remove_stale_temps(run_dir)  # what a kill mid-write left; the files themselves are whole
+        write_atomic(run_dir / IDENTITY_NAME, json.dumps(_identity(config, data), indent=1, sort_keys=True).encode())
     tape = Tape(tokens, bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
     labels = order_labels(config.data, config.model.block_size, tokenizer, tokens)
-    code_length = CodeLength(program_bits(config_text, tokenizer.serialize(), order_bits(labels)), len(tokens))
+    code_length = CodeLength(f_parts(config_text, tokenizer.serialize(), order_bits(labels)), len(tokens))
     started = _TrainStarted()
     callbacks: list = [code_length]
+    stream = None
     if config.stream.enabled:
         stream = StreamEncoder(tape, config.stream.checksum_every, config.stream.procedure,
                                header=stream_header(config, tokenizer, len(tokens), labels))
         callbacks.append(stream)
-    loggers = _loggers(config, run_dir)
-    module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, callbacks + [started] + (extra_callbacks or []),
-                                         loggers, run_dir, checkpoint=True, labels=labels)
+    module, datamodule, trainer = build_trainer(config, tape, tokenizer.vocab_size,
+                                                callbacks + [started] + (extra_callbacks or []), loggers or [],
+                                                run_dir, checkpoint=True, labels=labels)
     if trainer.is_global_zero:
         print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
               f"{len(tokens):,} tokens, run directory {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None, weights_only=True)
+    except SIGTERMException:  # (Lightning stops at the end of a batch and would exit 0)
+        trainer.save_checkpoint(last, weights_only=False)
+        raise Interrupted(f"stopped by SIGTERM after {trainer.global_step} steps; {last} holds everything so far: "
+                          "re-run the same command to resume") from None
     if not started.ran:  # killed after the final checkpoint, before the summary: Lightning skips the
         for callback in callbacks:  # finished loop and the hooks that restore the sums and close the stream
             callback.on_train_start(trainer, module)
             callback.on_train_end(trainer, module)
-    _save_final_checkpoint(trainer, last)
-
+    # last.ckpt = the weights training ended with (periodic saves may predate the end), with the
+    # callbacks' states: resumable. Atomic: the trainer writes through AtomicCheckpointIO, on rank 0.
+    trainer.save_checkpoint(last, weights_only=False)
     totals = code_length.totals()
-    if not trainer.is_global_zero:
-        return {}
-    summary = code_length_summary(totals, tokenizer.vocab_size, _covered_bytes(tokenizer, tape, datamodule, totals))
-    summary["train/loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
-    summary["train/bpb"] = float(trainer.callback_metrics.get("train/bpb", float("nan")))
-    summary["model/params"] = module.model.num_params()
-    if config.stream.enabled:
-        path = run_dir / STREAM_NAME
-        complete = totals["complete"]
-        file_bytes = stream.save(path, {
-            "data_sha256": hashlib.sha256(data).hexdigest() if complete else None,
+    stream_path = None
+    if stream is not None and trainer.is_global_zero:
+        stream_path = run_dir / STREAM_NAME
+        stream.save(stream_path, {
+            "data_sha256": hashlib.sha256(data).hexdigest() if totals["complete"] else None,
             "ideal_bits": totals["data_bits"],
         })
-        summary.update({
-            "code/stream_bits": stream.stream.payload_bits,
-            "code/stream_total_bits": summary["code/model_bits"] + stream.stream.payload_bits,
-            "code/stream_total_bpb": (summary["code/model_bits"] + stream.stream.payload_bits) / max(summary["data/bytes"], 1),
-            "stream/segments": len(stream.stream.segments), "stream/path": str(path), "stream/file_bytes": file_bytes,
-        })
-    # The per-step first-pass curve, for plots across runs (a size sweep) without W&B.
-    curve = "".join(f"{seen},{bits!r},{n}\n" for seen, bits, n in code_length.curve)
-    write_atomic(run_dir / "curve.csv", ("tokens_seen,bits,tokens\n" + curve).encode())
-    if config.logging.plot:
-        plot = plot_loss_curve(code_length.curve, summary, run_dir / "loss_curve.png")
-        summary["plot/loss_curve"] = str(plot)
-    _log_summary(loggers, summary)
-    write_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
-    print(format_table(summary))
-    print(f"final train/loss {summary['train/loss']:.4f} nats/token, train/bpb {summary['train/bpb']:.4f}; "
-          f"code length {summary['code/bpb']:.4f} bpb")
-    print(f"run directory: {run_dir}")
-    return summary
-
-
-def _save_final_checkpoint(trainer: L.Trainer, path: Path) -> None:
-    """last.ckpt = the weights training ended with (periodic saves may predate the end). Atomic:
-    the trainer writes through `AtomicCheckpointIO`, on global rank 0 only."""
-    trainer.save_checkpoint(path, weights_only=False)  # with callback states: a resumable checkpoint
-
-
-def _covered_bytes(tokenizer, tape: Tape, datamodule: PrequelDataModule, totals: dict) -> bytes:
-    """The bytes the code covers, in file order (all of them after a full first pass)."""
-    if totals["complete"]:
-        return tokenizer.decode(tape.tokens)
-    done, spans = 0, []
-    for batch in datamodule.batches:
-        if done >= totals["tokens"]:
-            break
-        spans.append(batch)
-        done += int(batch[:, 1].sum())
-    spans = torch.cat(spans)
-    spans = spans[spans[:, 0].argsort()]
-    return b"".join(tokenizer.decode(tape.tokens[s : s + n]) for s, n in spans.tolist())
-
-
-def _log_summary(loggers: list, summary: dict) -> None:
-    for logger in loggers:
-        if isinstance(logger, L.pytorch.loggers.WandbLogger):
-            import wandb  # only with W&B on: importing it costs seconds
-
-            run = logger.experiment
-            run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
-            if "plot/loss_curve" in summary:
-                run.log({"plot/loss_curve": wandb.Image(summary["plot/loss_curve"])})
-            logger.finalize("success")
-            wandb.finish()
-        else:
-            logger.finalize("success")
+    return Fitted(config, run_dir, tokenizer, tape, datamodule, module, trainer, code_length, stream, stream_path)
 
 
 def find_stream(path: Path) -> Path:
@@ -258,6 +271,8 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     if header.code_hash != code_hash():
         raise StreamError("the stream was written by different prequel source code (code hash differs); "
                           "check out the commit that wrote it")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads: must be in 1..{MAX_THREADS}, got {threads}")
     config = replace(
         config, run_dir=None,
         trainer=replace(config.trainer, num_threads=threads or config.trainer.num_threads),
@@ -265,7 +280,7 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     )
     try:
         require_device(header.environment)  # before the config's accelerator is used
-        _set_determinism(config)
+        set_determinism(config)
         diffs = check_environment(header.environment, config.trainer.kernels, config.trainer.accelerator,
                                   allow_env_mismatch, error=StreamError)
     except KernelError as e:
@@ -275,11 +290,11 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     except (RuntimeError, MemoryError):
         raise StreamError(f"the header claims {n_tokens:,} tokens: more than this machine can hold") from None
-    code_length = CodeLength(program_bits(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
+    code_length = CodeLength(f_parts(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
     decoder = StreamDecoder(tape, config.stream.checksum_every, config.stream.procedure, stream=stream)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        module, datamodule, trainer = _build(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
+        module, datamodule, trainer = build_trainer(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
                                              checkpoint=False, labels=labels)
         try:
             trainer.fit(module, datamodule)
@@ -308,12 +323,16 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     return report
 
 
-def _compare_checkpoint(path: Path, module: PrequelModule) -> bool | None:
-    """Final weights bitwise equal to the encoder's final checkpoint, when it sits beside the stream."""
+def _compare_checkpoint(path: Path, module: PrequelModule) -> bool | str | None:
+    """Final weights bitwise equal to the encoder's final checkpoint, when it sits beside the stream
+    (None: no checkpoint; a string: why it could not be read; the stream's own checks still hold)."""
     ckpt = (path if path.is_dir() else path.parent) / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:  # damaged or foreign file: pickle, zip and torch errors alike
+        return f"the checkpoint {ckpt} beside the stream cannot be read ({type(e).__name__}); final weights not compared"
     ours = module.state_dict()
     if state.keys() != ours.keys() or not all(torch.equal(state[k], ours[k].cpu()) for k in ours):
         raise StreamError(f"decoded training ended with weights that differ from the encoder's checkpoint {ckpt}")

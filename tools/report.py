@@ -19,16 +19,16 @@ def classic_baselines(data: bytes) -> dict[str, float]:
 
 def code_length_summary(totals: dict, alphabet_size: int, covered: bytes) -> dict[str, float]:
     """The metrics of issue #4 under their names; `covered` = the bytes the code covers."""
-    parts = totals["program_bits"]
-    model_bits = sum(parts.values())
+    parts = totals["f_parts"]
+    f_bits = sum(parts.values())
     tokens, nbytes, data_bits = totals["tokens"], totals["nbytes"], totals["data_bits"]
-    total = model_bits + tokens + data_bits
+    total = f_bits + tokens + data_bits
     # Uniform code: Bob needs only the length (64 bits) and the alphabet, then log2 m per token.
     uniform = 64 + tokens * math.log2(alphabet_size)
     summary = {
         "code/data_bits": data_bits,
-        "code/model_bits": model_bits,
-        **{f"code/model_bits/{name}": bits for name, bits in parts.items()},
+        "code/f_bits": f_bits,
+        **{f"code/f_bits/{name}": bits for name, bits in parts.items()},
         "code/n_bits": tokens,
         "code/total_bits": total,
         "code/bpb": total / max(nbytes, 1),
@@ -44,6 +44,14 @@ def code_length_summary(totals: dict, alphabet_size: int, covered: bytes) -> dic
     return summary
 
 
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Cells → aligned lines: the first column left, the others right, a rule under the first row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"{row[0]:<{widths[0]}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:])) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
 def format_table(summary: dict) -> str:
     """A table a person reads at a glance."""
     nbytes = max(summary["data/bytes"], 1)
@@ -55,9 +63,9 @@ def format_table(summary: dict) -> str:
     row("code length S = |f| + n + Σ", summary["code/total_bits"])
     row("  Σ −log2 P (area under loss curve)", summary["code/data_bits"])
     row("  n (arithmetic-coding bound)", summary["code/n_bits"])
-    row("  |f| program", summary["code/model_bits"])
+    row("  |f| program", summary["code/f_bits"])
     for key, bits in summary.items():
-        if key.startswith("code/model_bits/"):
+        if key.startswith("code/f_bits/"):
             row(f"    {key.rsplit('/', 1)[1]}", bits)
     if "code/stream_bits" in summary:
         row("real arithmetic-coded stream", summary["code/stream_bits"])
@@ -66,9 +74,7 @@ def format_table(summary: dict) -> str:
         bpb = summary[f"baseline/{name}_bpb"]
         rows.append((f"{name} {'-9e' if name == 'xz' else '-9'} of the same bytes", f"{bpb * nbytes:,.0f}", f"{bpb:.4f}"))
     rows.append(("last epoch cross-entropy (not a code)", "", f"{summary['train/last_epoch_bpb']:.4f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table(rows)
     coverage = f"{summary['data/bytes']:,} bytes, {summary['data/tokens']:,} tokens"
     if not summary["data/complete"]:
         coverage += " — PARTIAL: training stopped before one full pass; the code covers only these"

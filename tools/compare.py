@@ -26,10 +26,10 @@ from pathlib import Path
 import lightning as L
 
 from models.gpt import GPT
-from training.config import ConfigError, _build, _merge, config_from_dict, parse_overrides, read_yaml_mapping
+from training.config import ConfigError, build_dataclass, merge_values, config_from_dict, parse_overrides, read_yaml_mapping
 from training.data import read_corpus
-from training.report import pyplot, save_loss_axes
-from training.run import SUMMARY_NAME, train
+from tools.report import pyplot, save_loss_axes
+from tools.run import SUMMARY_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_INFO = "compare_run.json"  # what the sweep knows about a run that the run does not: budget, time
@@ -65,7 +65,7 @@ def parse_sweep(values: dict, where: str) -> Sweep:
             or len(set(sizes)) != len(sizes):
         raise ConfigError(f"{where}: sizes: expected distinct preset names (e.g. [nano, small]), got {sizes!r}")
     try:
-        sweep = _build(Sweep, values)
+        sweep = build_dataclass(Sweep, values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     for key, value in vars(sweep.budget).items():
@@ -91,8 +91,8 @@ def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_
             raise ConfigError(f"{preset_path(size)}: {key} is set by the sweep, remove it from the preset")
     if "path" in (preset.get("data") or {}):
         raise ConfigError(f"{preset_path(size)}: data.path would give this size other data; set it in the base config")
-    values = _merge(_merge(read_yaml_mapping(_path(sweep.base), "base config"), preset), overrides)
-    values = _merge(values, {"name": Path(size).stem, "run_dir": str(sweep_dir / Path(size).stem),
+    values = merge_values(merge_values(read_yaml_mapping(_path(sweep.base), "base config"), preset), overrides)
+    values = merge_values(values, {"name": Path(size).stem, "run_dir": str(sweep_dir / Path(size).stem),
                              "data": {"path": data_path}, "logging": {"wandb_group": sweep.group or sweep_dir.name}})
     try:
         return config_from_dict(values)
@@ -150,7 +150,7 @@ def run_sweep(sweep: Sweep, overrides: dict) -> Path:
         if key in overrides:
             raise ConfigError(f"--{key} is set per size by the sweep; use --sweep_dir")
     sweep_dir = Path(sweep.sweep_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    base_values = _merge(read_yaml_mapping(_path(sweep.base), "base config"), overrides)
+    base_values = merge_values(read_yaml_mapping(_path(sweep.base), "base config"), overrides)
     corpus = (base_values.get("data") or {}).get("path")
     data = read_corpus(corpus)
     data_path = corpus if sweep.budget.bytes is None else str(sweep_dir / f"corpus-{sweep.budget.bytes}.bin")
@@ -193,7 +193,7 @@ def read_run(run_dir: Path) -> dict:
         (run_dir / SUMMARY_NAME).stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
     row = {"size": info.get("size", run_dir.name), "params": s["model/params"], "tokens": s["data/tokens"],
            "bytes": s["data/bytes"], "complete": s["data/complete"], "train_s": seconds,
-           "tokens_per_s": s["data/tokens"] / max(seconds, 1e-9), "f_bits": s["code/model_bits"],
+           "tokens_per_s": s["data/tokens"] / max(seconds, 1e-9), "f_bits": s["code/f_bits"],
            "sigma_bits": s["code/data_bits"], "n_bits": s["code/n_bits"], "total_bits": s["code/total_bits"],
            "bpb": s["code/bpb"], "stream_total_bpb": s.get("code/stream_total_bpb"),
            "last_epoch_bpb": s["train/last_epoch_bpb"]}
@@ -321,6 +321,6 @@ def from_command_line(config_path: str | None, from_runs: list[str] | None, over
         return 0
     values = read_yaml_mapping(_path(config_path), "sweep config") if config_path else {}
     where = config_path or "command line"
-    sweep = parse_sweep(_merge(values, {k: v for k, v in tree.items() if k in sweep_keys}), where)
+    sweep = parse_sweep(merge_values(values, {k: v for k, v in tree.items() if k in sweep_keys}), where)
     run_sweep(sweep, {k: v for k, v in tree.items() if k not in sweep_keys})
     return 0
