@@ -164,11 +164,21 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(e: Exception) -> int:
+    """SIGTERM (schedulers, `timeout`): a resumable stop, not a success."""
+    print(f"interrupted: {e}", file=sys.stderr)
+    return 143
+
+
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.config import load_config
+    from training.run import Interrupted
     from tools.run import train
 
-    train(load_config(args.config, overrides))
+    try:
+        train(load_config(args.config, overrides))
+    except Interrupted as e:
+        return _interrupted(e)
     return 0
 
 
@@ -285,9 +295,13 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.run import Interrupted
     from tools.compare import from_command_line
 
-    return from_command_line(args.config, args.from_runs, overrides)
+    try:
+        return from_command_line(args.config, args.from_runs, overrides)
+    except Interrupted as e:
+        return _interrupted(e)
 
 
 @dataclass(frozen=True)
@@ -317,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
     from training.config import ConfigError
     from training.data import DataError
-    from training.run import Interrupted
     from training.stream import StreamError
 
     named = bool(argv) and argv[0] in COMMANDS
@@ -340,9 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     except StreamError as e:
         print(f"stream error: {e}", file=sys.stderr)
         return 3
-    except Interrupted as e:  # SIGTERM (schedulers, timeout): a resumable stop, not a success
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 143
     except OSError as e:  # disk full, unwritable run directory: files are whole or absent (atomic writes)
         where = f": {e.filename}" if e.filename else ""
         then = ("no decoded output was written" if name == "verify" else
