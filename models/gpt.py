@@ -124,7 +124,8 @@ class Block(nn.Module):
 
 
 def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    # In Python floats (libm), rounded once to float32: torch.pow of a tensor may be MKL's (models/portable_math).
+    inv_freq = torch.tensor([base ** (-i / head_dim) for i in range(0, head_dim, 2)], dtype=torch.float32)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

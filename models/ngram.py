@@ -17,6 +17,8 @@ same for encoder and decoder, and saved in checkpoints with the weights.
 import torch
 import torch.nn as nn
 
+from models import portable_math
+
 HASH_BITS = 15  # contexts of 2+ tokens are hashed into 2**15 buckets per order
 _MULT = 1597334677  # an odd 31-bit multiplier: hashes stay below 2**62, no int64 overflow
 
@@ -56,7 +58,7 @@ class NGramPrior(nn.Module):
             if leave_out is not None:
                 counts = counts.scatter_add(-1, leave_out, -present)
             counts = counts + self.alpha
-            out.append(counts.log() - counts.sum(-1, keepdim=True).log())
+            out.append(portable_math.log(counts) - portable_math.log(counts.sum(-1, keepdim=True)))
         return torch.stack(out, dim=2)
 
     @torch.no_grad()

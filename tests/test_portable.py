@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import ROOT, run_cli
+from models import portable_math
+from tests.helpers import ROOT, run_cli, tiny_config
 from training import environment
 from training.program import code_hash
 from training.stream import encode_stream, read_stream
@@ -129,3 +131,45 @@ def test_portable_compress_decompresses_under_other_kernels(native_run, tmp_path
     r = cli("decompress", "--ckpt", root / "run", native, tmp_path / "n.out", env=unpinned(ATEN_CPU_CAPABILITY=other))
     assert r.returncode == 3 and "cpu_capability" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "n.out").exists()
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the name of every ATen op called while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("procedure", ["full", "incremental"])
+def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
+    """MKL's vector math (VML) is not the same on every CPU, even under MKL_CBWR=COMPATIBLE: the
+    portable pins cannot make it so, so no bit may depend on it. Every ATen op of a run with every
+    feature that computes bits on (RoPE, n-gram prior, z-loss, gradient clipping, replay, NormHead,
+    tied embeddings), from building the model through Alice's stream to Bob's replay of it."""
+    from tools.run import train
+    from training.run import verify
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(FIXTURE_BYTES[:1200])
+    config = tiny_config(text, tmp_path / "run", "--model.positions", "rope", "--model.ngram_order", "3",
+                         "--model.z_loss", "1e-4", "--optim.grad_clip", "1.0", "--optim.warmup_steps", "2",
+                         "--data.replay_steps", "1", "--stream.procedure", procedure, "--logging.csv", "false")
+    with AtenOps() as ops:
+        train(config)
+        report = verify(tmp_path / "run", tmp_path / "decoded.txt")  # raises if a bit differs
+    assert report["complete"] and (tmp_path / "decoded.txt").read_bytes() == text.read_bytes()
+    assert {"mm", "_fused_adamw_", "xlogy"} <= ops.names  # the trace saw the run
+    assert not ops.names & portable_math.VML_OPS, f"ops MKL computes: {sorted(ops.names & portable_math.VML_OPS)}"
+
+
+def test_vml_ops_lists_every_op_mkl_compatible_changes():
+    """models/portable_math.VML_OPS is measured, not guessed: bench/vml_ops.py runs each candidate
+    op with and without MKL_CBWR=COMPATIBLE and every op whose bits change must be listed."""
+    r = subprocess.run([sys.executable, "bench/vml_ops.py"], cwd=ROOT, capture_output=True, text=True,
+                       env=unpinned())
+    assert r.returncode == 0 and "lists them all" in r.stdout, r.stdout + r.stderr

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from models import portable_math
 from models.gpt import GPT
 from training.config import Config, program_dict
 from training.data import IGNORE, Tape
@@ -78,8 +79,8 @@ class PrequelModule(L.LightningModule):
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
             self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
         if self.config.model.z_loss:
-            z = torch.logsumexp(logits.float(), dim=-1)[mask]
-            loss = loss + self.config.model.z_loss * (z**2).mean()
+            z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
+            loss = loss + self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
         return loss
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
@@ -96,6 +97,7 @@ class PrequelModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            fused=True,  # one ATen kernel, same bits on every CPU; the loop version's sqrt is MKL VML's (portable_math)
         )
         total = max(1, self.trainer.estimated_stepping_batches) if o.schedule == "cosine" else 0
 
