@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from models.mixture import Mixture
 from training.coding import Decoder, Encoder, code_batch, encode_known, incremental_logits
 from training.data import IGNORE, Tape
 from training.stream import Segment, Stream, StreamError, write_stream
@@ -61,9 +62,10 @@ class StreamCallback(L.Callback):
                 return pl_module(self.tape.inputs(targets).to(pl_module.device))[:, t]
         else:
             logits_at = incremental_logits(pl_module.model, targets, self.tape.bos_id)
+        mixer = pl_module.model.column_mixer(len(targets), pl_module.device) if isinstance(pl_module.model, Mixture) else None
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
             try:
-                code_batch(logits_at, targets, self.coder)
+                code_batch(logits_at, targets, self.coder, mixer=mixer)
             except StreamError as e:
                 raise StreamError(f"batch {self.coded_batches + 1}: {e}") from None
 

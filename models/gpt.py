@@ -215,6 +215,9 @@ class GPT(nn.Module):
         return logits
 
     @torch.no_grad()
+    def new_cache(self, batch: int, device=None) -> KVCache:
+        return KVCache(self.config, batch, device=device)
+
     def forward_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Incremental inference: idx (B,) are the ids at position cache.pos; returns the logits
         (B, vocab_size) of the next token, as forward would up to rounding (see KVCache)."""

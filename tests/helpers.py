@@ -51,7 +51,8 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def wandb_offline_summary(run_dir: Path) -> dict:
-    """The summary W&B recorded in an offline run (wandb-core keeps it in the .wandb log only)."""
+    """The summary W&B recorded in an offline run (wandb-core keeps it in the .wandb log only),
+    with the run's group under "_group" and the keys it logged under "_history"."""
     from wandb.proto import wandb_internal_pb2
 
     (log,) = run_dir.glob("*.wandb")
@@ -66,6 +67,11 @@ def wandb_offline_summary(run_dir: Path) -> dict:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(buf)
             buf = b""
+            if record.WhichOneof("record_type") == "run":
+                summary["_group"] = record.run.run_group
+            if record.WhichOneof("record_type") == "history":  # logged keys, under "_history"
+                summary.setdefault("_history", set()).update(item.key or item.nested_key[0]
+                                                             for item in record.history.item)
             if record.WhichOneof("record_type") == "summary":
                 summary.update({item.key: json.loads(item.value_json) for item in record.summary.update})
     return summary

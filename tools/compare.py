@@ -25,9 +25,10 @@ from pathlib import Path
 
 import lightning as L
 
-from models.gpt import GPT
-from training.config import ConfigError, build_dataclass, merge_values, config_from_dict, parse_overrides, read_yaml_mapping
+from training.config import (ConfigError, build_dataclass, config_from_dict, merge_values, mixture_members, parameter_count,
+                             parse_overrides, read_yaml_mapping)
 from training.data import read_corpus
+from tools.prefix import PREFIX_COLUMNS, catch_up_text, catch_ups, plot_cumulative, prefix_markdown, prefix_rows
 from tools.report import pyplot, save_loss_axes
 from tools.run import SUMMARY_NAME, train
 
@@ -50,6 +51,9 @@ class Sweep:
     base: str = "configs/small.yaml"  # the config every size starts from
     sizes: tuple[str, ...] = ("nano", "micro", "small", "medium")  # configs/sizes/<name>.yaml, or paths
     budget: Budget = field(default_factory=Budget)
+    # after the sizes, also train all of them side by side as one mixture (models/mixture.py): bayes or
+    # switch; None = no mixture run
+    mixture: str | None = None
     group: str | None = None  # W&B group; None = the sweep directory's name
     sweep_dir: str | None = None  # None = runs/compare-<timestamp>
 
@@ -68,6 +72,8 @@ def parse_sweep(values: dict, where: str) -> Sweep:
         sweep = build_dataclass(Sweep, values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if sweep.mixture not in (None, "bayes", "switch"):
+        raise ConfigError(f"{where}: mixture: expected bayes, switch or null, got {sweep.mixture!r}")
     for key, value in vars(sweep.budget).items():
         if value is not None and value <= 0:
             raise ConfigError(f"{where}: budget.{key}: must be > 0 or null, got {value!r}")
@@ -81,6 +87,19 @@ def _path(name: str) -> Path:
 
 def preset_path(size: str) -> Path:
     return _path(size) if size.endswith(".yaml") else ROOT / "configs" / "sizes" / f"{size}.yaml"
+
+
+def mixture_config(sweep: Sweep, configs: list, overrides: dict, sweep_dir: Path, data_path: str | None):
+    """The base config with every size as a member (its layers, heads, width and learning rate)."""
+    members = ", ".join(f"{c.model.n_layer}x{c.model.n_head}x{c.model.n_embd}@{c.optim.lr!r}" for c in configs)
+    values = merge_values(merge_values(read_yaml_mapping(_path(sweep.base), "base config"), overrides), {
+        "name": f"mixture-{sweep.mixture}", "run_dir": str(sweep_dir / f"mixture-{sweep.mixture}"),
+        "data": {"path": data_path}, "logging": {"wandb_group": sweep.group or sweep_dir.name},
+        "mixture": {"members": members, "weights": sweep.mixture}})
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"mixture of {', '.join(sweep.sizes)}: {e}") from None
 
 
 def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_path: str | None):
@@ -155,11 +174,14 @@ def run_sweep(sweep: Sweep, overrides: dict) -> Path:
     data = read_corpus(corpus)
     data_path = corpus if sweep.budget.bytes is None else str(sweep_dir / f"corpus-{sweep.budget.bytes}.bin")
     configs = [size_config(sweep, size, overrides, sweep_dir, data_path) for size in sweep.sizes]  # all errors first
+    if sweep.mixture:
+        configs.append(mixture_config(sweep, configs, overrides, sweep_dir, data_path))
     if sweep.budget.bytes is not None:  # one file of the first N bytes: every size codes exactly these
         sweep_dir.mkdir(parents=True, exist_ok=True)
         data = data[: sweep.budget.bytes]
         Path(data_path).write_bytes(data)
-    params = [GPT(replace(c.model, vocab_size=c.data.vocab_size)).num_params() for c in configs]  # for the ETA
+    params = [sum(parameter_count(m, c.data.vocab_size) for m, _ in mixture_members(c) or [(c.model, 0)])
+              for c in configs]  # for the ETA
     budget = budget_text(sweep, len(data), corpus or "tinyshakespeare")
     print(f"compare: {len(configs)} sizes into {sweep_dir}; budget: {budget}", flush=True)
     started, done = time.perf_counter(), []
@@ -177,7 +199,9 @@ def run_sweep(sweep: Sweep, overrides: dict) -> Path:
         print(f"[compare {k + 1}/{len(configs)}] {config.name} done: {seconds:.1f} s of training, "
               f"{summary['code/bpb']:.4f} bpb; elapsed {_clock(time.perf_counter() - started)}, "
               f"ETA {_eta(done, params[k + 1:], clock.seconds)}", flush=True)
-    write_comparison([Path(c.run_dir) for c in configs], sweep_dir)
+    paths = write_comparison([Path(c.run_dir) for c in configs], sweep_dir)
+    if configs[0].logging.wandb and configs[0].logging.wandb_mode != "disabled":
+        log_to_wandb(configs[0].logging, sweep.group or sweep_dir.name, sweep_dir, paths)
     return sweep_dir
 
 
@@ -201,7 +225,8 @@ def read_run(run_dir: Path) -> dict:
     if (run_dir / "curve.csv").is_file():
         with open(run_dir / "curve.csv") as f:
             curve = [(int(r["tokens_seen"]), float(r["bits"]), int(r["tokens"])) for r in csv.DictReader(f)]
-    return {"row": row, "summary": s, "budget": info.get("budget"), "curve": curve}
+    return {"row": row, "summary": s, "budget": info.get("budget"), "curve": curve,
+            "mixture": "mixture/member_bits" in s}
 
 
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
@@ -221,15 +246,59 @@ def write_comparison(run_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows([{k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in r.items()}
                           for r in rows + baselines])
+    prefixes, points = prefix_rows(runs), catch_ups(runs)
+    with open(out_dir / "prefixes.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, PREFIX_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in prefixes])
     budgets = sorted({r["budget"] for r in runs if r["budget"]})
     budget = "; ".join(budgets) or "as each run was trained (runs read from disk): see the tokens and complete columns"
-    (out_dir / "comparison.md").write_text(markdown_table(rows, baselines, budget))
-    paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
+    bytes_per_token = rows[0]["bytes"] / max(rows[0]["tokens"], 1)
+    prefix_md = prefix_markdown(prefixes, points, bytes_per_token) if prefixes else ""
+    (out_dir / "comparison.md").write_text(markdown_table(rows, baselines, budget) + mixture_text(runs) + "\n" + prefix_md)
+    paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "prefixes": out_dir / "prefixes.csv",
              "curves": plot_curves(runs, out_dir / "loss_curves.png"),
              "sizes": plot_sizes(rows, baselines if same_bytes else [], out_dir / "code_vs_params.png")}
+    if prefixes:
+        paths["cumulative"] = plot_cumulative(runs, points, out_dir / "cumulative_code.png")
+    (out_dir / "catch_up.json").write_text(json.dumps(
+        [p | {"text": catch_up_text(p, bytes_per_token)} for p in points], indent=2))
     print((out_dir / "comparison.md").read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+def mixture_text(runs: list[dict]) -> str:
+    """Each mixture against the best single size of the same data, and against its own members."""
+    lines = []
+    sizes = [r for r in runs if not r["mixture"]]
+    for run in (r for r in runs if r["mixture"]):
+        mix, members = run["row"], run["summary"]["mixture/member_bits"]
+        line = (f"\n{mix['size']}: Σ {mix['sigma_bits']:,.0f} bits for {len(members)} members trained side by side; "
+                f"its members alone: {', '.join(f'{b:,.0f}' for b in members)}; the bound min + log2 K = "
+                f"{min(members) + math.log2(len(members)):,.0f}.")
+        same = [r["row"] for r in sizes if r["row"]["bytes"] == mix["bytes"]]
+        if same:
+            best = min(same, key=lambda r: r["sigma_bits"])
+            line += (f" Best single size: {best['size']} ({best['sigma_bits']:,.0f}): the mixture is "
+                     f"{mix['sigma_bits'] - best['sigma_bits']:+,.0f} bits from it.")
+        lines.append(line)
+    return "".join(lines) + ("\n" if lines else "")
+
+
+def log_to_wandb(logging, group: str, out_dir: Path, paths: dict[str, Path]) -> None:
+    """The comparison as one more run in the sizes' W&B group: its plots, and the prefix table
+    (one row per size and prefix) as a W&B table; offline by default, `wandb sync` later."""
+    import wandb  # only with W&B on: importing it costs seconds
+
+    run = wandb.init(project=logging.wandb_project, group=group, name=f"{group}-comparison", dir=str(out_dir),
+                     mode=logging.wandb_mode, job_type="comparison", reinit="finish_previous")
+    with open(paths["prefixes"]) as f:
+        table = list(csv.reader(f))
+    run.log({"compare/prefixes": wandb.Table(columns=table[0], data=table[1:]),
+             **{f"compare/{key}": wandb.Image(str(path)) for key, path in paths.items() if path.suffix == ".png"}})
+    run.summary["compare/catch_up"] = json.loads((out_dir / "catch_up.json").read_text())
+    run.finish()
 
 
 def markdown_table(rows: list[dict], baselines: list[dict], budget: str) -> str:

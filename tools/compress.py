@@ -105,6 +105,9 @@ def load_frozen(path: Path) -> FrozenModel:
     stored = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
     state = {k.removeprefix("model."): v for k, v in stored.items() if isinstance(v, torch.Tensor)}
     run_config = _run_config(ckpt, ckpt_path)
+    if run_config is not None and run_config.mixture.members:
+        raise CompressError(f"{ckpt_path} holds a mixture of {run_config.mixture.members}: compress codes with one "
+                            "model; train one size, or verify the mixture's own stream")
     gpt = GPT(_gpt_config(ckpt, run_config, ckpt_path))
     try:
         gpt.load_state_dict(state)

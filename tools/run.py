@@ -55,6 +55,9 @@ def report(run: Fitted, loggers: list) -> dict:
     summary["train/loss"] = float(run.trainer.callback_metrics.get("train/loss", float("nan")))
     summary["train/bpb"] = float(run.trainer.callback_metrics.get("train/bpb", float("nan")))
     summary["model/params"] = run.module.model.num_params()
+    if hasattr(run.module.model, "member_bits"):  # a mixture: each member's own Σ, and its size
+        summary["mixture/member_bits"] = run.module.model.member_bits.tolist()
+        summary["mixture/member_params"] = [m.num_params() for m in run.module.model.members]
     if run.stream is not None:
         payload = run.stream.stream.payload_bits
         summary.update({

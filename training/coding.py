@@ -29,7 +29,8 @@ import constriction
 import numpy as np
 import torch
 
-from models.gpt import GPT, KVCache
+from models.gpt import GPT
+from models.mixture import ColumnMixer, Mixture
 from training.data import IGNORE
 from training.stream import StreamError
 
@@ -100,16 +101,26 @@ class Decoder:
 
 
 def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder,
-               top_k: int = 0) -> None:
+               top_k: int = 0, mixer: ColumnMixer | None = None) -> None:
     """Code `targets` (B, L) column by column (positions != IGNORE): encode them, or decode
     into them (the decoder's are placeholders until then).
 
     `logits_at(t)` gives column t's (B, V) logits once columns < t are in `targets`. `top_k` > 0
-    codes with top-k + escape (see the module docstring)."""
+    codes with top-k + escape (see the module docstring). With a `mixer` (a mixture of models),
+    `logits_at(t)` gives the members' log-probabilities (B, K, V), and the rows of a column are
+    coded one by one, each with the weights after the rows above it (models/mixture.py)."""
     present = targets != IGNORE
     for t in range(targets.shape[1]):
         rows = present[:, t]
         if not rows.any():
+            continue
+        if mixer is not None:
+            member_lp = logits_at(t)
+            for r in rows.nonzero()[:, 0].tolist():
+                mixed = mixer.mix(member_lp[r : r + 1], mixer.before_rows()[r : r + 1])
+                targets[r, t] = coder.code(targets[r : r + 1, t], coding_probabilities(mixed))[0]
+                mixer.observe(r, member_lp[r, :, targets[r, t]])
+            mixer.end_column()
             continue
         if top_k:
             symbols = code_top_k(logits_at(t)[rows], targets[rows, t], coder, top_k)
@@ -135,13 +146,13 @@ def encode_known(logits: torch.Tensor, targets: torch.Tensor, encoder: Encoder) 
     encoder.flush()
 
 
-def incremental_logits(model: GPT, targets: torch.Tensor, bos_id: int) -> Callable[[int], torch.Tensor]:
+def incremental_logits(model: GPT | Mixture, targets: torch.Tensor, bos_id: int) -> Callable[[int], torch.Tensor]:
     """`logits_at` for `code_batch` by KV-cache steps: one `GPT.forward_step` per column, fed
     BOS, then column t - 1 of `targets` (known by then on both sides). Its bits are not the full
     forward's (see KVCache), so both sides must code with it. Columns `code_batch` skips (no
     tokens) are stepped through all the same, so the cache stays at the position asked for."""
-    device = model.wte.weight.device
-    cache = KVCache(model.config, len(targets), device=device)
+    device = next(model.parameters()).device
+    cache = model.new_cache(len(targets), device)
     bos = torch.full((len(targets),), bos_id)
 
     def logits_at(t: int) -> torch.Tensor:

@@ -130,6 +130,16 @@ class StreamConfig:
 
 
 @dataclass
+class MixtureConfig:
+    # K >= 2 GPTs trained side by side on the same batches, coding with a mixture (models/mixture.py):
+    # comma-separated LAYERSxHEADSxWIDTH[@LR], e.g. "1x2x32@3e-3, 2x4x128@2e-3" (LR: optim.lr if left
+    # out); the model section gives everything else. Empty: one model, the model section's
+    members: str = ""
+    weights: Literal["bayes", "switch"] = "bayes"  # bayes: weights ∝ likelihood of the coded prefix; switch: fixed share
+    switch_rate: Annotated[float, FRACTION] = 0.01  # switch: the share of weight spread over all members before each column
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = True  # offline: a run directory you can `wandb sync` later
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # how W&B logs (offline needs no account)
@@ -150,6 +160,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -279,6 +290,7 @@ def _validate(config: Config) -> None:
     if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
         raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
     _validate_data(config.data)
+    mixture_members(config)  # checks the members
     if config.stream.enabled and m.dropout > 0:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
     if config.stream.enabled and config.trainer.devices > 1:
@@ -302,6 +314,41 @@ def _validate_data(d: DataConfig) -> None:
 
 # --- memory: every number that sizes an allocation is checked before anything is allocated ------
 #
+MAX_MEMBERS = 8
+_MEMBER = re.compile(r"(\d+)x(\d+)x(\d+)(?:@(.+))?")
+
+
+def mixture_members(config: Config) -> list[tuple[GPTConfig, float]]:
+    """The mixture's members as (GPT settings, learning rate); [] for one model."""
+    text = config.mixture.members.strip()
+    if not text:
+        return []
+    members = []
+    for spec in (part.strip() for part in text.split(",")):
+        match = _MEMBER.fullmatch(spec)
+        lr = _FLOAT.fullmatch(match.group(4).strip()) if match and match.group(4) else None
+        if not match or (match.group(4) and not lr):
+            raise ConfigError(f"mixture.members: {spec!r} is not LAYERSxHEADSxWIDTH[@LR] (e.g. 2x4x128@2e-3)")
+        n_layer, n_head, n_embd = map(int, match.group(1, 2, 3))
+        rate = float(match.group(4)) if lr else config.optim.lr
+        m = dataclasses.replace(config.model, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        if min(n_layer, n_head, n_embd) < 1 or n_embd % n_head or not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(f"mixture.members: {spec!r}: layers, heads, width and LR must be > 0, width divisible "
+                              "by heads")
+        if m.positions == "rope" and (n_embd // n_head) % 2:
+            raise ConfigError(f"mixture.members: {spec!r}: rope needs an even head size (width / heads)")
+        members.append((m, rate))
+    if not 2 <= len(members) <= MAX_MEMBERS:
+        raise ConfigError(f"mixture.members: a mixture needs 2..{MAX_MEMBERS} members, got {len(members)}")
+    if config.model.ngram_order:
+        raise ConfigError("mixture.members needs model.ngram_order: 0 (each member would keep its own count tables)")
+    if config.model.z_loss:
+        raise ConfigError("mixture.members needs model.z_loss: 0 (the members' losses are their own NLL)")
+    if config.trainer.devices > 1:
+        raise ConfigError("mixture.members needs trainer.devices: 1 (the weights follow every coded token in order)")
+    return members
+
+
 # A config (or a stream header, which is one) names sizes: layers, width, context, batch, vocabulary,
 # n-gram tables, tokens, replay steps. Each is fine alone, but a forged or mistyped one (n_layer:
 # 100000, block_size: 2**31) would make training allocate until the machine runs out, then fail
@@ -373,9 +420,10 @@ def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str
     also the data and the batch plan."""
     m, d = config.model, config.data
     vocab_size = max(d.vocab_size, 256)  # (the tokenizer sets model.vocab_size; BPE at least 256)
-    parts = model_memory(m, vocab_size, d.batch_size, training=True,
-                         width=8 if config.trainer.precision == "64-true" else 4,
-                         kv_cache=config.stream.enabled and config.stream.procedure == "incremental")
+    parts = [part for member in ([c for c, _ in mixture_members(config)] or [m])
+             for part in model_memory(member, vocab_size, d.batch_size, training=True,
+                                      width=8 if config.trainer.precision == "64-true" else 4,
+                                      kv_cache=config.stream.enabled and config.stream.procedure == "incremental")]
     if data_tokens is not None:
         parts.append((f"{data_tokens:,} tokens of data", data_tokens * TAPE_BYTES_PER_TOKEN))
         chunks, steps = plan_size(data_tokens, m.block_size, d.batch_size, d.curriculum, d.pacing_start,

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from models import portable_math
 from models.gpt import GPT
-from training.config import Config, program_dict
+from models.mixture import Mixture
+from training.config import Config, mixture_members, program_dict
 from training.data import IGNORE, Tape
 
 
@@ -32,6 +33,8 @@ class CodedBatch:
     targets: torch.Tensor  # (B, L), IGNORE where there is no token
     nll: torch.Tensor  # (B, L) nats, float32, 0 where IGNORE
     nbytes: int  # input bytes the batch's tokens stand for
+    log_w: torch.Tensor | None = None  # a mixture's log weights after this batch (models/mixture.py)
+    member_nll: torch.Tensor | None = None  # a mixture's (B, L, K) per-member NLL, nats
 
     @property
     def mask(self) -> torch.Tensor:
@@ -42,7 +45,13 @@ class PrequelModule(L.LightningModule):
     def __init__(self, config: Config, vocab_size: int):
         super().__init__()
         self.config = config
-        self.model = GPT(replace(config.model, vocab_size=vocab_size))
+        members = mixture_members(config)
+        if members:  # every member initialised as it would be alone (same seed), so it trains as alone
+            self.model = Mixture([replace(m, vocab_size=vocab_size) for m, _ in members], config.mixture.weights,
+                                 config.mixture.switch_rate, seed=config.seed)
+        else:
+            self.model = GPT(replace(config.model, vocab_size=vocab_size))
+        self.member_lrs = [lr for _, lr in members]
         self.tape: Tape | None = None  # attached by the DataModule's owner (see attach)
         self.coded: CodedBatch | None = None
         # The GPT and run settings travel in every checkpoint, so a checkpoint alone rebuilds its model
@@ -67,13 +76,21 @@ class PrequelModule(L.LightningModule):
         x, y = (t.to(self.device) for t in self.tape.batch(spans))
         first_pass = self.is_first_pass(batch)
         logits = self(x, None if first_pass else y)  # replayed tokens are in the n-gram counts already
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
-        nll = nll.view_as(y)
         mask = y != IGNORE
         tokens = mask.sum()
-        loss = nll.sum() / tokens.clamp(min=1)
+        log_w = member_nll = None
+        if isinstance(self.model, Mixture):  # logits: the members' log-probabilities (B, L, K, V)
+            member_nll = -logits.gather(-1, y.clamp(min=0)[:, :, None, None].expand(*logits.shape[:3], 1))[..., 0]
+            member_nll = member_nll * mask[..., None]
+            loss = (member_nll.sum((0, 1)) / tokens.clamp(min=1)).sum()  # each member learns from its own loss
+            logits, log_w = self.model.mix_batch(logits.detach(), y, mask)  # the code: the mixture
+            member_nll = member_nll.detach()
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+        nll = nll.view_as(y)
+        if member_nll is None:
+            loss = nll.sum() / tokens.clamp(min=1)
         self.coded = CodedBatch(spans, batch["fresh"], first_pass, logits.detach(), y, nll.detach(),
-                                self.tape.nbytes(spans))
+                                self.tape.nbytes(spans), log_w, member_nll)
         if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call
             bits = nll.detach().sum() / math.log(2)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
@@ -86,17 +103,20 @@ class PrequelModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Context counts learn only from coded data (first-pass batches, after coding them),
         # so the decoder, who has just decoded this batch, counts exactly the same.
+        if isinstance(self.model, Mixture) and self.coded.first_pass:  # the weights move with the coded tokens only
+            self.model.observe(self.coded.log_w, self.coded.member_nll)
         if self.model.ngram is not None and self.coded.first_pass:
             targets = self.coded.targets
             self.model.ngram.update(self.tape.inputs(targets.cpu()).to(targets.device), targets, IGNORE)
 
     def configure_optimizers(self):
         o = self.config.optim
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        groups = []  # per member of a mixture, with its own learning rate
+        for model, lr in zip(self.model.members, self.member_lrs) if self.member_lrs else [(self.model, o.lr)]:
+            groups += [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": o.weight_decay, "lr": lr},
+                       {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
             fused=True,  # one ATen kernel, same bits on every CPU; the loop version's sqrt is MKL VML's (portable_math)
         )
         total = max(1, self.trainer.estimated_stepping_batches) if o.schedule == "cosine" else 0
@@ -111,3 +131,11 @@ class PrequelModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """A mixture's members are clipped each by its own norm (as each would be alone)."""
+        if not self.member_lrs or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for group in range(0, len(optimizer.param_groups), 2):  # a member's decay and no-decay groups
+            params = optimizer.param_groups[group]["params"] + optimizer.param_groups[group + 1]["params"]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
