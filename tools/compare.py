@@ -89,17 +89,26 @@ def preset_path(size: str) -> Path:
     return _path(size) if size.endswith(".yaml") else ROOT / "configs" / "sizes" / f"{size}.yaml"
 
 
-def mixture_config(sweep: Sweep, configs: list, overrides: dict, sweep_dir: Path, data_path: str | None):
-    """The base config with every size as a member (its layers, heads, width and learning rate)."""
-    members = ", ".join(f"{c.model.n_layer}x{c.model.n_head}x{c.model.n_embd}@{c.optim.lr!r}" for c in configs)
-    values = merge_values(merge_values(read_yaml_mapping(_path(sweep.base), "base config"), overrides), {
-        "name": f"mixture-{sweep.mixture}", "run_dir": str(sweep_dir / f"mixture-{sweep.mixture}"),
-        "data": {"path": data_path}, "logging": {"wandb_group": sweep.group or sweep_dir.name},
-        "mixture": {"members": members, "weights": sweep.mixture}})
+def _run_config(sweep: Sweep, name: str, layers: list[dict], sweep_dir: Path, data_path: str | None, where: str):
+    """The base config, then each of `layers` in turn; the sweep sets the name, where, what data
+    and the W&B group. Errors name `where` the run came from."""
+    values = read_yaml_mapping(_path(sweep.base), "base config")
+    for layer in layers:
+        values = merge_values(values, layer)
+    values = merge_values(values, {"name": name, "run_dir": str(sweep_dir / name), "data": {"path": data_path},
+                                   "logging": {"wandb_group": sweep.group or sweep_dir.name}})
     try:
         return config_from_dict(values)
     except ConfigError as e:
-        raise ConfigError(f"mixture of {', '.join(sweep.sizes)}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def mixture_config(sweep: Sweep, configs: list, overrides: dict, sweep_dir: Path, data_path: str | None):
+    """The base config with every size as a member (its layers, heads, width and learning rate)."""
+    members = ", ".join(f"{c.model.n_layer}x{c.model.n_head}x{c.model.n_embd}@{c.optim.lr!r}" for c in configs)
+    return _run_config(sweep, f"mixture-{sweep.mixture}", [overrides, {
+        "mixture": {"members": members, "weights": sweep.mixture}}], sweep_dir, data_path,
+        f"mixture of {', '.join(sweep.sizes)}")
 
 
 def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_path: str | None):
@@ -110,13 +119,8 @@ def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_
             raise ConfigError(f"{preset_path(size)}: {key} is set by the sweep, remove it from the preset")
     if "path" in (preset.get("data") or {}):
         raise ConfigError(f"{preset_path(size)}: data.path would give this size other data; set it in the base config")
-    values = merge_values(merge_values(read_yaml_mapping(_path(sweep.base), "base config"), preset), overrides)
-    values = merge_values(values, {"name": Path(size).stem, "run_dir": str(sweep_dir / Path(size).stem),
-                             "data": {"path": data_path}, "logging": {"wandb_group": sweep.group or sweep_dir.name}})
-    try:
-        return config_from_dict(values)
-    except ConfigError as e:
-        raise ConfigError(f"size {size} ({preset_path(size)} on {sweep.base}): {e}") from None
+    return _run_config(sweep, Path(size).stem, [preset, overrides], sweep_dir, data_path,
+                       f"size {size} ({preset_path(size)} on {sweep.base})")
 
 
 class WallClock(L.Callback):

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from models.mixture import Mixture
 from tools.report import code_length_summary, format_table, plot_loss_curve
 from training.config import Config, to_dict
 from training.data import read_corpus
@@ -55,7 +56,7 @@ def report(run: Fitted, loggers: list) -> dict:
     summary["train/loss"] = float(run.trainer.callback_metrics.get("train/loss", float("nan")))
     summary["train/bpb"] = float(run.trainer.callback_metrics.get("train/bpb", float("nan")))
     summary["model/params"] = run.module.model.num_params()
-    if hasattr(run.module.model, "member_bits"):  # a mixture: each member's own Σ, and its size
+    if isinstance(run.module.model, Mixture):  # each member's own Σ, and its size
         summary["mixture/member_bits"] = run.module.model.member_bits.tolist()
         summary["mixture/member_params"] = [m.num_params() for m in run.module.model.members]
     if run.stream is not None:
