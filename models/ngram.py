@@ -11,7 +11,8 @@ can lean on them early and on itself later.
 
 The counts change only from data both sides have: after each first-pass batch has been coded
 (`update`), never inside a forward. They are a deterministic function of the coded data, the
-same for encoder and decoder, and saved in checkpoints with the weights.
+same for encoder and decoder, and saved in checkpoints with the weights, sparsely: the dense
+order-1..6 tables are 165 MB of mostly zeros, their nonzero entries a few MB.
 """
 
 import torch
@@ -30,7 +31,37 @@ class NGramPrior(nn.Module):
         self.alpha = alpha  # additive smoothing; small, since most contexts are sparse
         for k in range(1, max_order + 1):
             rows = vocab_size + 1 if k == 1 else 1 << HASH_BITS  # order 1: exact (+ BOS)
-            self.register_buffer(f"counts{k}", torch.zeros(rows, vocab_size))
+            # not persistent: the state dict holds them sparsely (see _save_to_state_dict)
+            self.register_buffer(f"counts{k}", torch.zeros(rows, vocab_size), persistent=False)
+
+    def _tables(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f"counts{k}", getattr(self, f"counts{k}")) for k in range(1, self.max_order + 1)]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name, counts in self._tables():
+            flat = counts.flatten()
+            index = flat.nonzero()[:, 0]  # ascending: the same tensors for the same counts
+            destination[f"{prefix}{name}_index"] = index.to(torch.int32)  # < 2**23 entries per table
+            destination[f"{prefix}{name}_value"] = flat[index]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        ours = set()
+        for name, counts in self._tables():
+            keys = f"{prefix}{name}_index", f"{prefix}{name}_value"
+            ours.update(keys)
+            if not all(key in state_dict for key in keys):
+                missing_keys.extend(key for key in keys if key not in state_dict)
+                continue
+            index, value = state_dict[keys[0]], state_dict[keys[1]]
+            if index.dim() != 1 or index.shape != value.shape or index.is_floating_point() \
+                    or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < counts.numel()):
+                error_msgs.append(f"{prefix}{name}: sparse counts do not fit a {tuple(counts.shape)} table")
+                continue
+            counts.zero_()
+            counts.view(-1)[index.long().to(counts.device)] = value.to(counts.device, counts.dtype)
+        if strict:
+            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in ours)
 
     def contexts(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """For inputs (B, T): per order k, the id of the context of the last k inputs."""

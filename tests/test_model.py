@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,12 +70,31 @@ def test_ngram_prior_counts_only_coded_first_pass_tokens(text_file, tmp_path):
                          "--trainer.max_epochs", "2", "--data.replay_steps", "1")
     summary = train(config)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    prior = NGramPrior(vocab_size=256, max_order=3)  # the checkpoint holds the counts sparsely
+    prior.load_state_dict({k.removeprefix("model.ngram."): v for k, v in state.items() if k.startswith("model.ngram.")})
     for k in (1, 2, 3):  # each coded token counted once per order: not per epoch, not per replay
-        assert state[f"model.ngram.counts{k}"].sum() == summary["data/tokens"] == 4000
+        assert getattr(prior, f"counts{k}").sum() == summary["data/tokens"] == 4000
     # the order-1 counts are exactly the bigram table of the text (with BOS at chunk starts)
     data = text_file.read_bytes()
-    assert state["model.ngram.counts1"][ord("e"), ord(" ")] == sum(
+    assert prior.counts1[ord("e"), ord(" ")] == sum(
         1 for i in range(1, len(data)) if data[i - 1 : i + 1] == b"e " and i % 32 != 0)
+
+
+def test_ngram_counts_round_trip_sparsely_and_refuse_what_does_not_fit():
+    prior = NGramPrior(vocab_size=256, max_order=6)
+    idx = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    prior.update(idx, idx.roll(-1, 1), -100)
+    state = prior.state_dict()
+    dense_bytes = sum(t.numel() * t.element_size() for t in prior.buffers())
+    assert sum(t.numel() * t.element_size() for t in state.values()) < dense_bytes / 1000  # 256 tokens in 165 MB
+    again = NGramPrior(vocab_size=256, max_order=6)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(prior.buffers(), again.buffers()))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        again.load_state_dict({})
+    forged = dict(state, counts2_index=torch.tensor([1 << 30], dtype=torch.int32), counts2_value=torch.ones(1))
+    with pytest.raises(RuntimeError, match="counts2: sparse counts do not fit"):
+        again.load_state_dict(forged)
 
 
 def test_forward_step_matches_forward_with_ngram_prior():

@@ -98,16 +98,19 @@ class PrequelModule(L.LightningModule):
         if self.config.model.z_loss:
             z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
             loss = loss + self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
+        if first_pass:
+            self._count_coded(x, y)
         return loss
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # Context counts learn only from coded data (first-pass batches, after coding them),
-        # so the decoder, who has just decoded this batch, counts exactly the same.
-        if isinstance(self.model, Mixture) and self.coded.first_pass:  # the weights move with the coded tokens only
+    def _count_coded(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """What learns from coded tokens by counting, not by gradient: the n-gram counts and a
+        mixture's weights. Here, after the forward that coded the batch (the decoder has just
+        decoded it, so counts the same) and before any callback's batch-end hook, so that a
+        checkpoint saved after this step holds them (a resumed run must not miss a batch)."""
+        if isinstance(self.model, Mixture):  # the weights move with the coded tokens only
             self.model.observe(self.coded.log_w, self.coded.member_nll)
-        if self.model.ngram is not None and self.coded.first_pass:
-            targets = self.coded.targets
-            self.model.ngram.update(self.tape.inputs(targets.cpu()).to(targets.device), targets, IGNORE)
+        if self.model.ngram is not None:
+            self.model.ngram.update(x, y, IGNORE)
 
     def configure_optimizers(self):
         o = self.config.optim
