@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import json
 import os
 import sys
 import tokenize
@@ -191,12 +192,21 @@ def _verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="FILE", help="where to write the decoded bytes (default: beside the stream)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (must match the encoder's)")
     parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
+    audit = parser.add_argument_group("audit from the run's kept checkpoints (tools/audit.py)")
+    audit.add_argument("--jobs", type=int, metavar="N", help="check the stretches between checkpoints in N processes")
+    audit.add_argument("--segment", type=int, metavar="K", help="check stretch K only (for an external scheduler)")
+    audit.add_argument("--data", metavar="FILE", help="the original data (default: the run's data.path)")
     return parser
 
 
 def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.config import ConfigError
     from training.run import verify
 
+    if args.jobs is not None or args.segment is not None:
+        return _audit(args)
+    if args.data is not None:
+        raise ConfigError("--data is for an audit (--jobs or --segment); verify decodes the data from the stream")
     r = verify(args.path, args.out, args.allow_env_mismatch, args.threads)
     print(f"decoded {r['tokens']:,} tokens ({r['bytes']:,} bytes) in {r['seconds']:.1f} s")
     print(f"ideal Σ −log2 P      {r['ideal_bits']:>14,.1f} bits")
@@ -212,6 +222,35 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"warning: {r['final_weights_equal_checkpoint']}")
     for diff in r["environment_differences"]:
         print(f"warning: environment differs ({diff}); decoded anyway and every checksum matched")
+    print("OK")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from tools.audit import REPORT_PREFIX, audit, audit_segment
+    from training.config import ConfigError
+
+    if args.out is not None:
+        raise ConfigError("--out: an audit writes no decoded file (it compares with --data)")
+    if args.jobs is not None and args.segment is not None:
+        raise ConfigError("--jobs runs every stretch; --segment runs one: give one of them")
+    if args.segment is not None:
+        r = audit_segment(args.path, args.segment, args.data, args.threads, args.allow_env_mismatch)
+        print(f"stretch {r['stretch']} ({r['steps']}, from {r['checkpoint']}): {r['batches']:,} batches decoded "
+              f"and equal to the data, states checked at steps {r['states_checked']}, {r['seconds']:.1f} s")
+        print(REPORT_PREFIX + json.dumps(r))
+        return 0
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: must be at least 1, got {args.jobs}")
+    r = audit(args.path, args.jobs, args.data, args.threads, args.allow_env_mismatch)
+    for s in r["stretches"]:
+        print(f"stretch {s['stretch']} ({s['steps']}): " + (f"OK, {s['batches']:,} batches, {s['seconds']:.1f} s"
+                                                           if s["ok"] else f"FAILED: {s['error']}"))
+    print(f"{len(r['stretches'])} stretches in {r['jobs']} jobs ({r['threads']} threads each): {r['seconds']:.1f} s")
+    if not r["ok"]:
+        bad = ", ".join(str(s["stretch"]) for s in r["stretches"] if not s["ok"])
+        print(f"error: the audit failed in stretch {bad}", file=sys.stderr)
+        return 1
     print("OK")
     return 0
 

@@ -10,10 +10,13 @@ the first batch where anything drifted instead of producing garbage.
 
 The stream is a list of range-coder segments. Every checkpoint makes Alice seal the open one and
 store the sealed segments in the checkpoint, so a run resumed from it continues the stream bit
-for bit where it left off; Bob opens each segment where the one before it ended.
+for bit where it left off; Bob opens each segment where the one before it ended. Alice also
+records each checkpoint's `state_sha256` in the trailer (`boundaries`), so an audit can start
+from a checkpoint it can trust and check where each stretch of the run must end (tools/audit.py).
 """
 
 import hashlib
+import json
 
 import lightning as L
 import numpy as np
@@ -30,6 +33,25 @@ def parameters_sha256(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_sha256(trainer: L.Trainer, pl_module: L.LightningModule, tokens_hash: str) -> str:
+    """Everything that decides the bits of the rest of the run, at a step boundary: the weights
+    and buffers (n-gram counts, a mixture's weights), the optimizers' and LR schedulers' states,
+    the step and the hash chain of the tokens coded so far. Not the RNG: nothing that changes
+    bits draws from it once the model is built (the stream refuses dropout)."""
+    h = hashlib.sha256(bytes.fromhex(parameters_sha256(pl_module)) + bytes.fromhex(tokens_hash))
+    for optimizer in trainer.optimizers:
+        state = optimizer.state_dict()
+        for index in sorted(state["state"]):
+            for key, value in sorted(state["state"][index].items()):
+                h.update(f"{index}.{key}".encode())
+                h.update(torch.as_tensor(value).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps(state["param_groups"], sort_keys=True, default=repr).encode())
+    for config in trainer.lr_scheduler_configs:
+        h.update(json.dumps(config.scheduler.state_dict(), sort_keys=True, default=repr).encode())
+    h.update(str(trainer.global_step).encode())
     return h.hexdigest()
 
 
@@ -103,6 +125,11 @@ class StreamEncoder(StreamCallback):
         super().__init__(tape, checksum_every, procedure, Stream(header, [], {}))
         self.coder = Encoder()
         self._segment_start = 0  # coded_batches when the open segment began
+        self.boundaries: list[dict] = []  # per checkpoint: step, coded batches, state_sha256
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict (a checkpoint) hashes the training state
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.procedure == "incremental" and pl_module.is_first_pass(batch):
@@ -131,14 +158,19 @@ class StreamEncoder(StreamCallback):
 
     def save(self, path, trailer_extra: dict) -> int:
         """Write the finished stream; returns its size in bytes."""
-        self.stream.trailer.update(trailer_extra)
+        self.stream.trailer.update(trailer_extra, boundaries=self.boundaries)
         return write_stream(path, self.stream)
 
     def state_dict(self) -> dict:
         self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
-        return super().state_dict()
+        trainer = self._trainer
+        if trainer is not None and not (self.boundaries and self.boundaries[-1]["step"] == trainer.global_step):
+            self.boundaries.append({"step": trainer.global_step, "batches": self.coded_batches,
+                                    "state": state_sha256(trainer, trainer.lightning_module, self.tokens_hash)})
+        return {**super().state_dict(), "boundaries": list(self.boundaries)}
 
     def load_state_dict(self, state: dict) -> None:
+        self.boundaries = list(state["boundaries"])
         self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
         self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
         self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]

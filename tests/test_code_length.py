@@ -75,12 +75,13 @@ def test_partial_pass_says_so(text_file, tmp_path):
     assert summary["data/tokens"] == 5 * 4 * 32 == summary["data/bytes"]
 
 
-# The compression recipe's state beyond the weights: n-gram counts (updated from each coded
-# batch) and replay steps; a mixture's weights (updated from each coded token).
-RECIPES = {
-    "plain": [],
-    "ngram+replay": ["--model.ngram_order", "4", "--data.replay_steps", "2"],
-    "mixture": ["--mixture.members", "1x2x16@3e-3, 1x2x32@3e-3", "--mixture.weights", "switch"],
+# State beyond weights and optimizer: compress.yaml's n-gram counts (updated from each coded
+# batch, stored sparsely) and replay steps; a mixture's weights (updated from each coded token).
+RECIPES = {  # (bytes of text, arguments)
+    "plain": (40_000, ["--config", TINY]),
+    "compress.yaml": (12_000, ["--config", ROOT / "configs" / "compress.yaml", "--trainer.num_threads", "1",
+                               "--logging.wandb", "false", "--logging.plot", "false"]),
+    "mixture": (40_000, ["--config", TINY, "--mixture.members", "1x2x16@3e-3, 1x2x32@3e-3", "--mixture.weights", "switch"]),
 }
 
 
@@ -88,10 +89,11 @@ RECIPES = {
 def test_sigkill_and_resume_gives_the_same_code_length_and_a_decodable_stream(tmp_path, recipe):
     """Kill a training process right after its first checkpoint, rerun the same command: the
     same Σ and the byte-identical stream as a run never interrupted."""
+    size, recipe_args = RECIPES[recipe]
     text = tmp_path / "text.txt"
-    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:40_000])
-    args = ["--config", TINY, "--data.path", text, "--trainer.checkpoint_every_n_steps", "40",
-            "--logging.progress_bar", "false", *RECIPES[recipe]]
+    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:size])
+    args = [*recipe_args, "--data.path", text, "--trainer.checkpoint_every_n_steps", "40",
+            "--logging.progress_bar", "false"]
     reference = run_cli(*args, "--run_dir", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
 

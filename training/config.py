@@ -117,6 +117,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile changes bits, recorded in the stream
     log_every_n_steps: Annotated[int, POSITIVE] = 10  # steps between logged metrics
     checkpoint_every_n_steps: Annotated[int, NON_NEGATIVE] = 0  # 0 = only at the end of training
+    # keep every periodic checkpoint (checkpoints/step=N.ckpt; last.ckpt links the newest): `verify
+    # --jobs N` audits the stream's stretches between them in parallel (tools/audit.py)
+    keep_checkpoints: bool = True
 
 
 @dataclass

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from training.data import DataError, PrequelDataModule, Tape, order_labels, plan
 from training.header import TrainingHeader
 from training.module import PrequelModule
 from training.program import code_hash, f_parts
-from training.stream import StreamError, read_stream, remove_stale_temps, write_atomic
+from training.stream import Stream, StreamError, link_atomic, read_stream, remove_stale_temps, write_atomic
 from training.tokenizer import build_tokenizer
 
 STREAM_NAME = "stream.prequel"
@@ -98,8 +99,10 @@ def build_trainer(config: Config, tape: Tape, vocab_size: int, callbacks: list, 
     data = PrequelDataModule(tape, config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed,
                              labels=labels, **plan_options(config.data))
     if checkpoint:
+        keep = config.trainer.keep_checkpoints
         callbacks = callbacks + [ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+            dirpath=run_dir / "checkpoints", filename="{step}", save_last="link" if keep else True,
+            save_top_k=-1 if keep else 0, enable_version_counter=False,
             every_n_train_steps=config.trainer.checkpoint_every_n_steps or None,
         )]
     t = config.trainer
@@ -228,11 +231,10 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     if trainer.is_global_zero:
         print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
               f"{len(tokens):,} tokens, run directory {run_dir}")
-    last = run_dir / "checkpoints" / "last.ckpt"
     try:
-        trainer.fit(module, datamodule, ckpt_path=last if last.exists() else None, weights_only=True)
+        trainer.fit(module, datamodule, ckpt_path=resume_point(run_dir), weights_only=True)
     except SIGTERMException:  # (Lightning stops at the end of a batch and would exit 0)
-        trainer.save_checkpoint(last, weights_only=False)
+        last = save_checkpoint(trainer, run_dir, config.trainer.keep_checkpoints)
         raise Interrupted(f"stopped by SIGTERM after {trainer.global_step} steps; {last} holds everything so far: "
                           "re-run the same command to resume") from None
     if not started.ran:  # killed after the final checkpoint, before the summary: Lightning skips the
@@ -241,7 +243,7 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
             callback.on_train_end(trainer, module)
     # last.ckpt = the weights training ended with (periodic saves may predate the end), with the
     # callbacks' states: resumable. Atomic: the trainer writes through AtomicCheckpointIO, on rank 0.
-    trainer.save_checkpoint(last, weights_only=False)
+    save_checkpoint(trainer, run_dir, config.trainer.keep_checkpoints)
     totals = code_length.totals()
     stream_path = None
     if stream is not None and trainer.is_global_zero:
@@ -253,6 +255,30 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     return Fitted(config, run_dir, tokenizer, tape, datamodule, module, trainer, code_length, stream, stream_path)
 
 
+def save_checkpoint(trainer: L.Trainer, run_dir: Path, keep: bool) -> Path:
+    """Everything so far as checkpoints/last.ckpt; with `keep`, as step=N.ckpt that last.ckpt
+    links to, like the periodic saves (the audit starts stretches from them). Returns last.ckpt."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not keep:
+        trainer.save_checkpoint(last, weights_only=False)
+        return last
+    kept = last.with_name(f"step={trainer.global_step}.ckpt")
+    trainer.save_checkpoint(kept, weights_only=False)
+    if trainer.is_global_zero:
+        link_atomic(kept.name, last)
+    return last
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """The newest checkpoint: last.ckpt, or the newest step=N.ckpt if a kill came between
+    ModelCheckpoint's removing the last.ckpt link and making the new one."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        return last
+    kept = {int(m[1]): p for p in last.parent.glob("step=*.ckpt") if (m := re.fullmatch(r"step=(\d+)", p.stem))}
+    return kept[max(kept)] if kept else None
+
+
 def find_stream(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -262,10 +288,27 @@ def find_stream(path: Path) -> Path:
     return path
 
 
-def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False, threads: int | None = None) -> dict:
-    """Bob: rebuild f from the stream header, replay training while decoding, check everything."""
-    stream_path = find_stream(path)
-    stream = read_stream(stream_path)
+@dataclass
+class Receiver:
+    """What Bob builds from a stream's header before he trains: f's config, tokenizer and order."""
+
+    header: TrainingHeader
+    config: Config
+    tokenizer: object
+    labels: torch.Tensor | None
+    environment_differences: list[str]
+
+    def code_length(self) -> CodeLength:
+        return CodeLength(f_parts(dump_yaml(self.config), self.tokenizer.serialize(), order_bits(self.labels)),
+                          self.header.data_tokens)
+
+    def trainer(self, tape: Tape, callbacks: list, run_dir: Path):
+        return build_trainer(self.config, tape, self.tokenizer.vocab_size, callbacks, [], run_dir,
+                             checkpoint=False, labels=self.labels)
+
+
+def receiver(stream: Stream, allow_env_mismatch: bool = False, threads: int | None = None) -> Receiver:
+    """f from the stream header, checked against this code and machine, set up to replay."""
     header = TrainingHeader.from_dict(stream.header)
     config, labels = header.program(), header.labels()
     if header.code_hash != code_hash():
@@ -285,23 +328,36 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
                                   allow_env_mismatch, error=StreamError)
     except KernelError as e:
         raise StreamError(str(e)) from None
-    tokenizer, n_tokens = header.tokenizer(), header.data_tokens
+    return Receiver(header, config, header.tokenizer(), labels, diffs)
+
+
+def replay(bob: Receiver, module, datamodule, trainer, ckpt_path: Path | None = None) -> None:
+    """Train as the encoder did (decoding as the callbacks say); a drift names the environment."""
+    try:
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except StreamError as e:
+        if bob.environment_differences:  # the user accepted a different environment: name the likely cause
+            raise StreamError(f"{e} (the environment differs from the encoder's: "
+                              f"{'; '.join(bob.environment_differences)})") from None
+        raise
+
+
+def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False, threads: int | None = None) -> dict:
+    """Bob: rebuild f from the stream header, replay training while decoding, check everything."""
+    stream_path = find_stream(path)
+    stream = read_stream(stream_path)
+    bob = receiver(stream, allow_env_mismatch, threads)
+    config, tokenizer, n_tokens = bob.config, bob.tokenizer, bob.header.data_tokens
     try:
         tape = Tape(torch.zeros(n_tokens, dtype=torch.long), bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     except (RuntimeError, MemoryError):
         raise StreamError(f"the header claims {n_tokens:,} tokens: more than this machine can hold") from None
-    code_length = CodeLength(f_parts(dump_yaml(config), tokenizer.serialize(), order_bits(labels)), n_tokens)
+    code_length = bob.code_length()
     decoder = StreamDecoder(tape, config.stream.checksum_every, config.stream.procedure, stream=stream)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        module, datamodule, trainer = build_trainer(config, tape, tokenizer.vocab_size, [code_length, decoder], [], Path(tmp),
-                                             checkpoint=False, labels=labels)
-        try:
-            trainer.fit(module, datamodule)
-        except StreamError as e:
-            if diffs:  # the user accepted a different environment: name the likely cause of the drift
-                raise StreamError(f"{e} (the environment differs from the encoder's: {'; '.join(diffs)})") from None
-            raise
+        module, datamodule, trainer = bob.trainer(tape, [code_length, decoder], Path(tmp))
+        replay(bob, module, datamodule, trainer)
     seconds = time.perf_counter() - started
     decoded = tokenizer.decode(tape.tokens)
     expected_sha = stream.trailer.get("data_sha256")
@@ -314,7 +370,7 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         "ideal_bits": totals["data_bits"], "stream_bits": stream.payload_bits,
         "overhead_bits": stream.payload_bits - totals["data_bits"], "sha256": hashlib.sha256(decoded).hexdigest(),
         "complete": expected_sha is not None, "final_weights_equal_checkpoint": weights_checked,
-        "environment_differences": diffs, "seconds": seconds,
+        "environment_differences": bob.environment_differences, "seconds": seconds,
     }
     if expected_sha is not None:
         out = Path(out) if out else stream_path.with_suffix(".decoded")

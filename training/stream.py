@@ -101,6 +101,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_directory(path.parent)
 
 
+def link_atomic(target: str, link: Path) -> None:
+    """Point the symlink `link` at `target` (relative to its directory) by a rename: a reader sees
+    the old link or the new one, never none."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}{_TEMP_SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable (a power cut must not bring back the old name)."""
     try:
