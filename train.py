@@ -208,6 +208,8 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.data is not None:
         raise ConfigError("--data is for an audit (--jobs or --segment); verify decodes the data from the stream")
     r = verify(args.path, args.out, args.allow_env_mismatch, args.threads)
+    if r is None:  # another process of a multi-process replay: rank 0 reports
+        return 0
     print(f"decoded {r['tokens']:,} tokens ({r['bytes']:,} bytes) in {r['seconds']:.1f} s")
     print(f"ideal Σ −log2 P      {r['ideal_bits']:>14,.1f} bits")
     print(f"actual stream        {r['stream_bits']:>14,} bits")

@@ -69,6 +69,12 @@ class StreamCallback(L.Callback):
         self.coded_batches = 0
         self.checksums: dict[str, dict] = {}
         self.coder: Encoder | Decoder | None = None
+        self._trainer: L.Trainer | None = None
+        self.rank, self.world = 0, 1  # with DDP, each process codes its rows into its own sub-stream
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict (a checkpoint) hashes the training state
+        self.rank, self.world = trainer.global_rank, trainer.world_size
 
     def _code_before_step(self, trainer, pl_module, targets: torch.Tensor) -> None:
         """Encode `targets` (B, L), or decode into them, with the weights from before the step:
@@ -93,10 +99,16 @@ class StreamCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.coded.first_pass:
-            self._record(pl_module.coded.targets.cpu(), pl_module)
+            self._record(self._whole_batch(batch, pl_module.coded.targets), pl_module)
+
+    def _whole_batch(self, batch: dict, targets: torch.Tensor) -> torch.Tensor:
+        """The targets of every process's rows (this process's `targets` without DDP): from the
+        tape, which holds them all by the end of a batch (Bob gathers what the others decoded)."""
+        return targets.cpu() if self.world == 1 else self.tape.batch(batch["all_spans"])[1]
 
     def _record(self, targets: torch.Tensor, pl_module: L.LightningModule) -> None:
-        """Chain the batch's coded tokens into the hash; every `checksum_every` batches, check."""
+        """Chain the batch's coded tokens (all processes') into the hash; every `checksum_every`
+        batches, check."""
         symbols = targets[targets != IGNORE].to(torch.int32).numpy()
         self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.tobytes()).hexdigest()
         self.coded_tokens += len(symbols)
@@ -126,10 +138,6 @@ class StreamEncoder(StreamCallback):
         self.coder = Encoder()
         self._segment_start = 0  # coded_batches when the open segment began
         self.boundaries: list[dict] = []  # per checkpoint: step, coded batches, state_sha256
-        self._trainer: L.Trainer | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self._trainer = trainer  # state_dict (a checkpoint) hashes the training state
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.procedure == "incremental" and pl_module.is_first_pass(batch):
@@ -142,7 +150,7 @@ class StreamEncoder(StreamCallback):
         targets = coded.targets.cpu()
         if self.procedure == "full":  # with the training forward's logits: all known, one pass
             encode_known(coded.logits, targets, self.coder)
-        self._record(targets, pl_module)
+        self._record(self._whole_batch(batch, targets), pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._seal()
@@ -151,8 +159,13 @@ class StreamEncoder(StreamCallback):
                                    checksums=self.checksums)
 
     def _seal(self) -> None:
+        """Close the open segment: one sub-stream per process (in rank order), the same on all."""
         if self.coded_batches > self._segment_start:
-            self.stream.segments.append(Segment(self.coded_batches - self._segment_start, self.coder.words()))
+            words = [self.coder.words()]
+            if self.world > 1:  # (every process seals at the same batch: checkpoints and the end are global)
+                words = [None] * self.world
+                torch.distributed.all_gather_object(words, self.coder.words())
+            self.stream.segments += [Segment(self.coded_batches - self._segment_start, w) for w in words]
             self._segment_start = self.coded_batches
             self.coder = Encoder()
 
@@ -194,11 +207,22 @@ class StreamDecoder(StreamCallback):
         pos, valid = self.tape.positions(batch["spans"])
         targets = torch.where(valid, 0, IGNORE)  # unknown yet: 0 stands in, never attended to
         self._code_before_step(trainer, pl_module, targets)
+        if self.world > 1:  # every process needs every row: the n-gram counts, replays, the output
+            targets = self._gather_rows(pl_module, targets, batch["all_spans"])
+            pos, valid = self.tape.positions(batch["all_spans"])
         self.tape.tokens[pos[valid]] = targets[valid]
+
+    def _gather_rows(self, pl_module, rows: torch.Tensor, all_spans: torch.Tensor) -> torch.Tensor:
+        """This process's decoded rows → the whole batch's: row j is process j % world's row j // world."""
+        per, width = -(-len(all_spans) // self.world), max(1, int(all_spans[:, 1].max()))
+        padded = torch.full((per, width), IGNORE)
+        padded[: len(rows), : rows.shape[1]] = rows[:per]  # (a process without rows has one empty stand-in)
+        gathered = pl_module.all_gather(padded.to(pl_module.device)).cpu()  # (world, per, width)
+        return gathered.transpose(0, 1).reshape(per * self.world, width)[: len(all_spans)]
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close_segment()
-        expected = sum(seg.batches for seg in self.stream.segments)
+        expected = sum(seg.batches for seg in self.stream.segments[self.rank :: self.world])
         if self.coded_batches != expected:
             raise StreamError(f"training ended after {self.coded_batches} batches; the stream has {expected}: "
                               "it was cut short, or config and code differ")
@@ -207,9 +231,10 @@ class StreamDecoder(StreamCallback):
     def _open_next_segment(self) -> None:
         self._close_segment()
         self._segment += 1
-        if self._segment >= len(self.stream.segments):
+        index = self._segment * self.world + self.rank  # this process's sub-stream of the segment
+        if index >= len(self.stream.segments):
             raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
-        segment = self.stream.segments[self._segment]
+        segment = self.stream.segments[index]
         self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
 
     def _close_segment(self) -> None:

@@ -17,6 +17,7 @@ from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from training.curriculum import plan_batches
 from training.data import IGNORE, Tape, read_corpus
 from training.module import PrequelModule
+from training.stream import read_stream
 from tools.run import train
 
 
@@ -77,8 +78,7 @@ def test_partial_pass_says_so(text_file, tmp_path):
 
 # State beyond weights and optimizer: compress.yaml's n-gram counts (updated from each coded
 # batch, stored sparsely) and replay steps; a mixture's weights (updated from each coded token).
-RECIPES = {  # (bytes of text, arguments)
-    "plain": (40_000, ["--config", TINY]),
+RECIPES = {  # (bytes of text, arguments); a plain GPT: tests/test_reliability.py (SIGKILL at random steps)
     "compress.yaml": (12_000, ["--config", ROOT / "configs" / "compress.yaml", "--trainer.num_threads", "1",
                                "--logging.wandb", "false", "--logging.plot", "false"]),
     "mixture": (40_000, ["--config", TINY, "--mixture.members", "1x2x16@3e-3, 1x2x32@3e-3", "--mixture.weights", "switch"]),
@@ -124,13 +124,27 @@ def test_sigkill_and_resume_gives_the_same_code_length_and_a_decodable_stream(tm
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_ddp_two_processes_sum_both_ranks(text_file, tmp_path):
-    common = ["--config", TINY, "--data.path", text_file, "--stream.enabled", "false", "--logging.progress_bar", "false"]
+def test_ddp_two_processes_stream_count_globally_and_verify_in_two_processes(tmp_path):
+    """Two gloo processes, each coding its rows of every batch into its own sub-stream, with the
+    n-gram counts and replays of the whole batch: Σ is the one-process run's, and verify (two
+    processes again, in a separate command) decodes the same bytes and ends in the same weights."""
+    text = tmp_path / "text.txt"
+    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:12_000])
+    common = ["--config", TINY, "--data.path", text, "--model.ngram_order", "3", "--data.replay_steps", "1",
+              "--logging.progress_bar", "false"]
     single = run_cli(*common, "--run_dir", tmp_path / "single")
     assert single.returncode == 0, single.stderr
     ddp = run_cli(*common, "--run_dir", tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert ddp.returncode == 0, ddp.stderr
     want = json.loads((tmp_path / "single" / "summary.json").read_text())
     got = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert got["data/tokens"] == want["data/tokens"] == 4000
+    assert got["data/tokens"] == want["data/tokens"] == 12_000
     assert got["code/data_bits"] == pytest.approx(want["code/data_bits"], rel=1e-4)
+    stream = read_stream(tmp_path / "ddp" / "stream.prequel")
+    assert [s.batches for s in stream.segments] == [94, 94]  # one segment, a sub-stream per process
+
+    verified = run_cli("verify", tmp_path / "ddp")
+    assert verified.returncode == 0, verified.stderr
+    assert (tmp_path / "ddp" / "stream.decoded").read_bytes() == text.read_bytes()
+    assert "final weights are bitwise equal to the encoder's final checkpoint" in verified.stdout
+    assert verified.stdout.count("OK") == 1  # rank 0 reports

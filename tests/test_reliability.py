@@ -605,10 +605,11 @@ def test_full_disk_stops_with_a_clear_error_then_the_same_command_finishes(real,
     r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, preexec_fn=_disk_of(100_000))  # a checkpoint is ~280 kB
     assert r.returncode == 4, r.stderr
-    assert "error: File too large: " in r.stderr and "last.ckpt" in r.stderr and "Traceback" not in r.stderr
+    assert "error: File too large: " in r.stderr and "checkpoints/step=" in r.stderr and "Traceback" not in r.stderr
     assert "re-run the same command" in r.stderr
     left = files_under(run_dir)
     assert not {SUMMARY_NAME, STREAM_NAME, "checkpoints/last.ckpt"} & left, left
+    assert not [p for p in left if p.startswith("checkpoints/step=")], left  # the one it was writing: not there
     assert not [p for p in left if p.endswith(".tmp")], left
     train(tiny_config(real["text"], run_dir, "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY))
     assert totals(run_dir) == totals(real["run_dir"])

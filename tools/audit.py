@@ -53,6 +53,9 @@ class Stretch:
 
 def stretches(run_dir: Path, stream: Stream) -> list[Stretch]:
     """One stretch from the start and one from each recorded checkpoint but the last (the run's end)."""
+    if stream.header["config"]["trainer"]["devices"] > 1:
+        raise StreamError("the audit replays stretches in one process each; this run trained in "
+                          f"{stream.header['config']['trainer']['devices']}: verify it whole (without --jobs/--segment)")
     boundaries = stream.trailer.get("boundaries")
     if not boundaries:
         raise StreamError("the stream records no checkpoint states: written by older code, or the run never "

@@ -107,7 +107,7 @@ class TrainerConfig:
     accumulate_grad_batches: Annotated[int, POSITIVE] = 1  # micro-steps (batches) per optimizer step
     precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = "32-true"  # changes bits, recorded in the stream
     accelerator: Literal["cpu", "gpu", "auto"] = "cpu"  # Lightning's; a stream records the device it was made on
-    devices: Annotated[int, POSITIVE] = 1  # processes (DDP); the stream and the n-gram counts need 1
+    devices: Annotated[int, POSITIVE] = 1  # processes (DDP): each codes its rows of a batch into its own sub-stream
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"  # Lightning's, for devices > 1
     # torch intra-op threads (0 = torch's default); changes bits, recorded in the stream
     num_threads: Annotated[int, Limit(f"in 0..{MAX_THREADS} (one OS thread each)", lambda v: 0 <= v <= MAX_THREADS)] = 2
@@ -286,8 +286,6 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
 def _validate(config: Config) -> None:
     """What no single field's limit can say: how fields depend on each other."""
     m = config.model
-    if m.ngram_order and config.trainer.devices > 1:
-        raise ConfigError("model.ngram_order needs trainer.devices: 1 (each process would count only its own rows)")
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
@@ -296,8 +294,6 @@ def _validate(config: Config) -> None:
     mixture_members(config)  # checks the members
     if config.stream.enabled and m.dropout > 0:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
-    if config.stream.enabled and config.trainer.devices > 1:
-        raise ConfigError("stream.enabled needs trainer.devices: 1 (the stream is written by one process)")
     if config.stream.enabled and config.trainer.strategy == "ddp_spawn":
         raise ConfigError("trainer.strategy: ddp_spawn cannot write a stream (it pickles the training state into a "
                           "new process, and the range coder cannot be pickled); use trainer.strategy: ddp or auto")

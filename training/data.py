@@ -203,8 +203,10 @@ class _Steps(Dataset):
         spans, fresh = self.steps[i]
         rows = spans[self.rank :: self.world_size]  # this process's rows of global batch i
         # A short last batch may leave a process no row; it still steps (DDP syncs every
-        # backward), on an empty span that contributes no token and no gradient.
-        return {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "fresh": fresh}
+        # backward), on an empty span that contributes no token and no gradient. What is learnt
+        # by counting (the n-gram counts) and the stream's checks see the whole batch: "all_spans".
+        return {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "all_spans": spans,
+                "fresh": fresh}
 
 
 class _ResumableSampler(Sampler[int]):
@@ -237,7 +239,7 @@ def order_labels(data, seq_len: int, tokenizer, tokens: torch.Tensor) -> torch.T
 
 
 class PrequelDataModule(L.LightningDataModule):
-    """Yields {"spans": (B, 2), "fresh": bool}: fresh batches are the first pass (coded), the
+    """Yields {"spans": this process's rows (b, 2), "all_spans": (B, 2), "fresh": bool}: fresh batches are the first pass (coded), the
     others replay already-coded chunks (see `curriculum.with_replay`)."""
 
     def __init__(self, tape: Tape, seq_len: int, batch_size: int, curriculum: str, seed: int,

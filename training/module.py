@@ -98,8 +98,9 @@ class PrequelModule(L.LightningModule):
         if self.config.model.z_loss:
             z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
             loss = loss + self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
-        if first_pass:
-            self._count_coded(x, y)
+        if first_pass:  # every process counts the whole batch (its rows and the others', on the tape by now)
+            self._count_coded(*(t.to(self.device) for t in self.tape.batch(batch["all_spans"]))
+                              if self.trainer.world_size > 1 else (x, y))
         return loss
 
     def _count_coded(self, x: torch.Tensor, y: torch.Tensor) -> None:

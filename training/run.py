@@ -77,6 +77,11 @@ def set_determinism(config: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        # Attention by the math kernel only: the memory-efficient and flash backwards add with
+        # atomics (an H200 run warned so; warn_only would have let it drift).
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def tokenize(config: Config, data: bytes):
@@ -342,8 +347,11 @@ def replay(bob: Receiver, module, datamodule, trainer, ckpt_path: Path | None = 
         raise
 
 
-def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False, threads: int | None = None) -> dict:
-    """Bob: rebuild f from the stream header, replay training while decoding, check everything."""
+def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False,
+           threads: int | None = None) -> dict | None:
+    """Bob: rebuild f from the stream header, replay training while decoding, check everything.
+    A run of N processes replays with N (Lightning starts the others); rank 0 reports, the others
+    return None."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
     bob = receiver(stream, allow_env_mismatch, threads)
@@ -359,12 +367,14 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         module, datamodule, trainer = bob.trainer(tape, [code_length, decoder], Path(tmp))
         replay(bob, module, datamodule, trainer)
     seconds = time.perf_counter() - started
+    totals = code_length.totals()  # (synced: every process takes part)
+    if not trainer.is_global_zero:
+        return None
     decoded = tokenizer.decode(tape.tokens)
     expected_sha = stream.trailer.get("data_sha256")
     if expected_sha is not None and hashlib.sha256(decoded).hexdigest() != expected_sha:
         raise StreamError("decoded bytes do not match the original's sha256")
     weights_checked = _compare_checkpoint(Path(path), module)
-    totals = code_length.totals()
     report = {
         "stream": str(stream_path), "tokens": decoder.coded_tokens, "bytes": len(decoded),
         "ideal_bits": totals["data_bits"], "stream_bits": stream.payload_bits,
