@@ -248,7 +248,8 @@ def _audit(args: argparse.Namespace) -> int:
     for s in r["stretches"]:
         print(f"stretch {s['stretch']} ({s['steps']}): " + (f"OK, {s['batches']:,} batches, {s['seconds']:.1f} s"
                                                            if s["ok"] else f"FAILED: {s['error']}"))
-    print(f"{len(r['stretches'])} stretches in {r['jobs']} jobs ({r['threads']} threads each): {r['seconds']:.1f} s")
+    print(f"{len(r['stretches'])} stretches, {r['jobs']} at a time (torch threads per job: {r['threads'] or 'default'}): "
+          f"{r['seconds']:.1f} s")
     if not r["ok"]:
         bad = ", ".join(str(s["stretch"]) for s in r["stretches"] if not s["ok"])
         print(f"error: the audit failed in stretch {bad}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,14 +48,16 @@ def test_parallel_audit_names_the_stretch_whose_stream_segment_was_altered(run, 
     stream.segments[2].words[5] ^= 1 << 7  # a forged segment, with the file's checksums made to fit
     write_stream(run_dir / "stream.prequel", stream)
 
-    r = run_cli("verify", run_dir, "--jobs", "2", "--data", run[1])
+    shutil.copy(run[1], tmp_path / "notes.txt")  # run from elsewhere, with relative paths, as a user may
+    r = subprocess.run([sys.executable, ROOT / "train.py", "verify", "run", "--jobs", "2", "--data", "notes.txt"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("stretch 0 (steps 0..80): OK, 40 batches")
     assert lines[1].startswith("stretch 1 (steps 80..160): OK, 40 batches")  # ends in the state stretch 2 starts from
     assert "stretch 2 (steps 160..240): FAILED" in lines[2] and "(stream segment 2) decodes to other tokens" in lines[2]
     assert lines[3].startswith("stretch 3 (steps 240..end): OK, 37 batches")  # with verify's final checks
-    assert "4 stretches in 2 jobs (1 threads each)" in lines[4]
+    assert "4 stretches, 2 at a time (torch threads per job: 1)" in lines[4]
     assert "the audit failed in stretch 2" in r.stderr
 
 

@@ -178,15 +178,19 @@ def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | No
     if missing := _missing(plan):
         raise StreamError(f"{'; '.join(missing)}: the audit starts each stretch from a checkpoint the run kept "
                           "(train.py verify without --jobs replays the whole run instead)")
-    if threads is None:
-        encoder_threads = stream.header["config"]["trainer"]["num_threads"] or os.cpu_count() or 1  # 0: torch's default
-        threads = max(1, encoder_threads // jobs)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # processes sharing cores must not busy-wait
+    if data_path is None and stream.header["config"]["data"]["path"] is not None:
+        data_path = stream.header["config"]["data"]["path"]  # the run's, relative to here as for train.py
+    # Each job keeps the encoder's thread count (with native kernels it changes bits); jobs that
+    # share cores must then not busy-wait for each other.
+    threads = threads or stream.header["config"]["trainer"]["num_threads"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
     def run(stretch: Stretch) -> dict:
-        cmd = [sys.executable, str(ROOT / "train.py"), "verify", str(stream_path), "--segment", str(stretch.index),
-               "--threads", str(threads)]
-        cmd += ["--data", data_path] if data_path is not None else []
+        # (absolute paths: the jobs run in the project's directory, the user's paths may be relative)
+        cmd = [sys.executable, str(ROOT / "train.py"), "verify", str(stream_path.resolve()), "--segment",
+               str(stretch.index)]
+        cmd += ["--threads", str(threads)] if threads else []
+        cmd += ["--data", str(Path(data_path).resolve())] if data_path is not None else []
         cmd += ["--allow-env-mismatch"] if allow_env_mismatch else []
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         for line in r.stdout.splitlines():
