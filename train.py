@@ -2,6 +2,7 @@
 
     python train.py [train] --config configs/small.yaml [--data.path notes.txt --trainer.max_steps 200 --run_dir runs/x]
     python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch]
+    python train.py verify RUN_DIR [--jobs N | --segment K] [--data FILE]      (audit from kept checkpoints)
     python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk-size N] [--batch-chunks B] [--top-k K] [--force]
     python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch] [--force]
     python train.py compare --config configs/compare.yaml [--budget.bytes N --sizes a,b] | --from-runs RUN_DIR...

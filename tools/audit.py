@@ -169,6 +169,12 @@ def audit_segment(path: Path, index: int, data_path: str | None = None, threads:
             "states_checked": decoder.checked, "seconds": time.perf_counter() - started, "ok": True}
 
 
+def _from_here(spec: str) -> str:
+    """A data.path (file, directory or glob) relative to this process's directory, made absolute;
+    a `dataset:NAME` stays as it is."""
+    return spec if spec.startswith("dataset:") or Path(spec).is_absolute() else str(Path.cwd() / spec)
+
+
 def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | None = None,
           allow_env_mismatch: bool = False) -> dict:
     """Every stretch, `jobs` at a time, each in its own `train.py verify --segment K` process."""
@@ -190,7 +196,7 @@ def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | No
         cmd = [sys.executable, str(ROOT / "train.py"), "verify", str(stream_path.resolve()), "--segment",
                str(stretch.index)]
         cmd += ["--threads", str(threads)] if threads else []
-        cmd += ["--data", str(Path(data_path).resolve())] if data_path is not None else []
+        cmd += ["--data", _from_here(data_path)] if data_path is not None else []
         cmd += ["--allow-env-mismatch"] if allow_env_mismatch else []
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         for line in r.stdout.splitlines():
