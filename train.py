@@ -174,7 +174,7 @@ def _interrupted(e: Exception) -> int:
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.config import load_config
-    from training.run import Interrupted
+    from tools.fit import Interrupted
     from tools.run import train
 
     try:
@@ -338,7 +338,7 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.run import Interrupted
+    from tools.fit import Interrupted
     from tools.compare import from_command_line
 
     try:

@@ -23,7 +23,8 @@ from training.config import Config, dump_yaml, load_config  # noqa: E402
 from training import environment  # noqa: E402
 from training.data import Tape, read_corpus  # noqa: E402
 from training.program import f_parts  # noqa: E402
-from training.run import build_trainer, set_determinism, tokenize  # noqa: E402
+from tools.fit import tokenize  # noqa: E402
+from training.run import build_trainer, set_determinism  # noqa: E402
 from callbacks.code_length import CodeLength  # noqa: E402
 
 # Nothing but training: no loggers, plots or progress bar (the scripts' overrides may turn them on).
@@ -98,7 +99,7 @@ def lightning_tokens_per_s(config: Config, tape: Tape, vocab_size: int, callback
     set_determinism(config)
     clock = Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        module, data, trainer = build_trainer(config, tape, vocab_size, callbacks + [clock], [], Path(tmp), checkpoint=False)
+        module, data, trainer = build_trainer(config, tape, vocab_size, callbacks + [clock], [], Path(tmp))
         trainer.fit(module, data)
     return clock.tokens_per_s()
 

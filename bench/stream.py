@@ -29,7 +29,8 @@ from common import (bench_parser, bench_config, code_length_callback, corpus_pre
 from callbacks.arithmetic_stream import StreamEncoder
 from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
 from tools.run import train
-from training.run import stream_header, verify
+from tools.fit import stream_header
+from training.run import verify
 from training.stream import StreamError
 
 

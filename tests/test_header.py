@@ -15,7 +15,7 @@ from training.data import order_labels
 from training.header import CompressHeader, TrainingHeader
 from tools.compress import compress
 from training.program import code_hash
-from training.run import environment, stream_header
+from tools.fit import environment, stream_header
 from training.stream import Stream, StreamError, read_stream, write_stream
 from training.tokenizer import build_tokenizer
 

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from tools.run import train
 from training.config import ConfigError
-from training.run import IDENTITY_NAME, LOCK_NAME
+from tools.fit import IDENTITY_NAME, LOCK_NAME
 from training.stream import read_stream
 
 

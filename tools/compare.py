@@ -225,7 +225,7 @@ def read_run(run_dir: Path) -> dict:
            "sigma_bits": s["code/data_bits"], "n_bits": s["code/n_bits"], "total_bits": s["code/total_bits"],
            "bpb": s["code/bpb"], "stream_total_bpb": s.get("code/stream_total_bpb"),
            "last_epoch_bpb": s["train/last_epoch_bpb"]}
-    curve = None  # (tokens seen, bits, tokens) of each first-pass step, as training.run saved it
+    curve = None  # (tokens seen, bits, tokens) of each first-pass step, as tools.fit saved it
     if (run_dir / "curve.csv").is_file():
         with open(run_dir / "curve.csv") as f:
             curve = [(int(r["tokens_seen"]), float(r["bits"]), int(r["tokens"])) for r in csv.DictReader(f)]

@@ -1,4 +1,4 @@
-"""A training run as a user sees it: Alice's training (training/run.py) plus what she reports.
+"""A training run as a user sees it: Alice's training (tools/fit.py) plus what she reports.
 
 Nothing here is part of f: the summary, its table and plot, curve.csv and the loggers change no
 bit of training, so editing them neither changes |f| nor invalidates a stream.
@@ -15,7 +15,7 @@ from models.mixture import Mixture
 from tools.report import code_length_summary, format_table, plot_loss_curve
 from training.config import Config, to_dict
 from training.data import read_corpus
-from training.run import Fitted, check_run_dir, fit
+from tools.fit import Fitted, check_run_dir, fit
 from training.stream import write_atomic
 
 SUMMARY_NAME = "summary.json"

@@ -34,7 +34,7 @@ MAGIC = b"PRQLSTRM"
 VERSION = 1
 MAX_JSON_BYTES = 64 << 20  # no header or trailer is this large; a bigger length is corrupt
 _SEGMENT_FRAMING = 16  # u64 batches + u64 word count
-_TEMP_SUFFIX = ".tmp"  # write_atomic's temp files: f".{name}.{random}.tmp" beside the target
+TEMP_SUFFIX = ".tmp"  # write_atomic's temp files: f".{name}.{random}.tmp" beside the target
 
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) ...
@@ -85,7 +85,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     read-only directory) removes its temp file and raises the OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would make it, not mkstemp's 0600
@@ -101,15 +101,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_directory(path.parent)
 
 
-def link_atomic(target: str, link: Path) -> None:
-    """Point the symlink `link` at `target` (relative to its directory) by a rename: a reader sees
-    the old link or the new one, never none."""
-    tmp = link.with_name(f".{link.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
 def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable (a power cut must not bring back the old name)."""
     try:
@@ -122,17 +113,6 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete the temp files a killed `write_atomic` left in `directory` (recursively).
-
-    Only call this where no other process is writing (a run directory being resumed): a temp
-    file is never a valid result, it is whatever a crash interrupted."""
-    stale = [p for p in Path(directory).rglob(f".*{_TEMP_SUFFIX}") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def write_stream(path: Path, stream: Stream) -> int:
