@@ -129,6 +129,11 @@ class StreamCallback(L.Callback):
             "coded_batches": self.coded_batches, "checksums": self.checksums,
         }
 
+    def _load_position(self, state: dict) -> None:
+        """Where `state_dict` left the coded tokens: their hash chain, counts and checksums."""
+        self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
+        self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
+
 
 class StreamEncoder(StreamCallback):
     """Alice: codes each first-pass batch into `self.stream`; `save` writes it."""
@@ -185,8 +190,7 @@ class StreamEncoder(StreamCallback):
     def load_state_dict(self, state: dict) -> None:
         self.boundaries = list(state["boundaries"])
         self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
-        self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
-        self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
+        self._load_position(state)
         self._segment_start = self.coded_batches
         self.coder = Encoder()
 

@@ -89,8 +89,7 @@ class AuditDecoder(StreamDecoder):
         if sealed != [segment.batches for segment in self.stream.segments[: len(sealed)]]:
             raise StreamError(f"{self._name()}: {self.stretch.checkpoint} holds other stream segments than the "
                               "stream: it is not a checkpoint of this run")
-        self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
-        self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
+        self._load_position(state)
         self._segment, self._segment_end = len(sealed) - 1, self.coded_batches  # the next batch opens the next
 
     def _name(self) -> str:

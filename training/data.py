@@ -239,8 +239,9 @@ def order_labels(data, seq_len: int, tokenizer, tokens: torch.Tensor) -> torch.T
 
 
 class PrequelDataModule(L.LightningDataModule):
-    """Yields {"spans": this process's rows (b, 2), "all_spans": (B, 2), "fresh": bool}: fresh batches are the first pass (coded), the
-    others replay already-coded chunks (see `curriculum.with_replay`)."""
+    """Yields {"spans": this process's rows (b, 2), "all_spans": (B, 2), "fresh": bool}: fresh
+    batches are the first pass (coded), the others replay already-coded chunks (see
+    `curriculum.with_replay`)."""
 
     def __init__(self, tape: Tape, seq_len: int, batch_size: int, curriculum: str, seed: int,
                  replay_steps: int = 0, replay_window: int = 0, **plan_options):
