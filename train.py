@@ -89,7 +89,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 def _type_text(hint: Any) -> str:
     """A field's type as --help shows it: ``int > 0``, ``{bytes, bpe}``, ``str | null``."""
-    from training.config import limits_of
+    from tools.config import limits_of
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
@@ -116,7 +116,7 @@ def _value_text(value: Any) -> str:
 
 def describe_keys(cls: type) -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, meaning) of every settable key of `cls`, section by section."""
-    from training.config import field_types, leaf_fields
+    from tools.config import field_types, leaf_fields
 
     rows, comments = [], {}
     for key, f, hint in leaf_fields(cls):
@@ -157,7 +157,7 @@ def _train_parser() -> argparse.ArgumentParser:
                         "--KEY VALUE options after it override its keys")
 
     def epilog() -> str:
-        from training.config import Config
+        from tools.config import Config
 
         return _keys_help(Config, "config keys: set them in the YAML file, or with --KEY VALUE after it\n"
                           "(VALUE is read as YAML: --trainer.max_steps 200 --data.path null --model.bias true)")
@@ -173,7 +173,7 @@ def _interrupted(e: Exception) -> int:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.config import load_config
+    from tools.config import load_config
     from tools.fit import Interrupted
     from tools.run import train
 
@@ -201,8 +201,8 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 
 def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.config import ConfigError
-    from training.run import verify
+    from tools.config import ConfigError
+    from tools.verify import verify
 
     if args.jobs is not None or args.segment is not None:
         return _audit(args)
@@ -231,7 +231,7 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from tools.audit import REPORT_PREFIX, audit, audit_segment
-    from training.config import ConfigError
+    from tools.config import ConfigError
 
     if args.out is not None:
         raise ConfigError("--out: an audit writes no decoded file (it compares with --data)")
@@ -338,8 +338,8 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from tools.fit import Interrupted
     from tools.compare import from_command_line
+    from tools.fit import Interrupted
 
     try:
         return from_command_line(args.config, args.from_runs, overrides)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         environment.allow_reexec()
     argv = sys.argv[1:] if argv is None else argv
     quiet_warnings()
-    from training.config import ConfigError
+    from tools.config import ConfigError
     from training.data import DataError
     from training.stream import StreamError
 

@@ -18,14 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for train.py
 
-from train import quiet_warnings  # noqa: E402
-from training.config import Config, dump_yaml, load_config  # noqa: E402
-from training import environment  # noqa: E402
-from training.data import Tape, read_corpus  # noqa: E402
-from training.program import f_parts  # noqa: E402
-from tools.fit import tokenize  # noqa: E402
-from training.run import build_trainer, set_determinism  # noqa: E402
 from callbacks.code_length import CodeLength  # noqa: E402
+from tools.config import Config, counted_yaml, load_config  # noqa: E402
+from tools.data import read_corpus  # noqa: E402
+from tools.fit import tokenize  # noqa: E402
+from tools.program import f_parts  # noqa: E402
+from train import quiet_warnings  # noqa: E402
+from training import environment  # noqa: E402
+from training.data import Tape  # noqa: E402
+from training.run import build_trainer, set_determinism  # noqa: E402
 
 # Nothing but training: no loggers, plots or progress bar (the scripts' overrides may turn them on).
 BENCH_OVERRIDES = [
@@ -72,7 +73,7 @@ def corpus_prefix(config: Config, n_tokens: int):
 
 
 def code_length_callback(config: Config, tokenizer, n_tokens: int) -> CodeLength:
-    return CodeLength(f_parts(dump_yaml(config), tokenizer.serialize()), n_tokens)
+    return CodeLength(f_parts(counted_yaml(config), tokenizer.serialize()), n_tokens)
 
 
 class Clock(L.Callback):

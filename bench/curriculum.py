@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from common import bench_config, print_environment
-from training.data import read_corpus
+
+from tools.data import read_corpus
 from tools.run import train
 
 VARIANTS = {

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.config import load_config  # noqa: E402
 from tools.run import train  # noqa: E402
-from training.config import load_config  # noqa: E402
 from training.curriculum import plan_batches  # noqa: E402
 from training.data import IGNORE, Tape  # noqa: E402
 from training.module import PrequelModule  # noqa: E402

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from common import bench_config, bench_parser, code_length_callback, corpus_prefix, lightning_tokens_per_s, median
+
+from tools.environment import cpu_model
 from training import environment
 
 
@@ -53,7 +55,7 @@ def main() -> None:
             rates[mode].append(measure(mode, argv))
             print(f"  {mode:<8} {rates[mode][-1]:>10,.0f} tokens/s", flush=True)
     native, portable = median(rates["native"]), median(rates["portable"])
-    print(f"{Path(args.config).name}, {args.tokens:,} tokens, {environment.cpu_model()}")
+    print(f"{Path(args.config).name}, {args.tokens:,} tokens, {cpu_model()}")
     print(f"native   {native:>10,.0f} tokens/s (median of {args.repeats})")
     print(f"portable {portable:>10,.0f} tokens/s (median of {args.repeats})")
     print(f"ratio portable / native: {portable / native:.3f}")

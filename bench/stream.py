@@ -5,7 +5,7 @@
     callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
 (b) decode/train time: `tools.run.train` with the stream on, into a temporary run directory,
     on the first `--decode-tokens` tokens (written to a temporary data file), then
-    `training.run.verify` on that run; prints decode seconds / train seconds (whole calls) and,
+    `tools.verify.verify` on that run; prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
 (c) coder symbols/s: `training.coding.encode_known` with an Encoder (all logits known: one pass),
     then `code_batch` with a Decoder (column by column), on random logits of `--rows` × `--cols`
@@ -23,14 +23,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import (
+    bench_config,
+    bench_parser,
+    code_length_callback,
+    corpus_prefix,
+    lightning_tokens_per_s,
+    median,
+    print_environment,
+)
 
-from common import (bench_parser, bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
-                    print_environment)
 from callbacks.arithmetic_stream import StreamEncoder
-from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
-from tools.run import train
 from tools.fit import stream_header
-from training.run import verify
+from tools.run import train
+from tools.verify import verify
+from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
 from training.stream import StreamError
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.config import load_config
+from tools.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"  # the corpora the benches use, when this checkout has them

@@ -7,8 +7,8 @@ import yaml
 import train as cli
 from tests.helpers import TINY, run_cli
 from tools.compare import Budget, Sweep, parse_sweep, run_sweep, size_config
+from tools.config import ConfigError
 from tools.prefix import FRACTIONS, catch_up, prefix_rows
-from training.config import ConfigError
 
 FAST = ["--stream.enabled", "false", "--logging.wandb", "false", "--logging.progress_bar", "false",
         "--trainer.num_threads", "1"]

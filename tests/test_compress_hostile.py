@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import ROOT, assert_refused, trained_tiny_model
 from tools.compress import BudgetedDecoder, CompressError, _payload_capacity_bits, compress, decompress
-from training.config import MEMORY_ENV, ConfigError
+from tools.config import MEMORY_ENV, ConfigError
 from training.data import DataError
 from training.stream import StreamError, encode_stream, read_stream
 

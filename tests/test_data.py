@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from tests.helpers import SHARED_CORPORA, TINY, run_cli, tiny_config
-from training.config import BPE_MAX_VOCAB, ConfigError, load_config
-from training.curriculum import (
-    CURRICULA, PACINGS, chunk_spans, difficulty_labels, labels_from_header, labels_to_header, order_bits, pace,
-    plan_batches,
-)
-from training.data import DataError, fetch_dataset, read_corpus, read_documents
-from training.program import f_parts, xz_bits
-from training.tokenizer import ALPHABET, BPETokenizer, TokenizerError, build_tokenizer
+from tools.config import BPE_MAX_VOCAB, ConfigError, load_config
+from tools.curriculum import difficulty_labels, labels_to_header, order_bits
+from tools.data import fetch_dataset, read_corpus, read_documents
+from tools.program import f_parts, xz_bits
+from tools.tokenizer import build_tokenizer
+from training.curriculum import CURRICULA, PACINGS, chunk_spans, labels_from_header, pace, plan_batches
+from training.data import DataError
+from training.tokenizer import ALPHABET, BPETokenizer, TokenizerError
 
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
 
@@ -286,9 +286,9 @@ def test_curriculum_keys_from_the_command_line():
 # --- end to end: Bob rebuilds the tokenizer and the order from the stream alone ---------------
 
 def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
-    from training.data import order_labels
+    from tools.data import order_labels
     from tools.run import train
-    from training.run import verify
+    from tools.verify import verify
     from training.stream import StreamError, read_stream, write_stream
 
     (tmp_path / "text.txt").write_bytes(TEXT[:4000])
@@ -317,7 +317,7 @@ def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
 
 def test_length_warmup_trains_and_verifies(tmp_path):
     from tools.run import train
-    from training.run import verify
+    from tools.verify import verify
 
     (tmp_path / "text.txt").write_bytes(TEXT[:3000])
     summary = train(tiny_config(tmp_path / "text.txt", tmp_path / "run", "--data.curriculum", "length_warmup",

@@ -1,5 +1,6 @@
-"""The typed stream headers: the JSON layout of real headers survives a round trip, and a forged
-header is refused in `from_dict`, naming what is wrong."""
+"""The typed stream headers: the JSON layout of real headers survives a round trip (f's
+`TrainingHeader.from_dict`), and a forged header is refused by the checks (tools/header.py
+`checked`), naming what is wrong."""
 
 import subprocess
 import sys
@@ -10,14 +11,16 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from tests.helpers import ROOT, tiny_config
-from training.curriculum import labels_to_header
-from training.data import order_labels
-from training.header import CompressHeader, TrainingHeader
 from tools.compress import compress
-from training.program import code_hash
+from tools.curriculum import labels_to_header
+from tools.data import order_labels
 from tools.fit import environment, stream_header
+from tools import header as headers
+from tools.header import CompressHeader
+from tools.program import code_hash
+from tools.tokenizer import build_tokenizer
+from training.header import TrainingHeader
 from training.stream import Stream, StreamError, read_stream, write_stream
-from training.tokenizer import build_tokenizer
 
 TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000]
 
@@ -60,13 +63,13 @@ def test_a_header_without_an_order_has_no_order_key(text_file, tmp_path):
     config = tiny_config(text_file, tmp_path / "run")
     d = through_a_file(stream_header(config, build_tokenizer("bytes"), 4000), tmp_path)
     assert "order" not in d and d["tokenizer"] == {"name": "bytes", "blob": ""}
-    header = TrainingHeader.from_dict(d)
+    header = headers.checked(d)
     assert header.order is None and header.labels() is None and header.to_dict() == d
 
 
 def test_the_committed_stream_header_round_trips():
     d = read_stream(ROOT / "tests" / "fixtures" / "portable.prequel").header
-    assert TrainingHeader.from_dict(d).to_dict() == d
+    assert headers.checked(d).to_dict() == d
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -95,16 +98,16 @@ def test_a_forged_training_header_is_refused_naming_the_field(bpe_difficulty, fi
     else:
         d[field] = value
     with pytest.raises(StreamError) as e:
-        TrainingHeader.from_dict(d)
+        headers.checked(d)
     assert str(e.value).startswith(message), str(e.value)
 
 
 def test_a_tokenizer_blob_that_does_not_parse_is_refused_when_built(bpe_difficulty):
     d = stream_header(*bpe_difficulty)
     d["tokenizer"]["blob"] = "00ff"
-    header = TrainingHeader.from_dict(d)  # hex, and only the tokenizer can read its content
+    header = headers.checked(d)  # hex, and only the tokenizer can read its content
     with pytest.raises(StreamError, match="^header corrupted: tokenizer: "):
-        header.tokenizer()
+        headers.tokenizer(header)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,19 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from tests.helpers import ROOT, TINY, assert_refused
-from training.config import (
-    DEFAULT_MAX_MEMORY_GB, MEMORY_ENV, ConfigError, MemoryLimitError, check_memory, load_config, parameter_count,
+from tools.config import (
+    DEFAULT_MAX_MEMORY_GB,
+    MEMORY_ENV,
+    ConfigError,
+    MemoryLimitError,
+    check_memory,
+    load_config,
+    parameter_count,
 )
-from training.curriculum import labels_from_header, labels_to_header
-from training.data import DataError, read_corpus
+from tools.curriculum import labels_to_header
+from tools.data import read_corpus
+from training.curriculum import labels_from_header
+from training.data import DataError
 from training.stream import Stream, encode_stream, read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"  # tiny.yaml, sequential, 3,000 byte tokens

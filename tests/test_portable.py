@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import portable_math
 from tests.helpers import ROOT, run_cli, tiny_config
+from tools.program import code_hash
 from training import environment
-from training.program import code_hash
 from training.stream import encode_stream, read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
@@ -152,7 +152,7 @@ def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
     feature that computes bits on (RoPE, n-gram prior, z-loss, gradient clipping, replay, NormHead,
     tied embeddings), from building the model through Alice's stream to Bob's replay of it."""
     from tools.run import train
-    from training.run import verify
+    from tools.verify import verify
 
     text = tmp_path / "text.txt"
     text.write_bytes(FIXTURE_BYTES[:1200])

@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 
 from tests.helpers import ROOT, TINY, run_cli, tiny_config
-from tools.run import train
-from training.config import ConfigError
+from tools.config import ConfigError
 from tools.fit import IDENTITY_NAME, LOCK_NAME
+from tools.run import train
 from training.stream import read_stream
 
 

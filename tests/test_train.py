@@ -6,7 +6,7 @@ import pytest
 
 import train as cli
 from tests.helpers import ROOT, TINY, run_cli, tiny_config, wandb_offline_summary
-from training.config import Config, ConfigError, load_config
+from tools.config import Config, ConfigError, load_config
 from tools.run import train
 
 

@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 
 from callbacks.arithmetic_stream import StreamDecoder, StreamEncoder, state_sha256
-from training.data import Tape, read_corpus
-from training.run import Receiver, find_stream, receiver, replay
+from tools.data import read_corpus
+from tools.verify import checked_receiver, find_stream, replay
+from training.data import Tape
+from training.run import Receiver
 from training.stream import Stream, StreamError, read_stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +152,8 @@ def audit_segment(path: Path, index: int, data_path: str | None = None, threads:
     stretch = plan[index]
     if missing := _missing([stretch]):
         raise StreamError(f"{missing[0]}: the audit starts each stretch from a checkpoint the run kept")
-    bob = receiver(stream, allow_env_mismatch, threads)
+    checked = checked_receiver(stream, allow_env_mismatch, threads)
+    bob = checked.bob
     data = read_corpus(data_path if data_path is not None else bob.config.data.path)
     expected_sha = stream.trailer.get("data_sha256")
     if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
@@ -162,7 +165,7 @@ def audit_segment(path: Path, index: int, data_path: str | None = None, threads:
     decoder = AuditDecoder(bob, tape, tokens, stream, stretch)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        replay(bob, *bob.trainer(tape, [bob.code_length(), decoder], Path(tmp)), ckpt_path=stretch.checkpoint)
+        replay(checked, *bob.trainer(tape, [checked.code_length(), decoder], Path(tmp)), ckpt_path=stretch.checkpoint)
     return {"stretch": index, "steps": stretch.describe(), "checkpoint": str(stretch.checkpoint or "start"),
             "batches": decoder.coded_batches - (stretch.start or {"batches": 0})["batches"],
             "states_checked": decoder.checked, "seconds": time.perf_counter() - started, "ok": True}

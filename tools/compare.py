@@ -25,9 +25,17 @@ from pathlib import Path
 
 import lightning as L
 
-from training.config import (ConfigError, build_dataclass, config_from_dict, merge_values, mixture_members, parameter_count,
-                             parse_overrides, read_yaml_mapping)
-from training.data import read_corpus
+from tools.config import (
+    ConfigError,
+    build_dataclass,
+    config_from_dict,
+    merge_values,
+    mixture_members,
+    parameter_count,
+    parse_overrides,
+    read_yaml_mapping,
+)
+from tools.data import read_corpus
 from tools.prefix import PREFIX_COLUMNS, catch_up_text, catch_ups, plot_cumulative, prefix_markdown, prefix_rows
 from tools.report import pyplot, save_loss_axes
 from tools.run import SUMMARY_NAME, train

@@ -35,21 +35,29 @@ import yaml
 
 from callbacks.arithmetic_stream import parameters_sha256
 from models.gpt import GPT, GPTConfig
-from training.coding import Decoder, Encoder, code_batch, incremental_logits
-from training.config import (
-    MAX_THREADS, MEMORY_ENV, TAPE_BYTES_PER_TOKEN, Config, ConfigError, config_from_dict, format_bytes,
-    max_memory_bytes, regular_file_size,
+from tools.config import (
+    MAX_THREADS,
+    MEMORY_ENV,
+    TAPE_BYTES_PER_TOKEN,
+    Config,
+    ConfigError,
+    config_from_dict,
+    format_bytes,
+    max_memory_bytes,
+    regular_file_size,
 )
-from training.data import IGNORE, DataError, read_corpus
-from training.header import CompressHeader
-from training.program import xz_bits
+from tools.data import read_corpus
+from tools.environment import check as check_environment
+from tools.environment import facts as environment_facts
+from tools.header import CompressHeader
+from tools.program import xz_bits
 from tools.report import classic_baselines, text_table
+from tools.tokenizer import build_tokenizer
+from tools.verify import STREAM_NAME
+from training.coding import Decoder, Encoder, code_batch, incremental_logits
+from training.data import IGNORE, DataError
 from training.environment import KernelError, ensure_kernels
-from training.environment import check as check_environment
-from training.environment import facts as environment_facts
-from training.run import STREAM_NAME
 from training.stream import Segment, Stream, StreamError, encode_stream, read_stream, write_atomic
-from training.tokenizer import build_tokenizer
 
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache

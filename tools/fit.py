@@ -22,16 +22,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.arithmetic_stream import StreamEncoder
 from callbacks.code_length import CodeLength
-from training.config import Config, ConfigError, check_memory, dump_yaml, program_dict
-from training.curriculum import labels_to_header, order_bits
-from training.data import DataError, PrequelDataModule, Tape, order_labels, read_corpus
-from training.environment import facts as environment_facts
+from tools.config import Config, ConfigError, check_memory, counted_yaml, dump_yaml, program_dict
+from tools.curriculum import labels_to_header, order_bits
+from tools.data import order_labels, read_corpus
+from tools.environment import facts as environment_facts
+from tools.program import code_hash, f_parts
+from tools.tokenizer import build_tokenizer
+from tools.verify import STREAM_NAME
+from training.data import DataError, PrequelDataModule, Tape
 from training.header import TrainingHeader
 from training.module import PrequelModule
-from training.program import code_hash, f_parts
-from training.run import STREAM_NAME, build_trainer, set_determinism
+from training.run import build_trainer, set_determinism
 from training.stream import TEMP_SUFFIX, write_atomic
-from training.tokenizer import build_tokenizer
 
 IDENTITY_NAME = "run.json"  # what the run directory is a run of: the program's settings + the data's sha256
 LOCK_NAME = ".lock"
@@ -173,7 +175,7 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
     labels = order_labels(config.data, config.model.block_size, tokenizer, tokens)
-    code_length = CodeLength(f_parts(config_text, tokenizer.serialize(), order_bits(labels)), len(tokens))
+    code_length = CodeLength(f_parts(counted_yaml(config), tokenizer.serialize(), order_bits(labels)), len(tokens))
     started = _TrainStarted()
     callbacks: list = [code_length]
     stream = None

@@ -6,7 +6,8 @@ decoder must rebuild the same list before it has decoded any data, so an order m
 on what is in f (config, seed) and the data length, and is then free. An order that depends on
 the content (`difficulty`) is *transmitted*: the encoder computes each chunk's difficulty level,
 the stream header carries the levels, and their information content is added to |f| as the
-``order`` part. Everything else about the order (pacing, tie-breaking) is drawn from the seed.
+``order`` part (tools/curriculum.py: computing and counting the levels is Alice's). Everything else
+about the order (pacing, tie-breaking) is drawn from the seed.
 """
 
 import base64
@@ -99,40 +100,6 @@ def difficulty(n_tokens: int, seq_len: int, batch_size: int, seed: int, labels: 
     return batches
 
 
-def difficulty_labels(chunks: list[bytes], score: str, levels: int) -> torch.Tensor:
-    """The encoder's side of `difficulty`: rank chunks by a score (lower = easier; ties by
-    position) and cut the ranking into `levels` equal parts. Level sizes then depend only on
-    the number of chunks, which the decoder knows, so only the assignment must be sent.
-
-    - ``zlib``: compressed size / raw size (repetitive text is easy);
-    - ``length``: bytes in the chunk (with BPE, many bytes per token = common words)."""
-    if score == "zlib":
-        scores = [len(zlib.compress(c, 9)) / max(len(c), 1) for c in chunks]
-    elif score == "length":
-        scores = [len(c) for c in chunks]
-    else:
-        raise ValueError(f"data.difficulty_score: unknown score {score!r} (known: zlib, length)")
-    ranking = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
-    levels = min(levels, len(chunks))
-    labels = np.empty(len(chunks), dtype=np.int64)
-    labels[ranking] = np.arange(len(chunks)) * levels // max(len(chunks), 1)
-    return torch.from_numpy(labels)
-
-
-def order_bits(labels: torch.Tensor | None) -> int:
-    """Bits to transmit the levels with an enumerative code: ceil(log2(N! / prod n_k!))."""
-    if labels is None or len(labels) == 0:
-        return 0
-    counts = torch.bincount(labels).tolist()
-    nats = math.lgamma(len(labels) + 1) - sum(math.lgamma(c + 1) for c in counts)
-    return math.ceil(nats / math.log(2) - 1e-9)
-
-
-def labels_to_header(labels: torch.Tensor) -> str:
-    """A compact, JSON-safe form for the stream header (what is *counted* is `order_bits`)."""
-    return base64.b64encode(zlib.compress(labels.numpy().astype("<u4").tobytes(), 9)).decode()
-
-
 def labels_from_header(text: str | None, n_chunks: int | None = None, levels: int | None = None) -> torch.Tensor | None:
     """The levels `labels_to_header` wrote, checked against what the header's own sizes allow:
     exactly `n_chunks` (= ceil(data_tokens / block_size)) levels, each below `levels`. Decompression
@@ -205,13 +172,3 @@ def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, 
             raise ValueError("the difficulty order needs its transmitted levels (labels)")
         return difficulty(n_tokens, seq_len, batch_size, seed, labels, pacing, pacing_start, warmup)
     raise ValueError(f"data.curriculum: unknown order {curriculum!r} (known: {', '.join(CURRICULA)})")
-
-
-def plan_size(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, pacing_start: float = 0.125,
-              replay_steps: int = 0) -> tuple[int, int]:
-    """(chunks, steps) that `plan_batches` and `with_replay` would build, bounded without building
-    them: what a header's sizes commit the decoder to, checked before it plans (config.check_memory).
-    Only `length_warmup` cuts chunks shorter than `seq_len`, never below ``pacing_start * seq_len``."""
-    shortest = max(1, round(seq_len * pacing_start)) if curriculum == "length_warmup" else seq_len
-    chunks = -(-n_tokens // shortest)
-    return chunks, -(-chunks // batch_size) * (1 + replay_steps)

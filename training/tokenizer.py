@@ -1,8 +1,9 @@
 """Tokenizers map corpus bytes to ids and back, exactly, for any input bytes.
 
 `bytes` is the identity on bytes (m = 256) and costs nothing in |f|. `bpe` is a byte-level BPE
-trained with HF `tokenizers` on the training data (or read from a pretrained tokenizer file);
-it is part of the program f, so its compressed serialisation is counted in |f|.
+trained with HF `tokenizers` on the training data (or read from a pretrained tokenizer file;
+both Alice's: tools/tokenizer.py); it is part of the program f, so its compressed serialisation
+is counted in |f|.
 
 Exactness for *any* bytes, invalid UTF-8 included, comes from never decoding the data as text:
 each byte is mapped to one printable character of GPT-2's byte-level alphabet (a bijection), BPE
@@ -10,14 +11,11 @@ runs on those characters, and ids are turned back into bytes through a per-id by
 one of the 256 characters is in the vocabulary, so nothing is ever unknown or dropped.
 """
 
-import collections
-import json
 import re
 
 import numpy as np
 import torch
 
-from training.config import BPE_MAX_VOCAB
 from training.data import DataError
 
 _FORMAT = "prequel-bpe 1"  # first line of a serialised BPE; bump if the layout changes
@@ -143,64 +141,11 @@ class BPETokenizer:
             raise TokenizerError(f"serialised BPE has format {lines[0]!r}, expected {_FORMAT!r}")
         return cls([tuple(line.split(" ")) for line in lines[1:]])
 
-    @classmethod
-    def train(cls, data: bytes, vocab_size: int) -> "BPETokenizer":
-        """Deterministic: the trainer breaks count ties by pair id, and the alphabet is fixed."""
-        from tokenizers import Tokenizer, models, trainers
 
-        if not 256 < vocab_size <= BPE_MAX_VOCAB:
-            raise TokenizerError(f"data.vocab_size: BPE needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {vocab_size}")
-        hf = Tokenizer(models.BPE())
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=ALPHABET)
-        counts = collections.Counter(_words(data))
-        # Without a pre-tokenizer each item is one word, so a word is fed once per occurrence.
-        hf.train_from_iterator(([_to_text(w)] * n for w, n in counts.items()), trainer)
-        tokenizer = cls([tuple(m) for m in _merges_of(json.loads(hf.to_str()))])
-        if tokenizer.vocab_size < vocab_size:
-            raise TokenizerError(
-                f"data.vocab_size {vocab_size} is larger than BPE can learn from this corpus "
-                f"({len(data):,} bytes give only {tokenizer.vocab_size} tokens); choose at most {tokenizer.vocab_size}"
-            )
-        return tokenizer
-
-    @classmethod
-    def from_file(cls, path: str) -> "BPETokenizer":
-        """A pretrained HF tokenizer.json whose model is a byte-level BPE (GPT-2 style). Only its
-        merges are kept: our splitter and byte table make the round trip exact for any bytes."""
-        try:
-            spec = json.loads(open(path, encoding="utf-8").read())
-        except OSError as e:
-            raise TokenizerError(f"data.tokenizer_file: cannot read {path}: {e.strerror}") from None
-        except ValueError as e:
-            raise TokenizerError(f"data.tokenizer_file: {path} is not a tokenizer JSON file: {e}") from None
-        model = spec.get("model", {}) if isinstance(spec, dict) else {}
-        if model.get("type") != "BPE" or not all(c in model.get("vocab", {}) for c in ALPHABET):
-            raise TokenizerError(f"data.tokenizer_file: {path} is not a byte-level BPE tokenizer "
-                                 "(need model.type BPE with all 256 byte-level characters in its vocab)")
-        return cls([tuple(m) for m in _merges_of(spec)])
-
-
-def _merges_of(spec: dict) -> list:
-    """HF stores merges as ["a", "b"] pairs (new) or "a b" strings (old)."""
-    return [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
-
-
-def build_tokenizer(name: str, data: bytes | None = None, serialized: bytes | None = None, *,
-                    vocab_size: int = 256, pretrained: str | None = None) -> ByteTokenizer | BPETokenizer:
-    """The tokenizer named in the config: restored from `serialized` (the decoder, from the
-    stream header), read from a `pretrained` file, or trained on `data` at `vocab_size`."""
+def restore_tokenizer(name: str, blob: bytes) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer a stream header names, from its serialisation (tools/tokenizer.py builds one)."""
     if name == "bytes":
         return ByteTokenizer()
     if name != "bpe":
         raise TokenizerError(f"data.tokenizer: unknown tokenizer {name!r} (known: bytes, bpe)")
-    if serialized is not None:
-        return BPETokenizer.deserialize(serialized)
-    if pretrained is not None:
-        tokenizer = BPETokenizer.from_file(pretrained)
-        if vocab_size not in (256, tokenizer.vocab_size):
-            raise TokenizerError(f"data.vocab_size {vocab_size} differs from the {tokenizer.vocab_size} tokens of "
-                                 f"data.tokenizer_file {pretrained}; leave vocab_size unset")
-        return tokenizer
-    if data is None:
-        raise TokenizerError("a BPE tokenizer needs training data, a serialised tokenizer or a tokenizer file")
-    return BPETokenizer.train(data, vocab_size)
+    return BPETokenizer.deserialize(blob)

@@ -1,30 +1,46 @@
 """The program f that Alice sends instead of the data, and its size |f| in bits.
 
-Bob needs everything that is not a public, versioned dependency: prequel's own source (the
-files that train), the resolved config, a trained tokenizer, a content-dependent curriculum
-order, and the data length. Pinned packages (torch, lightning, ...) are named by version in
-the stream header, not counted, as LTCB counts a decompressor but not the operating system.
-Each part is compressed with xz (lzma preset 9e) on its own so the report can show what each
-costs. The source is counted without comments and docstrings (see `strip_python`).
+f is a decoder: what Bob needs to turn the stream back into the data, and nothing else. That is
+prequel's own decoding source (the model, the training step both sides run, the data plan, the
+coder and the stream format), the pinned versions of the public packages it runs on, the resolved
+config, a trained tokenizer, a content-dependent curriculum order, and the data length. Public
+packages themselves (torch, lightning, ...) are named by version, not counted, as LTCB counts a
+decompressor but not the operating system.
+
+What decides *whether* to decode is not in f: the checks of a stream's header, of the config's
+values and memory, and of the machine (tools/header.py, tools/config.py, tools/environment.py)
+protect the person running it and change no decoded bit. Neither is Alice's side (tools/fit.py),
+the reports (the code-length callback, tools/report.py) or the CLI. tests/test_program.py proves
+the boundary: it decodes the fixture stream with f's files alone, as counted (comments and
+docstrings stripped), in a process where nothing else of the project exists.
+
+Each part is compressed with xz (lzma preset 9e) on its own so the report can show what each costs.
 """
 
 import ast
 import hashlib
 import lzma
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# f is these folders, whole: exactly the modules Bob imports to decode (tests/test_program.py
-# checks that the decoder imports all of them and nothing else of the project). The CLI
-# (train.py) and tools/ (reports, the size sweep, the frozen-model compressor) are outside:
-# editing them neither changes |f| nor invalidates a stream.
+# f's modules: these folders, but for what only reports (tests/test_program.py checks that the
+# decoder imports exactly these). Editing anything else neither changes |f| nor invalidates a stream.
 F_PACKAGES = ("models", "training", "callbacks")
-F_FILES = ("pyproject.toml",)  # the pinned versions of the public packages Bob installs
+NOT_F = ("callbacks/code_length.py",)  # reports Σ beside decoding (Alice, verify); decoding needs none of it
+PINS = "pyproject.toml"  # its [project] dependencies: the versions of the public packages Bob installs
 
 
 def source_files() -> list[Path]:
-    files = [ROOT / name for name in F_FILES] + [p for pkg in F_PACKAGES for p in (ROOT / pkg).glob("*.py")]
+    files = [p for pkg in F_PACKAGES for p in (ROOT / pkg).glob("*.py")
+             if p.relative_to(ROOT).as_posix() not in NOT_F]
     return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
+
+
+def pins() -> bytes:
+    """The dependency pins Bob installs, one per line (the rest of pyproject.toml is for developers)."""
+    with open(ROOT / PINS, "rb") as f:
+        return "\n".join(tomllib.load(f)["project"]["dependencies"]).encode()
 
 
 def strip_python(source: str) -> str:
@@ -41,13 +57,15 @@ def strip_python(source: str) -> str:
 
 
 def source_bundle(stripped: bool = False) -> bytes:
-    """The training source as one deterministic byte string: path, length, contents."""
+    """f's source as one deterministic byte string: per file its path, length and contents; then the pins."""
     parts = []
     for path in source_files():
         body = path.read_bytes()
-        if stripped and path.suffix == ".py":
+        if stripped:
             body = strip_python(body.decode()).encode()
         parts.append(f"{path.relative_to(ROOT).as_posix()}\n{len(body)}\n".encode() + body)
+    body = pins()
+    parts.append(f"{PINS}\n{len(body)}\n".encode() + body)
     return b"".join(parts)
 
 

@@ -1,0 +1,432 @@
+"""Alice's side of the configuration, and the checks of a stream header's: outside f.
+
+`load_config("configs/small.yaml", ["--trainer.max_steps", "200"])` reads the YAML with
+``yaml.safe_load``, applies LightningCLI-style dotted overrides, and builds the dataclasses of
+training/config.py, checking every key and value. Any problem raises `ConfigError` with the dotted
+key, the value and what is allowed, so `train.py` can print one clear line instead of a traceback.
+`config_from_dict` checks a stream header's settings the same way before Bob decodes with them.
+
+Each field's limit is annotated on the field (``Annotated[int, POSITIVE]``) in training/config.py
+and its ``# comment`` says what it means; `train.py --help` lists them from there. What is checked
+here changes no decoded bit, so it is not part of f (tools/program.py).
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import stat
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+
+from models.gpt import GPTConfig
+from models.ngram import HASH_BITS
+from tools.curriculum import plan_size
+from tools.tokenizer import BPE_MAX_VOCAB
+from training.config import (  # noqa: F401 (the schema, re-exported: the CLI's and tests' one import)
+    _FLOAT,
+    BELOW_ONE,
+    FRACTION,
+    MAX_EPOCHS,
+    MAX_THREADS,
+    NON_NEGATIVE,
+    POSITIVE,
+    Config,
+    ConfigError,
+    DataConfig,
+    Limit,
+    mixture_members,
+    program_dict,
+    to_dict,
+)
+
+
+class MemoryLimitError(ConfigError):
+    """Settings that are valid but would need more memory than the limit (`check_memory`); `key`
+    is the setting the message names (or "data_tokens")."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+# Keys that are derived, not chosen: refusing them keeps one source of truth.
+_DERIVED = {"model.vocab_size": "it is set by the tokenizer"}
+
+# GPTConfig's limits. Its fields live in models/gpt.py, which cannot import Limit from here
+# (this module imports it), so they are listed here and checked by the same code as the rest.
+_MODEL_LIMITS = {
+    "block_size": POSITIVE, "n_layer": POSITIVE, "n_head": POSITIVE, "n_embd": POSITIVE, "dropout": BELOW_ONE,
+    "z_loss": NON_NEGATIVE, "ngram_order": Limit("in 0..6 (0 = off)", lambda v: 0 <= v <= 6),
+}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's type, with its limits as ``Annotated`` metadata."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if cls is GPTConfig:
+        hints.update({name: Annotated[hints[name], limit] for name, limit in _MODEL_LIMITS.items()})
+    return hints
+
+
+def leaf_fields(cls: type = Config, prefix: str = ""):
+    """(dotted key, dataclass field, type) of every settable key, section by section."""
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaf_fields(hints[f.name], f"{key}.")
+        elif key not in _DERIVED:
+            yield key, f, hints[f.name]
+
+
+def limits_of(hint: Any) -> tuple[Limit, ...]:
+    return tuple(m for m in typing.get_args(hint)[1:] if isinstance(m, Limit)) \
+        if typing.get_origin(hint) is Annotated else ()
+
+
+# The keys with the two common limits (tests check each one's message).
+POSITIVE_KEYS = {key for key, _, hint in leaf_fields() if POSITIVE in limits_of(hint)}
+NON_NEGATIVE_KEYS = {key for key, _, hint in leaf_fields() if NON_NEGATIVE in limits_of(hint)}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        checked = _check_type(key, value, typing.get_args(hint)[0])
+        for limit in limits_of(hint):
+            if not limit.allows(checked):
+                raise ConfigError(f"{key}: must be {limit.text}, got {value!r}")
+        return checked
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not allowed")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        # 1e-3: YAML 1.1 reads a float without a dot as a string
+        number = float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(number)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if dotted in _DERIVED:
+            raise ConfigError(f"{dotted} cannot be set: {_DERIVED[dotted]}")
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {dotted}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_dataclass(hint, value, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(dotted, value, hint)
+    return cls(**kwargs)
+
+
+def _validate(config: Config) -> None:
+    """What no single field's limit can say: how fields depend on each other."""
+    m = config.model
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
+    _validate_data(config.data)
+    mixture_members(config)  # checks the members
+    if config.stream.enabled and m.dropout > 0:
+        raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
+    if config.stream.enabled and config.trainer.strategy == "ddp_spawn":
+        raise ConfigError("trainer.strategy: ddp_spawn cannot write a stream (it pickles the training state into a "
+                          "new process, and the range coder cannot be pickled); use trainer.strategy: ddp or auto")
+    check_memory(config)
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.tokenizer == "bytes":
+        if d.vocab_size != 256:
+            raise ConfigError(f"data.vocab_size: the bytes tokenizer has exactly 256 symbols, got {d.vocab_size} "
+                              "(use data.tokenizer: bpe for a larger vocabulary)")
+        if d.tokenizer_file is not None:
+            raise ConfigError("data.tokenizer_file needs data.tokenizer: bpe")
+    elif d.tokenizer_file is None and not 256 < d.vocab_size <= BPE_MAX_VOCAB:
+        raise ConfigError(f"data.vocab_size: bpe needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {d.vocab_size}")
+
+
+def config_from_dict(values: dict) -> Config:
+    config = build_dataclass(Config, values)
+    _validate(config)
+    return config
+
+
+# A config (or a stream header, which is one) names sizes: layers, width, context, batch, vocabulary,
+# n-gram tables, tokens, replay steps. Each is fine alone, but a forged or mistyped one (n_layer:
+# 100000, block_size: 2**31) would make training allocate until the machine runs out, then fail
+# with a message about something else. So the memory a run needs is estimated from the settings
+# alone, and a run over the limit is refused, naming the setting that makes it so.
+
+MEMORY_ENV = "PREQUEL_MAX_MEMORY_GB"  # the limit in GB (10**9 bytes), inherited by child processes
+DEFAULT_MAX_MEMORY_GB = 16.0  # generous for every shipped config (configs/compress-gpu.yaml needs ~0.3 GB)
+_GB = 10**9
+_ACTIVATIONS_PER_LAYER = 20  # floats kept per token per layer for backward (qkv, attention, MLP 4x twice, norms)
+_LOGITS_COPIES = 4  # logits, log-softmax, their gradient and a spare, per vocabulary entry and n-gram order
+TAPE_BYTES_PER_TOKEN = 16  # an int64 token, plus the bytes it decodes to and the tokenizer's work
+_SPAN_BYTES = 160  # per chunk of a plan: its span, rank, tie-break and draw (curriculum.py)
+_STEP_BYTES = 256  # per step of a plan: a (B, 2) span tensor's object (plus 16 bytes a row)
+
+
+def max_memory_bytes() -> int:
+    """The memory a run may ask for: $PREQUEL_MAX_MEMORY_GB, else DEFAULT_MAX_MEMORY_GB."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if not text:
+        return int(DEFAULT_MAX_MEMORY_GB * _GB)
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise ConfigError(f"{MEMORY_ENV}: expected a number of gigabytes > 0, got {text!r}")
+    return int(gb * _GB)
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in decimal units, as the limit is given: 16 GB, 5.6 GB, 340.2 MB."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            break
+    return f"{n / size:,.1f}".removesuffix(".0") + f" {unit}"
+
+
+def parameter_count(m: GPTConfig, vocab_size: int) -> int:
+    """What `GPT(m).num_params()` will be, without building it (a tied embedding counted once)."""
+    E, L, V, K = m.n_embd, m.n_layer, vocab_size, m.ngram_order
+    return ((V + 1) * E + (m.block_size * E if m.positions == "learned" else 0) + L * 12 * E * E  # embeddings; blocks
+            + (2 * L + 1) * E * (2 if m.bias else 1) + (9 * L * E if m.bias else 0)  # norms; linear biases
+            + (0 if m.tie_embeddings else V * E) + K * (E + 1))  # output head; n-gram mixer
+
+
+def model_memory(m: GPTConfig, vocab_size: int, batch: int, training: bool = True, width: int = 4,
+                 kv_cache: bool = False) -> list[tuple[str, int]]:
+    """(what, bytes) of the memory a GPT of config `m` needs for batches of `batch` full-length
+    sequences: weights (with gradients and AdamW's two moments when `training`), n-gram count
+    tables, activations and logits, and the incremental coder's key/value cache. Estimates, within
+    a small factor of what torch allocates; `width` is bytes per float (8 for 64-true)."""
+    E, L, T, K, V = m.n_embd, m.n_layer, m.block_size, m.ngram_order, vocab_size
+    params = parameter_count(m, vocab_size)
+    parts = [(f"{params:,} parameters" + (" with their gradients and AdamW state" if training else ""),
+              (4 if training else 1) * params * width)]
+    if K:
+        tables = (V + 1) * V + (K - 1) * (1 << HASH_BITS) * V
+        parts.append((f"the n-gram count tables of orders 1..{K} ({tables:,} counts)", tables * width))
+    per_token = (L * _ACTIVATIONS_PER_LAYER * E if training else 8 * E) + _LOGITS_COPIES * V * (1 + K)
+    parts.append((f"activations and logits of {batch:,} sequences of {T:,} tokens", batch * T * per_token * width))
+    if kv_cache:
+        parts.append(("the incremental coder's key/value cache", 2 * L * batch * T * E * width))
+    return parts
+
+
+def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str, int]]:
+    """(what, bytes) of the memory training (or verify's replay of it) needs; with the token count,
+    also the data and the batch plan."""
+    m, d = config.model, config.data
+    vocab_size = max(d.vocab_size, 256)  # (the tokenizer sets model.vocab_size; BPE at least 256)
+    parts = [part for member in ([c for c, _ in mixture_members(config)] or [m])
+             for part in model_memory(member, vocab_size, d.batch_size, training=True,
+                                      width=8 if config.trainer.precision == "64-true" else 4,
+                                      kv_cache=config.stream.enabled and config.stream.procedure == "incremental")]
+    if data_tokens is not None:
+        parts.append((f"{data_tokens:,} tokens of data", data_tokens * TAPE_BYTES_PER_TOKEN))
+        chunks, steps = plan_size(data_tokens, m.block_size, d.batch_size, d.curriculum, d.pacing_start,
+                                  d.replay_steps)
+        parts.append((f"the plan of {steps:,} training steps over {chunks:,} chunks",
+                      chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size)))
+    return parts
+
+
+# The settings `run_memory` grows with, each tried at its default to find the one to name.
+_SIZING_KEYS = ("model.n_layer", "model.n_embd", "model.block_size", "model.ngram_order", "data.batch_size",
+                "data.vocab_size", "data.replay_steps", "data.pacing_start", "trainer.precision", "stream.procedure")
+
+
+def _with_default(config: Config, key: str) -> Config:
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: default})})
+
+
+def check_memory(config: Config, data_tokens: int | None = None, limit: int | None = None) -> None:
+    """Refuse settings whose run would need more than `limit` bytes (default: `max_memory_bytes`),
+    naming the setting that takes most of it (the one whose default value would save the most),
+    the estimate, and how to raise the limit. Pure arithmetic: nothing is allocated."""
+    limit = max_memory_bytes() if limit is None else limit
+    parts = run_memory(config, data_tokens)
+    total = sum(n for _, n in parts)
+    if total <= limit:
+        return
+    saved = {key: total - sum(n for _, n in run_memory(_with_default(config, key), data_tokens)) for key in _SIZING_KEYS}
+    if data_tokens is not None:  # the data's own share: what one chunk of it would need instead
+        saved["data_tokens"] = total - sum(n for _, n in run_memory(config, min(data_tokens, config.model.block_size)))
+    key = max(saved, key=saved.get)
+    what, most = max(parts, key=lambda part: part[1])
+    if key == "data_tokens":
+        shown, advice = f"{data_tokens:,}", ""
+    else:
+        section, name = key.split(".")
+        value, default = getattr(getattr(config, section), name), getattr(getattr(Config(), section), name)
+        shown = str(value)
+        advice = (f"{'lower' if value > default else 'raise'} it" if isinstance(value, (int, float)) else "change it") \
+            + f" (default {default}); "
+    raise MemoryLimitError(
+        f"{key} = {shown}: training would need about {format_bytes(total)} of memory ({format_bytes(most)} for {what}), "
+        f"more than the limit of {format_bytes(limit)}; {advice}if this machine has the memory, raise the limit: "
+        f"{MEMORY_ENV}={math.ceil(total / _GB)}", key)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ``["--a.b", "1", "--c=x"]`` into ``{"a": {"b": 1}, "c": "x"}`` (values via YAML)."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an option like --trainer.max_steps 200, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option --{arg[2:]} needs a value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"option --{key} conflicts with another option")
+        node[leaf] = value
+    return tree
+
+
+def merge_values(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+MAX_CONFIG_FILE_BYTES = 16 << 20  # no config file is this large
+
+
+def regular_file_size(path: Path, what: str, max_bytes: int, why: str, error: type[Exception] = ConfigError) -> int:
+    """The size of `path`, checked before anything reads it: it must be a regular file (a device
+    such as /dev/zero or /dev/urandom never ends, a FIFO blocks, a directory is not a file) of at
+    most `max_bytes` (`why` says where that limit comes from)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what}: file not found: {path}") from None
+    except OSError as e:
+        raise error(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+        raise error(f"{what}: {path} is {kind}, not a regular file; give a regular file")
+    if info.st_size > max_bytes:
+        raise error(f"{what}: {path} is {format_bytes(info.st_size)}, more than the {format_bytes(max_bytes)} "
+                    f"allowed ({why})")
+    return info.st_size
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file's top-level mapping (`yaml.safe_load`), or a ConfigError naming what is wrong."""
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    regular_file_size(path, what, MAX_CONFIG_FILE_BYTES, "no config file is this large")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
+                          f"got a {type(values).__name__}: {str(values)[:60]!r}")
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        values = read_yaml_mapping(path, "config file")
+        values.setdefault("name", path.stem)
+    values = merge_values(values, parse_overrides(overrides or []))
+    config = build_dataclass(Config, values)
+    _validate(config)
+    return config
+
+
+def dump_yaml(config: Config) -> str:
+    """Canonical text of the program's settings, as |f| counts them."""
+    return yaml.safe_dump(program_dict(config), sort_keys=True)
+
+
+
+def counted_yaml(config: Config) -> str:
+    """The settings |f| counts: those that differ from the defaults in f's dataclasses (Bob has
+    those), as canonical YAML. data.path is left out: where Alice read the data is not needed to decode it."""
+    values, defaults = program_dict(config), program_dict(Config())
+    values["data"].pop("path")
+    changed = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v != defaults[key][k]}
+        if value and value != defaults[key]:
+            changed[key] = value
+    return yaml.safe_dump(changed, sort_keys=True) if changed else ""

@@ -1,0 +1,136 @@
+"""`train.py verify`: check a stream, decode it with f (training/run.py `decode`), check the result.
+
+Decoding is f's; everything here decides whether to decode and reports: the header's fields and
+sizes (tools/header.py), the source hash, the machine (tools/environment.py), then after decoding
+the data's sha256, the final weights against the encoder's checkpoint, and Σ beside the stream's
+real size (the code-length callback). None of it changes a decoded bit, so none of it is in f.
+"""
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from callbacks.code_length import CodeLength
+from tools import header as headers
+from tools.config import MAX_THREADS, ConfigError, counted_yaml
+from tools.curriculum import order_bits
+from tools.environment import check as check_environment
+from tools.environment import require_device
+from tools.program import code_hash, f_parts
+from training.environment import KernelError
+from training.module import PrequelModule
+from training.run import Receiver, decode, receiver
+from training.stream import Stream, StreamError, read_stream, write_atomic
+
+STREAM_NAME = "stream.prequel"
+
+
+def find_stream(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / STREAM_NAME
+    if not path.is_file():
+        raise StreamError(f"no stream at {path} (give a run directory or a {STREAM_NAME} file)")
+    return path
+
+
+@dataclass
+class Checked:
+    """Bob, set up from a header that passed every check, and what differs from the encoder's machine."""
+
+    bob: Receiver
+    environment_differences: list[str] = field(default_factory=list)
+
+    def code_length(self) -> CodeLength:
+        bob = self.bob
+        return CodeLength(f_parts(counted_yaml(bob.config), bob.tokenizer.serialize(), order_bits(bob.labels)),
+                          bob.header.data_tokens)
+
+    def explain(self, error: StreamError) -> StreamError:
+        """A decoding error, naming the likely cause when the user accepted a different environment."""
+        if not self.environment_differences:
+            return error
+        return StreamError(f"{error} (the environment differs from the encoder's: "
+                           f"{'; '.join(self.environment_differences)})")
+
+
+def checked_receiver(stream: Stream, allow_env_mismatch: bool = False, threads: int | None = None) -> Checked:
+    """f from the stream header, checked against this code and machine, set up to replay."""
+    header = headers.checked(stream.header)
+    headers.tokenizer(header)  # its blob's content and real vocabulary size
+    if header.code_hash != code_hash():
+        raise StreamError("the stream was written by different prequel source code (code hash differs); "
+                          "check out the commit that wrote it")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads: must be in 1..{MAX_THREADS}, got {threads}")
+    try:
+        require_device(header.environment)  # before the config's accelerator is used
+        bob = receiver(header, threads)
+        diffs = check_environment(header.environment, bob.config.trainer.kernels, bob.config.trainer.accelerator,
+                                  allow_env_mismatch, error=StreamError)
+    except KernelError as e:
+        raise StreamError(str(e)) from None
+    return Checked(bob, diffs)
+
+
+def replay(checked: Checked, module, datamodule, trainer, ckpt_path: Path | None = None) -> None:
+    """Train as the encoder did (decoding as the callbacks say) from a checkpoint: the audit's stretches."""
+    try:
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except StreamError as e:
+        raise checked.explain(e) from None
+
+
+def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False,
+           threads: int | None = None) -> dict | None:
+    """Bob: rebuild f from the stream header, replay training while decoding, check everything.
+    A run of N processes replays with N (Lightning starts the others); rank 0 reports, the others
+    return None."""
+    stream_path = find_stream(path)
+    stream = read_stream(stream_path)
+    checked = checked_receiver(stream, allow_env_mismatch, threads)
+    code_length = checked.code_length()
+    started = time.perf_counter()
+    try:  # (the header's data_tokens passed the memory limit: the tape fits)
+        decoded, module, decoder = decode(checked.bob, stream, [code_length])
+    except StreamError as e:
+        raise checked.explain(e) from None
+    seconds = time.perf_counter() - started
+    totals = code_length.totals()  # (synced: every process takes part)
+    if decoded is None:
+        return None
+    expected_sha = stream.trailer.get("data_sha256")
+    if expected_sha is not None and hashlib.sha256(decoded).hexdigest() != expected_sha:
+        raise StreamError("decoded bytes do not match the original's sha256")
+    weights_checked = _compare_checkpoint(Path(path), module)
+    report = {
+        "stream": str(stream_path), "tokens": decoder.coded_tokens, "bytes": len(decoded),
+        "ideal_bits": totals["data_bits"], "stream_bits": stream.payload_bits,
+        "overhead_bits": stream.payload_bits - totals["data_bits"], "sha256": hashlib.sha256(decoded).hexdigest(),
+        "complete": expected_sha is not None, "final_weights_equal_checkpoint": weights_checked,
+        "environment_differences": checked.environment_differences, "seconds": seconds,
+    }
+    if expected_sha is not None:
+        out = Path(out) if out else stream_path.with_suffix(".decoded")
+        write_atomic(out, decoded)
+        report["output"] = str(out)
+    return report
+
+
+def _compare_checkpoint(path: Path, module: PrequelModule) -> bool | str | None:
+    """Final weights bitwise equal to the encoder's final checkpoint, when it sits beside the stream
+    (None: no checkpoint; a string: why it could not be read; the stream's own checks still hold)."""
+    ckpt = (path if path.is_dir() else path.parent) / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        return None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:  # damaged or foreign file: pickle, zip and torch errors alike
+        return f"the checkpoint {ckpt} beside the stream cannot be read ({type(e).__name__}); final weights not compared"
+    ours = module.state_dict()
+    if state.keys() != ours.keys() or not all(torch.equal(state[k], ours[k].cpu()) for k in ours):
+        raise StreamError(f"decoded training ended with weights that differ from the encoder's checkpoint {ckpt}")
+    return True
