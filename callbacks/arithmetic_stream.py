@@ -76,7 +76,7 @@ class StreamCallback(L.Callback):
         self._trainer = trainer  # state_dict (a checkpoint) hashes the training state
         self.rank, self.world = trainer.global_rank, trainer.world_size
 
-    def _code_before_step(self, trainer, pl_module, targets: torch.Tensor) -> None:
+    def _code_before_step(self, trainer, pl_module, targets: torch.Tensor, batch: dict) -> None:
         """Encode `targets` (B, L), or decode into them, with the weights from before the step:
         column t's logits from what is known before column t, by the configured procedure.
 
@@ -86,8 +86,10 @@ class StreamCallback(L.Callback):
         step per column, the same steps on both sides: about one forward per batch for each
         (but not the training forward's bits, so Alice runs it too)."""
         if self.procedure == "full":
+            before = self.tape.before(batch["spans"], batch.get("known"))
+
             def logits_at(t: int) -> torch.Tensor:
-                return pl_module(self.tape.inputs(targets).to(pl_module.device))[:, t]
+                return pl_module(self.tape.inputs(targets, before).to(pl_module.device))[:, t]
         else:
             logits_at = incremental_logits(pl_module.model, targets, self.tape.bos_id)
         mixer = pl_module.model.column_mixer(len(targets), pl_module.device) if isinstance(pl_module.model, Mixture) else None
@@ -146,7 +148,7 @@ class StreamEncoder(StreamCallback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.procedure == "incremental" and pl_module.is_first_pass(batch):
-            self._code_before_step(trainer, pl_module, self.tape.batch(batch["spans"])[1])
+            self._code_before_step(trainer, pl_module, self.tape.batch(batch["spans"])[1], batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         coded = pl_module.coded
@@ -210,7 +212,7 @@ class StreamDecoder(StreamCallback):
             self._open_next_segment()
         pos, valid = self.tape.positions(batch["spans"])
         targets = torch.where(valid, 0, IGNORE)  # unknown yet: 0 stands in, never attended to
-        self._code_before_step(trainer, pl_module, targets)
+        self._code_before_step(trainer, pl_module, targets, batch)
         if self.world > 1:  # every process needs every row: the n-gram counts, replays, the output
             targets = self._gather_rows(pl_module, targets, batch["all_spans"])
             pos, valid = self.tape.positions(batch["all_spans"])

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from models.ngram import NGramPrior
+from models.ngram import HASH_BITS, NGramPrior
 
 
 @dataclass
@@ -41,6 +41,7 @@ class GPTConfig:
     positions: Literal["learned", "rope"] = "learned"  # learned position embeddings, or rotary
     z_loss: float = 0.0  # coefficient of the auxiliary loss z_loss * logsumexp(logits)^2
     ngram_order: int = 0  # > 0: mix adaptive context counts of orders 1..K into the logits (models/ngram.py)
+    ngram_hash_bits: int = HASH_BITS  # orders >= 2 hash contexts into 2**bits rows of V counts each (memory!)
 
     @property
     def bos_id(self) -> int:
@@ -155,7 +156,8 @@ class GPT(nn.Module):
         # predicted), so the two share one tensor and one set of gradients.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Context counts and, per position, how much to trust each order (computed from h).
-        self.ngram = NGramPrior(config.vocab_size, config.ngram_order) if config.ngram_order else None
+        self.ngram = NGramPrior(config.vocab_size, config.ngram_order, hash_bits=config.ngram_hash_bits) \
+            if config.ngram_order else None
         self.ngram_mix = nn.Linear(config.n_embd, config.ngram_order) if config.ngram_order else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections

@@ -20,17 +20,17 @@ import torch.nn as nn
 
 from models import portable_math
 
-HASH_BITS = 15  # contexts of 2+ tokens are hashed into 2**15 buckets per order
+HASH_BITS = 15  # default: contexts of 2+ tokens are hashed into 2**15 buckets per order (GPTConfig.ngram_hash_bits)
 _MULT = 1597334677  # an odd 31-bit multiplier: hashes stay below 2**62, no int64 overflow
 
 
 class NGramPrior(nn.Module):
-    def __init__(self, vocab_size: int, max_order: int, alpha: float = 0.05):
+    def __init__(self, vocab_size: int, max_order: int, alpha: float = 0.05, hash_bits: int = HASH_BITS):
         super().__init__()
-        self.vocab_size, self.max_order = vocab_size, max_order
+        self.vocab_size, self.max_order, self.hash_bits = vocab_size, max_order, hash_bits
         self.alpha = alpha  # additive smoothing; small, since most contexts are sparse
         for k in range(1, max_order + 1):
-            rows = vocab_size + 1 if k == 1 else 1 << HASH_BITS  # order 1: exact (+ BOS)
+            rows = vocab_size + 1 if k == 1 else 1 << hash_bits  # order 1: exact (+ BOS)
             # not persistent: the state dict holds them sparsely (see _save_to_state_dict)
             self.register_buffer(f"counts{k}", torch.zeros(rows, vocab_size), persistent=False)
 
@@ -70,7 +70,7 @@ class NGramPrior(nn.Module):
         for k in range(2, self.max_order + 1):
             shifted = torch.cat([torch.full_like(idx[:, : k - 1], bos), idx[:, : -(k - 1) or None]], dim=1)
             h = (h * (bos + 1) + shifted) % (1 << 31) * _MULT % (1 << 31)
-            out.append(h >> (31 - HASH_BITS))
+            out.append(h >> (31 - self.hash_bits))
         return out
 
     def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:

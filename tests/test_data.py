@@ -14,8 +14,8 @@ from tools.curriculum import difficulty_labels, labels_to_header, order_bits
 from tools.data import fetch_dataset, read_corpus, read_documents
 from tools.program import f_parts, xz_bits
 from tools.tokenizer import build_tokenizer
-from training.curriculum import CURRICULA, PACINGS, chunk_spans, labels_from_header, pace, plan_batches
-from training.data import DataError
+from training.curriculum import CURRICULA, PACINGS, chunk_spans, labels_from_header, pace, plan_batches, with_replay
+from training.data import DataError, Tape, context_known
 from training.tokenizer import ALPHABET, BPETokenizer, TokenizerError
 
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
@@ -213,6 +213,28 @@ def test_every_order_trains_each_token_exactly_once_and_is_reproducible(curricul
     assert torch.all(seen == 1), "a permutation of the data: every token exactly once"
     again = _plan(curriculum, n, seq_len, batch, pacing=pacing, warmup_tokens=500)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_strided_rows_continue_the_rows_of_the_batch_before_and_read_them_as_context():
+    n, seq_len, batch, context = 1003, 16, 4, 5
+    batches = _plan("strided", n, seq_len, batch)
+    for before, after in zip(batches, batches[1:]):  # row r continues row r of the batch before
+        ends = before[: len(after), 0] + before[: len(after), 1]
+        assert torch.equal(after[:, 0], ends)
+    steps = with_replay(batches, 2, 0, seed=3)
+    known = context_known(steps, n, context)
+    for (spans, fresh), rows in zip(steps, known):
+        for (start, _), k in zip(spans.tolist(), rows.tolist()):
+            first_batch_of_part = any(start == int(b) for b in batches[0][:, 0])
+            assert k == (0 if first_batch_of_part else context + 1), (start, fresh)  # replays read what the first pass read
+    tape = Tape(torch.arange(n) % 200, bos_id=256, context=context)
+    spans = batches[3]
+    x, y = tape.batch(spans, known[next(i for i, (s, _) in enumerate(steps) if s is spans)])
+    assert x.shape == (len(spans), context + seq_len) and torch.equal(x[:, context + 1 :], y[:, :-1])
+    for row, (start, _) in zip(x, spans.tolist()):  # the context: the tokens right before the span
+        assert torch.equal(row[: context + 1], tape.tokens[start - context - 1 : start])
+    tape.context = 0
+    assert torch.equal(tape.batch(spans)[0][:, 0], torch.full((len(spans),), 256))  # no context: BOS
 
 
 def test_shuffle_and_difficulty_draw_from_the_seed():

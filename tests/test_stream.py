@@ -168,3 +168,15 @@ def test_ngram_replay_and_both_procedures_decode_in_another_process(text_file, t
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == text_file.read_bytes()
     assert summary["code/stream_bits"] - summary["code/data_bits"] <= 64 * summary["stream/segments"] + 4
+
+
+def test_context_before_each_chunk_with_ngram_and_replay_decodes_in_another_process(text_file, tmp_path):
+    run_dir = tmp_path / "context"
+    summary = train(tiny_config(text_file, run_dir, "--model.ngram_order", "3", "--data.replay_steps", "1",
+                                "--data.context", "4", "--data.curriculum", "strided",
+                                "--trainer.checkpoint_every_n_steps", "20"))
+    out = tmp_path / "out.txt"
+    r = run_cli("verify", run_dir, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == text_file.read_bytes()
+    assert summary["code/stream_bits"] - summary["code/data_bits"] <= 64 * summary["stream/segments"] + 4

@@ -24,7 +24,6 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from models.gpt import GPTConfig
-from models.ngram import HASH_BITS
 from tools.curriculum import plan_size
 from tools.tokenizer import BPE_MAX_VOCAB
 from training.config import (  # noqa: F401 (the schema, re-exported: the CLI's and tests' one import)
@@ -62,6 +61,7 @@ _DERIVED = {"model.vocab_size": "it is set by the tokenizer"}
 _MODEL_LIMITS = {
     "block_size": POSITIVE, "n_layer": POSITIVE, "n_head": POSITIVE, "n_embd": POSITIVE, "dropout": BELOW_ONE,
     "z_loss": NON_NEGATIVE, "ngram_order": Limit("in 0..6 (0 = off)", lambda v: 0 <= v <= 6),
+    "ngram_hash_bits": Limit("in 8..24", lambda v: 8 <= v <= 24),
 }
 
 
@@ -172,6 +172,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
         raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
+    if config.data.context >= m.block_size:
+        raise ConfigError(f"data.context ({config.data.context}) must be less than model.block_size ({m.block_size}): "
+                          "chunks are block_size - context tokens long")
     _validate_data(config.data)
     mixture_members(config)  # checks the members
     if config.stream.enabled and m.dropout > 0:
@@ -256,7 +259,7 @@ def model_memory(m: GPTConfig, vocab_size: int, batch: int, training: bool = Tru
     parts = [(f"{params:,} parameters" + (" with their gradients and AdamW state" if training else ""),
               (4 if training else 1) * params * width)]
     if K:
-        tables = (V + 1) * V + (K - 1) * (1 << HASH_BITS) * V
+        tables = (V + 1) * V + (K - 1) * (1 << m.ngram_hash_bits) * V
         parts.append((f"the n-gram count tables of orders 1..{K} ({tables:,} counts)", tables * width))
     per_token = (L * _ACTIVATIONS_PER_LAYER * E if training else 8 * E) + _LOGITS_COPIES * V * (1 + K)
     parts.append((f"activations and logits of {batch:,} sequences of {T:,} tokens", batch * T * per_token * width))
@@ -276,7 +279,7 @@ def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str
                                       kv_cache=config.stream.enabled and config.stream.procedure == "incremental")]
     if data_tokens is not None:
         parts.append((f"{data_tokens:,} tokens of data", data_tokens * TAPE_BYTES_PER_TOKEN))
-        chunks, steps = plan_size(data_tokens, m.block_size, d.batch_size, d.curriculum, d.pacing_start,
+        chunks, steps = plan_size(data_tokens, config.chunk_len, d.batch_size, d.curriculum, d.pacing_start,
                                   d.replay_steps)
         parts.append((f"the plan of {steps:,} training steps over {chunks:,} chunks",
                       chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size)))
@@ -284,7 +287,8 @@ def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str
 
 
 # The settings `run_memory` grows with, each tried at its default to find the one to name.
-_SIZING_KEYS = ("model.n_layer", "model.n_embd", "model.block_size", "model.ngram_order", "data.batch_size",
+_SIZING_KEYS = ("model.n_layer", "model.n_embd", "model.block_size", "model.ngram_order", "model.ngram_hash_bits",
+                "data.batch_size",
                 "data.vocab_size", "data.replay_steps", "data.pacing_start", "trainer.precision", "stream.procedure")
 
 

@@ -59,6 +59,9 @@ class DataConfig:
     replay_window: Annotated[int, NON_NEGATIVE] = 0  # replay the last this-many fresh batches; 0 = all coded so far
     # levels sent per chunk (|f| += <= log2(levels) bits each); >= chunks = full ranking
     difficulty_levels: Annotated[int, POSITIVE] = 4
+    # tokens before each chunk that the model reads, not codes (coded in earlier batches; BOS where
+    # none): every coded token gets at least this much context; chunks are block_size - context long
+    context: Annotated[int, NON_NEGATIVE] = 0
 
 
 @dataclass
@@ -141,6 +144,11 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def chunk_len(self) -> int:
+        """Tokens coded per row: block_size, less the context read before them."""
+        return self.model.block_size - self.data.context
 
 
 # The one pattern for floats in text (mixture learning rates, config values): YAML 1.1 reads 1e-3,

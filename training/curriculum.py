@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import torch
 
-CURRICULA = ("sequential", "shuffle", "length_warmup", "difficulty")
+CURRICULA = ("sequential", "strided", "shuffle", "length_warmup", "difficulty")
 PACINGS = ("linear", "step", "root")
 STEP_STAGES = 4  # `step` pacing: this many equal jumps
 LEVEL_BYTES = 4  # a transmitted level is stored as a little-endian u32 (see labels_to_header)
@@ -40,6 +40,15 @@ def pace(progress: float, pacing: str, start: float) -> float:
 def sequential(n_tokens: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
     """Natural order. Free: nothing to transmit."""
     return list(torch.split(chunk_spans(n_tokens, seq_len), batch_size))
+
+
+def strided(n_tokens: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """Natural order in `batch_size` parts read side by side: batch i holds chunk i of each part,
+    so each row continues the row above it a batch earlier, whose end is coded by then and can be
+    read as context (data.context). Free: a function of the data length."""
+    spans = chunk_spans(n_tokens, seq_len)
+    per_part = -(-len(spans) // batch_size)
+    return [spans[i::per_part] for i in range(per_part)]
 
 
 def shuffle(n_tokens: int, seq_len: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -163,6 +172,8 @@ def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, 
     warmup = warmup_tokens if warmup_tokens > 0 else max(n_tokens, 1)
     if curriculum == "sequential":
         return sequential(n_tokens, seq_len, batch_size)
+    if curriculum == "strided":
+        return strided(n_tokens, seq_len, batch_size)
     if curriculum == "shuffle":
         return shuffle(n_tokens, seq_len, batch_size, seed)
     if curriculum == "length_warmup":

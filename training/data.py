@@ -8,6 +8,7 @@ filled by arithmetic decoding just before each training step. Both then run the 
 """
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -23,10 +24,12 @@ class DataError(ValueError):
 class Tape:
     """The corpus as one row of token ids, plus how many bytes each token id stands for."""
 
-    def __init__(self, tokens: torch.Tensor, bos_id: int, nbytes_per_id: torch.Tensor | None = None):
+    def __init__(self, tokens: torch.Tensor, bos_id: int, nbytes_per_id: torch.Tensor | None = None,
+                 context: int = 0):
         self.tokens = tokens
         self.bos_id = bos_id
         self.nbytes_per_id = nbytes_per_id  # None: one byte per token
+        self.context = context  # inputs read before each span (data.context)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -38,16 +41,27 @@ class Tape:
         valid = offsets[None, :] < spans[:, 1:2]
         return (spans[:, :1] + offsets[None, :]).clamp(max=len(self) - 1), valid
 
-    def batch(self, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs x = BOS + span[:-1] and targets y = span (IGNORE where the span ended)."""
+    def batch(self, spans: torch.Tensor, known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs x = what comes before the span (`before`) + span[:-1], and targets y = span
+        (IGNORE where the span ended)."""
         pos, valid = self.positions(spans)
         y = torch.where(valid, self.tokens[pos], IGNORE)
-        return self.inputs(y), y
+        return self.inputs(y, self.before(spans, known)), y
 
-    def inputs(self, y: torch.Tensor) -> torch.Tensor:
-        """x = BOS + y[:, :-1]: position t sees only targets before t."""
-        bos = torch.full_like(y[:, :1], self.bos_id)
-        return torch.cat([bos, y[:, :-1].clamp(min=0)], dim=1)  # pad inputs are never attended to
+    def before(self, spans: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor | None:
+        """The context + 1 tokens before each span, of which the last `known` (B,) were coded
+        earlier (`context_known`), BOS for the rest; None without context (x then starts at BOS)."""
+        if not self.context:
+            return None
+        known = torch.zeros(len(spans), dtype=torch.long) if known is None else known.cpu()
+        offsets = torch.arange(-self.context - 1, 0)
+        tokens = self.tokens[(spans[:, :1].cpu() + offsets).clamp(min=0)]
+        return torch.where(offsets >= -known[:, None], tokens, self.bos_id)
+
+    def inputs(self, y: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        """x = `before` (or BOS) + y[:, :-1]: position t sees only targets before t."""
+        first = torch.full_like(y[:, :1], self.bos_id) if before is None else before.to(y.device)
+        return torch.cat([first, y[:, :-1].clamp(min=0)], dim=1)  # pad inputs are never attended to
 
     def nbytes(self, spans: torch.Tensor) -> int:
         pos, valid = self.positions(spans)
@@ -56,9 +70,31 @@ class Tape:
         return int(self.nbytes_per_id[self.tokens[pos][valid]].sum())
 
 
+def context_known(steps: list[tuple[torch.Tensor, bool]], n_tokens: int, context: int) -> list[torch.Tensor]:
+    """Per step, per row: how many of the context + 1 tokens before its span were coded by an
+    earlier step, so both sides have them (the last ones before the span, contiguous). A replayed
+    span reads what its first pass read: the n-gram counts it is left out of were counted so."""
+    coded = np.zeros(n_tokens, dtype=bool)
+    first: dict[int, int] = {}  # span start -> known at its first pass
+    known = []
+    for spans, fresh in steps:
+        rows = []
+        for start, length in spans.tolist():
+            if fresh:
+                window = coded[max(0, start - context - 1) : start][::-1]
+                first[start] = len(window) if window.all() else int(window.argmin())
+            rows.append(first[start])
+        known.append(torch.tensor(rows, dtype=torch.long))
+        if fresh:
+            for start, length in spans.tolist():
+                coded[start : start + length] = True
+    return known
+
+
 class _Steps(Dataset):
-    def __init__(self, steps: list[tuple[torch.Tensor, bool]], rank: int, world_size: int):
-        self.steps, self.rank, self.world_size = steps, rank, world_size
+    def __init__(self, steps: list[tuple[torch.Tensor, bool]], rank: int, world_size: int,
+                 known: list[torch.Tensor] | None = None):
+        self.steps, self.rank, self.world_size, self.known = steps, rank, world_size, known
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -69,8 +105,13 @@ class _Steps(Dataset):
         # A short last batch may leave a process no row; it still steps (DDP syncs every
         # backward), on an empty span that contributes no token and no gradient. What is learnt
         # by counting (the n-gram counts) and the stream's checks see the whole batch: "all_spans".
-        return {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "all_spans": spans,
+        item = {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "all_spans": spans,
                 "fresh": fresh}
+        if self.known is not None:  # data.context: how much of it each row has ("known", "all_known")
+            known = self.known[i]
+            rows = known[self.rank :: self.world_size]
+            item |= {"known": rows if len(rows) else torch.zeros(1, dtype=torch.long), "all_known": known}
+        return item
 
 
 class _ResumableSampler(Sampler[int]):
@@ -94,7 +135,8 @@ def plan_options(data) -> dict:
 
 
 class PrequelDataModule(L.LightningDataModule):
-    """Yields {"spans": this process's rows (b, 2), "all_spans": (B, 2), "fresh": bool}: fresh
+    """Yields {"spans": this process's rows (b, 2), "all_spans": (B, 2), "fresh": bool} (with
+    data.context also "known" (b,) and "all_known" (B,): see `context_known`): fresh
     batches are the first pass (coded), the others replay already-coded chunks (see
     `curriculum.with_replay`)."""
 
@@ -104,6 +146,7 @@ class PrequelDataModule(L.LightningDataModule):
         self.tape = tape
         self.batches = plan_batches(len(tape), seq_len, batch_size, curriculum, seed, **plan_options)
         self.steps = with_replay(self.batches, replay_steps, replay_window, seed)
+        self.known = context_known(self.steps, len(tape), tape.context) if tape.context else None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done)
 
     def train_dataloader(self) -> DataLoader:
@@ -114,7 +157,7 @@ class PrequelDataModule(L.LightningDataModule):
         sampler = _ResumableSampler(len(self.steps), skip)
         # batch_size=None: each item is already a batch; workers would prefetch past the
         # decoder, which must fill the tape first, so data loading stays in-process.
-        return DataLoader(_Steps(self.steps, rank, world), batch_size=None, sampler=sampler)
+        return DataLoader(_Steps(self.steps, rank, world, self.known), batch_size=None, sampler=sampler)
 
     def state_dict(self) -> dict:
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current

@@ -52,7 +52,7 @@ class TrainingHeader:
         if self.order is None:
             return None
         config = self.program()
-        n_chunks = -(-self.data_tokens // config.model.block_size)
+        n_chunks = -(-self.data_tokens // config.chunk_len)
         return labels_from_header(self.order, n_chunks, min(config.data.difficulty_levels, n_chunks))
 
     def tokenizer(self):

@@ -63,7 +63,12 @@ class PrequelModule(L.LightningModule):
         self.tape = tape
 
     def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(idx, leave_out)
+        """Logits of the coded positions: the last idx.shape[1] - data.context (the context before
+        them is only read). `leave_out`: their targets, when the n-gram prior has counted them."""
+        context = self.config.data.context
+        if context and leave_out is not None:
+            leave_out = F.pad(leave_out, (context, 0), value=IGNORE)
+        return self.model(idx, leave_out)[:, context:]
 
     def is_first_pass(self, batch: dict) -> bool:
         """Is this batch coded? Only the data's first visit is: a replay, or any batch of a later
@@ -73,7 +78,7 @@ class PrequelModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         spans = batch["spans"]
-        x, y = (t.to(self.device) for t in self.tape.batch(spans))
+        x, y = (t.to(self.device) for t in self.tape.batch(spans, batch.get("known")))
         first_pass = self.is_first_pass(batch)
         logits = self(x, None if first_pass else y)  # replayed tokens are in the n-gram counts already
         mask = y != IGNORE
@@ -99,7 +104,7 @@ class PrequelModule(L.LightningModule):
             z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
             loss = loss + self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
         if first_pass:  # every process counts the whole batch (its rows and the others', on the tape by now)
-            self._count_coded(*(t.to(self.device) for t in self.tape.batch(batch["all_spans"]))
+            self._count_coded(*(t.to(self.device) for t in self.tape.batch(batch["all_spans"], batch.get("all_known")))
                               if self.trainer.world_size > 1 else (x, y))
         return loss
 
@@ -110,8 +115,8 @@ class PrequelModule(L.LightningModule):
         checkpoint saved after this step holds them (a resumed run must not miss a batch)."""
         if isinstance(self.model, Mixture):  # the weights move with the coded tokens only
             self.model.observe(self.coded.log_w, self.coded.member_nll)
-        if self.model.ngram is not None:
-            self.model.ngram.update(x, y, IGNORE)
+        if self.model.ngram is not None:  # (the context's targets were counted when they were coded)
+            self.model.ngram.update(x, F.pad(y, (self.config.data.context, 0), value=IGNORE), IGNORE)
 
     def configure_optimizers(self):
         o = self.config.optim

@@ -46,10 +46,11 @@ def build_trainer(config: Config, tape: Tape, vocab_size: int, callbacks: list, 
     """The module, data and Trainer both sides run. Alice adds her checkpoint callback and
     writer (`checkpointing`, `plugins`: tools/fit.py); Bob writes nothing."""
     module = PrequelModule(config, vocab_size)
+    tape.context = config.data.context  # (both sides' tapes: the inputs each batch reads before its span)
     module.attach(tape)
     if config.trainer.compile:
         module.model.compile()
-    data = PrequelDataModule(tape, config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed,
+    data = PrequelDataModule(tape, config.chunk_len, config.data.batch_size, config.data.curriculum, config.seed,
                              labels=labels, **plan_options(config.data))
     t = config.trainer
     trainer = L.Trainer(
