@@ -223,10 +223,10 @@ def test_strided_rows_continue_the_rows_of_the_batch_before_and_read_them_as_con
         assert torch.equal(after[:, 0], ends)
     steps = with_replay(batches, 2, 0, seed=3)
     known = context_known(steps, n, context)
-    for (spans, fresh), rows in zip(steps, known):
+    for (spans, fresh), rows in zip(steps, known):  # replays read what their first pass read
         for (start, _), k in zip(spans.tolist(), rows.tolist()):
             first_batch_of_part = any(start == int(b) for b in batches[0][:, 0])
-            assert k == (0 if first_batch_of_part else context + 1), (start, fresh)  # replays read what the first pass read
+            assert k == (0 if first_batch_of_part else context + 1), (start, fresh)
     tape = Tape(torch.arange(n) % 200, bos_id=256, context=context)
     spans = batches[3]
     x, y = tape.batch(spans, known[next(i for i, (s, _) in enumerate(steps) if s is spans)])

@@ -535,6 +535,10 @@ YAML_CASES = {
     "infinite number": ("optim:\n  lr: .inf\n", "optim.lr: expected a finite number, got inf"),
     "derived key": ("model:\n  vocab_size: 300\n", "model.vocab_size cannot be set: it is set by the tokenizer"),
     "heads do not divide width": ("model:\n  n_head: 3\n", "model.n_embd (128) must be divisible by model.n_head (3)"),
+    "context as long as a block": ("model:\n  block_size: 16\ndata:\n  context: 16\n",
+                                   "data.context (16) must be less than model.block_size (16)"),
+    "context with the incremental coder": ("data:\n  context: 4\nstream:\n  enabled: true\n  procedure: incremental\n",
+                                           "data.context needs stream.procedure: full"),
 }
 
 

@@ -175,6 +175,9 @@ def _validate(config: Config) -> None:
     if config.data.context >= m.block_size:
         raise ConfigError(f"data.context ({config.data.context}) must be less than model.block_size ({m.block_size}): "
                           "chunks are block_size - context tokens long")
+    if config.data.context and config.stream.enabled and config.stream.procedure == "incremental":
+        raise ConfigError("data.context needs stream.procedure: full (the incremental coder's key/value-cache steps "
+                          "start each row at BOS, without the context)")
     _validate_data(config.data)
     mixture_members(config)  # checks the members
     if config.stream.enabled and m.dropout > 0:
