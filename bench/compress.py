@@ -26,6 +26,7 @@ FILES = {
     "tinyshakespeare": "tinyshakespeare.txt", "alice29": "canterbury/alice29.txt",
     "asyoulik": "canterbury/asyoulik.txt", "lcet10": "canterbury/lcet10.txt",
     "plrabn12": "canterbury/plrabn12.txt", "book1": "calgary/book1",
+    "bible": "canterbury-large/bible.txt", "world192": "canterbury-large/world192.txt",
 }
 # paq8px v216 -12L (trained from scratch, no dictionary): ../shared/corpora/BASELINES.md §2a.
 PAQ8PX = {"alice29": 1.729, "asyoulik": 2.009, "lcet10": 1.477, "plrabn12": 1.938, "book1": 1.889}
