@@ -20,7 +20,7 @@ class TrainingHeader:
     environment: dict  # the facts that change bits (tools/environment.py checks them)
     precision: str  # config.trainer.precision, repeated for tools that read only the header
     compile: bool  # config.trainer.compile, likewise
-    order: str | None = None  # a content-dependent curriculum order (curriculum.labels_to_header)
+    order: str | None = None  # a content-dependent curriculum order (tools/curriculum.py labels_to_header)
 
     def to_dict(self) -> dict:
         d = {
