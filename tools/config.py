@@ -29,8 +29,6 @@ from tools.tokenizer import BPE_MAX_VOCAB
 from training.config import (  # noqa: F401 (the schema, re-exported: the CLI's and tests' one import)
     _FLOAT,
     BELOW_ONE,
-    FRACTION,
-    MAX_EPOCHS,
     MAX_THREADS,
     NON_NEGATIVE,
     POSITIVE,
