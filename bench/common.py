@@ -73,7 +73,7 @@ def corpus_prefix(config: Config, n_tokens: int):
 
 
 def code_length_callback(config: Config, tokenizer, n_tokens: int) -> CodeLength:
-    return CodeLength(f_parts(counted_yaml(config), tokenizer.serialize()), n_tokens)
+    return CodeLength(f_parts(config, counted_yaml(config), tokenizer.serialize()), n_tokens)
 
 
 class Clock(L.Callback):

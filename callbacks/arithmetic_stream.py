@@ -22,7 +22,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from models.mixture import Mixture
 from training.coding import Decoder, Encoder, code_batch, encode_known, incremental_logits
 from training.data import IGNORE, Tape
 from training.stream import Segment, Stream, StreamError, write_stream
@@ -92,7 +91,7 @@ class StreamCallback(L.Callback):
                 return pl_module(self.tape.inputs(targets, before).to(pl_module.device))[:, t]
         else:
             logits_at = incremental_logits(pl_module.model, targets, self.tape.bos_id)
-        mixer = pl_module.model.column_mixer(len(targets), pl_module.device) if isinstance(pl_module.model, Mixture) else None
+        mixer = pl_module.model.column_mixer(len(targets), pl_module.device) if pl_module.is_mixture else None
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
             try:
                 code_batch(logits_at, targets, self.coder, mixer=mixer)

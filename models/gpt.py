@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from models.ngram import HASH_BITS, NGramPrior
+HASH_BITS = 15  # default: n-gram contexts of 2+ tokens are hashed into 2**15 buckets per order
 
 
 @dataclass
@@ -156,9 +156,12 @@ class GPT(nn.Module):
         # predicted), so the two share one tensor and one set of gradients.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Context counts and, per position, how much to trust each order (computed from h).
-        self.ngram = NGramPrior(config.vocab_size, config.ngram_order, hash_bits=config.ngram_hash_bits) \
-            if config.ngram_order else None
-        self.ngram_mix = nn.Linear(config.n_embd, config.ngram_order) if config.ngram_order else None
+        self.ngram = self.ngram_mix = None
+        if config.ngram_order:
+            from models.ngram import NGramPrior  # (only a run that uses it needs it in f: tools/program.py)
+
+            self.ngram = NGramPrior(config.vocab_size, config.ngram_order, hash_bits=config.ngram_hash_bits)
+            self.ngram_mix = nn.Linear(config.n_embd, config.ngram_order)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("proj.weight"):

@@ -20,12 +20,11 @@ import torch.nn as nn
 
 from models import portable_math
 
-HASH_BITS = 15  # default: contexts of 2+ tokens are hashed into 2**15 buckets per order (GPTConfig.ngram_hash_bits)
 _MULT = 1597334677  # an odd 31-bit multiplier: hashes stay below 2**62, no int64 overflow
 
 
 class NGramPrior(nn.Module):
-    def __init__(self, vocab_size: int, max_order: int, alpha: float = 0.05, hash_bits: int = HASH_BITS):
+    def __init__(self, vocab_size: int, max_order: int, hash_bits: int, alpha: float = 0.05):
         super().__init__()
         self.vocab_size, self.max_order, self.hash_bits = vocab_size, max_order, hash_bits
         self.alpha = alpha  # additive smoothing; small, since most contexts are sparse

@@ -14,9 +14,11 @@ from tools.curriculum import difficulty_labels, labels_to_header, order_bits
 from tools.data import fetch_dataset, read_corpus, read_documents
 from tools.program import f_parts, xz_bits
 from tools.tokenizer import build_tokenizer
-from training.curriculum import CURRICULA, PACINGS, chunk_spans, labels_from_header, pace, plan_batches, with_replay
+from training.bpe import ALPHABET, BPETokenizer
+from training.curriculum import CURRICULA, PACINGS, chunk_spans, plan_batches, with_replay
 from training.data import DataError, Tape, context_known
-from training.tokenizer import ALPHABET, BPETokenizer, TokenizerError
+from training.orders import labels_from_header, pace
+from training.tokenizer import TokenizerError
 
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
 
@@ -107,7 +109,7 @@ def test_bytes_tokenizer_round_trips_and_costs_nothing():
     raw = os.urandom(4096)
     tok = build_tokenizer("bytes")
     assert tok.decode(tok.encode(raw)) == raw
-    assert tok.serialize() == b"" and f_parts("", tok.serialize())["tokenizer"] == 0
+    assert tok.serialize() == b"" and f_parts(None, "", tok.serialize())["tokenizer"] == 0
 
 
 def test_bpe_round_trips_random_bytes_exactly(bpe):
@@ -146,7 +148,7 @@ def test_bpe_part_of_f_is_its_xz_compressed_serialisation(bpe):
     blob = bpe.serialize()
     packed = lzma.compress(blob, format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    assert f_parts("", blob)["tokenizer"] == xz_bits(blob) == 8 * len(packed)
+    assert f_parts(None, "", blob)["tokenizer"] == xz_bits(blob) == 8 * len(packed)
     assert 0 < xz_bits(blob) < 8 * len(blob)
 
 

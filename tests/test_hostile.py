@@ -29,8 +29,8 @@ from tools.config import (
 )
 from tools.curriculum import labels_to_header
 from tools.data import read_corpus
-from training.curriculum import labels_from_header
 from training.data import DataError
+from training.orders import labels_from_header
 from training.stream import Stream, encode_stream, read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"  # tiny.yaml, sequential, 3,000 byte tokens

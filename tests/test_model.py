@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT, GPTConfig, KVCache
+from models.gpt import GPT, HASH_BITS, GPTConfig, KVCache
 from models.ngram import NGramPrior
 from tests.helpers import tiny_config
 from tools.run import train
@@ -70,7 +70,7 @@ def test_ngram_prior_counts_only_coded_first_pass_tokens(text_file, tmp_path):
                          "--trainer.max_epochs", "2", "--data.replay_steps", "1")
     summary = train(config)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    prior = NGramPrior(vocab_size=256, max_order=3)  # the checkpoint holds the counts sparsely
+    prior = NGramPrior(vocab_size=256, max_order=3, hash_bits=HASH_BITS)  # the checkpoint holds the counts sparsely
     prior.load_state_dict({k.removeprefix("model.ngram."): v for k, v in state.items() if k.startswith("model.ngram.")})
     for k in (1, 2, 3):  # each coded token counted once per order: not per epoch, not per replay
         assert getattr(prior, f"counts{k}").sum() == summary["data/tokens"] == 4000
@@ -81,13 +81,13 @@ def test_ngram_prior_counts_only_coded_first_pass_tokens(text_file, tmp_path):
 
 
 def test_ngram_counts_round_trip_sparsely_and_refuse_what_does_not_fit():
-    prior = NGramPrior(vocab_size=256, max_order=6)
+    prior = NGramPrior(vocab_size=256, max_order=6, hash_bits=HASH_BITS)
     idx = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
     prior.update(idx, idx.roll(-1, 1), -100)
     state = prior.state_dict()
     dense_bytes = sum(t.numel() * t.element_size() for t in prior.buffers())
     assert sum(t.numel() * t.element_size() for t in state.values()) < dense_bytes / 1000  # 256 tokens in 165 MB
-    again = NGramPrior(vocab_size=256, max_order=6)
+    again = NGramPrior(vocab_size=256, max_order=6, hash_bits=HASH_BITS)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(prior.buffers(), again.buffers()))
     with pytest.raises(RuntimeError, match="Missing key"):
@@ -111,7 +111,7 @@ def test_forward_step_matches_forward_with_ngram_prior():
 
 
 def test_ngram_leave_out_sees_the_counts_as_before_the_tokens_were_counted():
-    prior = NGramPrior(vocab_size=50, max_order=3)
+    prior = NGramPrior(vocab_size=50, max_order=3, hash_bits=HASH_BITS)
     history = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
     prior.update(history, history.roll(-1, 1), -100)
     idx = torch.arange(16)[None] * 3 % 50  # 16 distinct contexts of every order

@@ -4,47 +4,78 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.helpers import ROOT
-from tools.program import source_bundle, source_files, strip_python
+import pytest
+
+from tests.helpers import ROOT, tiny_config
+from tools.program import FEATURES, source_bundle, source_files, strip_python
+from tools.run import train
+from tools.verify import STREAM_NAME
 from training.environment import portable_environ
+from training.header import TrainingHeader
 from training.stream import read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 
-# Bob, in a directory that holds only f (comments and docstrings stripped, as counted), decodes the
-# committed fixture with f's own entry points, then lists the files of every module he loaded.
-DECODE_AND_LIST = f"""
+# Bob, in a directory that holds only f (comments and docstrings stripped, as counted), decodes a
+# stream with f's own entry points, then lists the files of every module he loaded.
+DECODE_AND_LIST = """
 import json, sys
 from pathlib import Path
 from training.header import TrainingHeader
 from training.run import decode, receiver
 from training.stream import read_stream
-stream = read_stream(Path({str(FIXTURE)!r}))
+stream = read_stream(Path(sys.argv[1]))
 data, _, _ = decode(receiver(TrainingHeader.from_dict(stream.header)), stream)
 files = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
 files = [p.resolve() for p in files if p.is_absolute()]  # (some torch modules have a bare file name)
-print(json.dumps({{"data": data.hex(), "files": [p.as_posix() for p in files if ".venv" not in p.parts]}}))
+print(json.dumps({"data": data.hex(), "files": [p.as_posix() for p in files if ".venv" not in p.parts]}))
 """
 
 
-def test_f_alone_as_counted_decodes_the_fixture_and_imports_exactly_its_modules(tmp_path):
-    for path in source_files():
-        target = tmp_path / path.relative_to(ROOT)
+def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
+    """The run's f, copied as counted into an empty directory, decodes the stream there to its
+    data, loading exactly f's modules: none outside f, and none of f that the run does not need."""
+    config = TrainingHeader.from_dict(read_stream(stream_path).header).program()
+    bob = tmp_path / "bob"
+    for path in source_files(config):
+        target = bob / path.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(strip_python(path.read_text()))
-    r = subprocess.run([sys.executable, "-c", DECODE_AND_LIST], cwd=tmp_path, env=portable_environ(),
+    r = subprocess.run([sys.executable, "-c", DECODE_AND_LIST, str(stream_path)], cwd=bob, env=portable_environ(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     data = bytes.fromhex(out["data"])
-    assert hashlib.sha256(data).hexdigest() == read_stream(FIXTURE).trailer["data_sha256"]
+    assert hashlib.sha256(data).hexdigest() == read_stream(stream_path).trailer["data_sha256"]
     ours = {p for p in out["files"] if p.startswith(ROOT.as_posix() + "/")}
     assert not ours, f"decoding needed files outside f: {sorted(ours)}"
-    loaded = {p[len(tmp_path.resolve().as_posix()) + 1:] for p in out["files"]
-              if p.startswith(tmp_path.resolve().as_posix() + "/")}
-    counted = {p.relative_to(ROOT).as_posix() for p in source_files()}
+    loaded = {p[len(bob.resolve().as_posix()) + 1:] for p in out["files"] if p.startswith(bob.resolve().as_posix() + "/")}
+    counted = {p.relative_to(ROOT).as_posix() for p in source_files(config)}
     assert loaded == counted, f"in f but not needed: {sorted(counted - loaded)}; loaded: {sorted(loaded)}"
+
+
+def test_f_alone_as_counted_decodes_the_fixture_and_imports_exactly_its_modules(tmp_path):
+    config = TrainingHeader.from_dict(read_stream(FIXTURE).header).program()
+    assert not [p for p in source_files(config) if p.relative_to(ROOT).as_posix() in FEATURES]  # the core alone
+    assert_f_alone_decodes(FIXTURE, tmp_path)
+
+
+@pytest.mark.parametrize("settings", [
+    # every module FEATURES lists, in two runs (a mixture refuses the n-gram prior)
+    ("--model.ngram_order", "2", "--data.tokenizer", "bpe", "--data.vocab_size", "300",
+     "--data.curriculum", "difficulty", "--data.context", "4"),
+    ("--mixture.members", "1x2x16, 1x2x32", "--data.curriculum", "shuffle"),
+], ids=["ngram-bpe-difficulty", "mixture-shuffle"])
+def test_a_runs_f_holds_the_modules_its_settings_need_and_decodes_it_alone(tmp_path, settings):
+    text = tmp_path / "text.txt"
+    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000])
+    config = tiny_config(text, tmp_path / "run", *settings)
+    needed = {name for name, needs in FEATURES.items() if needs(config)}
+    assert needed and {p.relative_to(ROOT).as_posix() for p in source_files(config)} >= needed
+    train(config)
+    assert_f_alone_decodes(tmp_path / "run" / STREAM_NAME, tmp_path)
 
 
 def test_the_counted_source_is_the_stripped_files_and_the_dependency_pins():

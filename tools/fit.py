@@ -175,7 +175,7 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
     labels = order_labels(config.data, config.chunk_len, tokenizer, tokens)
-    code_length = CodeLength(f_parts(counted_yaml(config), tokenizer.serialize(), order_bits(labels)), len(tokens))
+    code_length = CodeLength(f_parts(config, counted_yaml(config), tokenizer.serialize(), order_bits(labels)), len(tokens))
     started = _TrainStarted()
     callbacks: list = [code_length]
     stream = None

@@ -2,7 +2,8 @@
 
 f is a decoder: what Bob needs to turn the stream back into the data, and nothing else. That is
 prequel's own decoding source (the model, the training step both sides run, the data plan, the
-coder and the stream format), the pinned versions of the public packages it runs on, the resolved
+coder and the stream format) with only the optional modules the run's settings use (`FEATURES`:
+the n-gram prior, a mixture, BPE, the shuffled and paced orders), the pinned versions of the public packages it runs on, the resolved
 config, a trained tokenizer, a content-dependent curriculum order, and the data length. Public
 packages themselves (torch, lightning, ...) are named by version, not counted, as LTCB counts a
 decompressor but not the operating system.
@@ -29,11 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 F_PACKAGES = ("models", "training", "callbacks")
 NOT_F = ("callbacks/code_length.py",)  # reports Σ beside decoding (Alice, verify); decoding needs none of it
 PINS = "pyproject.toml"  # its [project] dependencies: the versions of the public packages Bob installs
+# Modules only some runs need, each imported where its feature is used (never at the top of a module),
+# and the settings that need it: a run's f is the other modules and those its settings ask for. A
+# decoder missing one fails at the import, so tests/test_program.py proves each list complete.
+FEATURES = {
+    "models/mixture.py": lambda config: bool(config.mixture.members.strip()),
+    "models/ngram.py": lambda config: config.model.ngram_order > 0,
+    "training/bpe.py": lambda config: config.data.tokenizer == "bpe",
+    "training/orders.py": lambda config: config.data.curriculum in ("shuffle", "length_warmup", "difficulty"),
+}
 
 
-def source_files() -> list[Path]:
+def source_files(config=None) -> list[Path]:
+    """f's files: every one (config None: what the code hash covers), or a run's (a training.config.Config)."""
     files = [p for pkg in F_PACKAGES for p in (ROOT / pkg).glob("*.py")
              if p.relative_to(ROOT).as_posix() not in NOT_F]
+    if config is not None:
+        files = [p for p in files if FEATURES.get(p.relative_to(ROOT).as_posix(), lambda _: True)(config)]
     return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
 
 
@@ -56,10 +69,11 @@ def strip_python(source: str) -> str:
     return ast.unparse(tree)
 
 
-def source_bundle(stripped: bool = False) -> bytes:
-    """f's source as one deterministic byte string: per file its path, length and contents; then the pins."""
+def source_bundle(stripped: bool = False, config=None) -> bytes:
+    """f's source as one deterministic byte string: per file its path, length and contents; then the
+    pins. All of f's files, or (`config`) those a run with these settings needs."""
     parts = []
-    for path in source_files():
+    for path in source_files(config):
         body = path.read_bytes()
         if stripped:
             body = strip_python(body.decode()).encode()
@@ -80,11 +94,12 @@ def xz_bits(data: bytes) -> int:
     return 8 * len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
 
 
-def f_parts(config_yaml: str, tokenizer_blob: bytes, order_bits: int = 0) -> dict[str, int]:
-    """|f| part by part, in bits. `order_bits`: a content-dependent curriculum order's cost
-    (0 for orders the decoder rebuilds from config + seed; see training/curriculum.py)."""
+def f_parts(config, config_yaml: str, tokenizer_blob: bytes, order_bits: int = 0) -> dict[str, int]:
+    """|f| part by part, in bits, for a run with `config` (a training.config.Config; its counted
+    settings are `config_yaml`). `order_bits`: a content-dependent curriculum order's cost (0 for
+    orders the decoder rebuilds from config + seed; see training/curriculum.py)."""
     return {
-        "source": xz_bits(source_bundle(stripped=True)),
+        "source": xz_bits(source_bundle(stripped=True, config=config)),
         "config": xz_bits(config_yaml.encode()),
         "tokenizer": xz_bits(tokenizer_blob),
         "order": order_bits,

@@ -1,4 +1,4 @@
-"""Building a tokenizer: Alice's (training/tokenizer.py holds the tokenizers Bob restores).
+"""Building a tokenizer: Alice's (training/tokenizer.py and bpe.py hold the tokenizers Bob restores).
 
 A byte-level BPE is trained with HF `tokenizers` on the training data, or read from a pretrained
 tokenizer file; either way only its merges are kept, and their serialisation is counted in |f|.
@@ -7,15 +7,8 @@ tokenizer file; either way only its merges are kept, and their serialisation is 
 import collections
 import json
 
-from training.tokenizer import (
-    ALPHABET,
-    BPETokenizer,
-    ByteTokenizer,
-    TokenizerError,
-    _to_text,
-    _words,
-    restore_tokenizer,
-)
+from training.bpe import ALPHABET, BPETokenizer, _to_text, _words
+from training.tokenizer import ByteTokenizer, TokenizerError, restore_tokenizer
 
 BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow with it
 

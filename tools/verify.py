@@ -46,7 +46,7 @@ class Checked:
 
     def code_length(self) -> CodeLength:
         bob = self.bob
-        return CodeLength(f_parts(counted_yaml(bob.config), bob.tokenizer.serialize(), order_bits(bob.labels)),
+        return CodeLength(f_parts(bob.config, counted_yaml(bob.config), bob.tokenizer.serialize(), order_bits(bob.labels)),
                           bob.header.data_tokens)
 
     def explain(self, error: StreamError) -> StreamError:

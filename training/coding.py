@@ -23,16 +23,18 @@ is the exact conditional), and the V-entry quantisation runs only for escaped ro
 top-k selection is itself a pass over V, so on a CPU it saves little (docs/compress.md).
 """
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import constriction
 import numpy as np
 import torch
 
 from models.gpt import GPT
-from models.mixture import ColumnMixer, Mixture
 from training.data import IGNORE
 from training.stream import StreamError
+
+if TYPE_CHECKING:  # (a mixture run imports it; others need it in neither f nor memory)
+    from models.mixture import ColumnMixer, Mixture
 
 _MODEL = constriction.stream.model.Categorical(perfect=False)
 _ONE_PASS_FLOATS = 1 << 20  # probabilities an Encoder codes per constriction call, at most
@@ -101,7 +103,7 @@ class Decoder:
 
 
 def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: Encoder | Decoder,
-               top_k: int = 0, mixer: ColumnMixer | None = None) -> None:
+               top_k: int = 0, mixer: "ColumnMixer | None" = None) -> None:
     """Code `targets` (B, L) column by column (positions != IGNORE): encode them, or decode
     into them (the decoder's are placeholders until then).
 
@@ -146,7 +148,7 @@ def encode_known(logits: torch.Tensor, targets: torch.Tensor, encoder: Encoder) 
     encoder.flush()
 
 
-def incremental_logits(model: GPT | Mixture, targets: torch.Tensor, bos_id: int) -> Callable[[int], torch.Tensor]:
+def incremental_logits(model: "GPT | Mixture", targets: torch.Tensor, bos_id: int) -> Callable[[int], torch.Tensor]:
     """`logits_at` for `code_batch` by KV-cache steps: one `GPT.forward_step` per column, fed
     BOS, then column t - 1 of `targets` (known by then on both sides). Its bits are not the full
     forward's (see KVCache), so both sides must code with it. Columns `code_batch` skips (no

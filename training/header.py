@@ -47,10 +47,10 @@ class TrainingHeader:
 
     def labels(self):
         """The transmitted curriculum order (a tensor of levels), None when the settings fix it."""
-        from training.curriculum import labels_from_header
-
         if self.order is None:
             return None
+        from training.orders import labels_from_header  # (only a run with a transmitted order needs it in f)
+
         config = self.program()
         n_chunks = -(-self.data_tokens // config.chunk_len)
         return labels_from_header(self.order, n_chunks, min(config.data.difficulty_levels, n_chunks))

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from models import portable_math
 from models.gpt import GPT
-from models.mixture import Mixture
 from training.config import Config, mixture_members, program_dict
 from training.data import IGNORE, Tape
 
@@ -46,7 +45,10 @@ class PrequelModule(L.LightningModule):
         super().__init__()
         self.config = config
         members = mixture_members(config)
+        self.is_mixture = bool(members)
         if members:  # every member initialised as it would be alone (same seed), so it trains as alone
+            from models.mixture import Mixture  # (only a mixture run needs it in f: tools/program.py)
+
             self.model = Mixture([replace(m, vocab_size=vocab_size) for m, _ in members], config.mixture.weights,
                                  config.mixture.switch_rate, seed=config.seed)
         else:
@@ -84,7 +86,7 @@ class PrequelModule(L.LightningModule):
         mask = y != IGNORE
         tokens = mask.sum()
         log_w = member_nll = None
-        if isinstance(self.model, Mixture):  # logits: the members' log-probabilities (B, L, K, V)
+        if self.is_mixture:  # logits: the members' log-probabilities (B, L, K, V)
             member_nll = -logits.gather(-1, y.clamp(min=0)[:, :, None, None].expand(*logits.shape[:3], 1))[..., 0]
             member_nll = member_nll * mask[..., None]
             loss = (member_nll.sum((0, 1)) / tokens.clamp(min=1)).sum()  # each member learns from its own loss
@@ -113,7 +115,7 @@ class PrequelModule(L.LightningModule):
         mixture's weights. Here, after the forward that coded the batch (the decoder has just
         decoded it, so counts the same) and before any callback's batch-end hook, so that a
         checkpoint saved after this step holds them (a resumed run must not miss a batch)."""
-        if isinstance(self.model, Mixture):  # the weights move with the coded tokens only
+        if self.is_mixture:  # the weights move with the coded tokens only
             self.model.observe(self.coded.log_w, self.coded.member_nll)
         if self.model.ngram is not None:  # (the context's targets were counted when they were coded)
             self.model.ngram.update(x, F.pad(y, (self.config.data.context, 0), value=IGNORE), IGNORE)
