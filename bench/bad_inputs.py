@@ -33,7 +33,8 @@ environment.allow_reexec()
 environment.ensure_kernels("portable")  # tiny.yaml's kernels; re-executes this script with the pins if needed
 
 import train as cli  # noqa: E402
-from training.stream import MAGIC, VERSION, decode_stream, encode_stream  # noqa: E402
+from tools.encode import encode_stream  # noqa: E402
+from training.stream import MAGIC, VERSION, decode_stream  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
 

@@ -10,6 +10,7 @@ and compress/decompress MB/s on this machine (wall clock; a shared CPU makes the
 """
 
 import argparse
+import functools
 import io
 import math
 import shutil
@@ -26,8 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.coding import Decoder, Encoder, code_batch  # noqa: E402
-from tools.compress import compress, decompress  # noqa: E402
+from training.coding import Decoder, code_batch  # noqa: E402
+
+from tools.compress import code_top_k, compress, decompress  # noqa: E402
+from tools.encode import Encoder  # noqa: E402
 
 ALICE = ROOT.parent / "shared" / "corpora" / "canterbury" / "alice29.txt"
 RATE = 16_000  # Hz, 16-bit mono: LibriSpeech's format
@@ -152,10 +155,11 @@ def coder_speed(vocab: int, top_k: int, rows: int = 64, columns: int = 8, seed: 
     targets = torch.multinomial(probs, 1, generator=g).view(rows, columns)
     started = time.perf_counter()
     encoder = Encoder()
-    code_batch(lambda t: logits[:, t], targets.clone(), encoder, top_k)
+    code_rows = functools.partial(code_top_k, k=top_k) if top_k else None
+    code_batch(lambda t: logits[:, t], targets.clone(), encoder, code_rows)
     middle = time.perf_counter()
     decoded = torch.zeros_like(targets)
-    code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()), top_k)
+    code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()), code_rows)
     done = time.perf_counter()
     assert torch.equal(decoded, targets)
     ideal = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item() / math.log(2)

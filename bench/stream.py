@@ -7,7 +7,7 @@
     on the first `--decode-tokens` tokens (written to a temporary data file), then
     `tools.verify.verify` on that run; prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
-(c) coder symbols/s: `training.coding.encode_known` with an Encoder (all logits known: one pass),
+(c) coder symbols/s: `tools.encode.encode_known` with an Encoder (all logits known: one pass),
     then `code_batch` with a Decoder (column by column), on random logits of `--rows` × `--cols`
     symbols at each `--vocab` (no model: coding_probabilities + the range coder), and
     `coding_probabilities` column by column alone for comparison.
@@ -33,11 +33,12 @@ from common import (
     print_environment,
 )
 
-from callbacks.arithmetic_stream import StreamEncoder
+from tools.encode import StreamEncoder
+from tools.encode import Encoder, encode_known
 from tools.fit import stream_header
 from tools.run import train
 from tools.verify import verify
-from training.coding import Decoder, Encoder, code_batch, coding_probabilities, encode_known
+from training.coding import Decoder, code_batch, coding_probabilities
 from training.stream import StreamError
 
 

@@ -1,12 +1,12 @@
 """Alice and Bob as two callbacks: encode the first pass into a stream, or decode it back.
 
-`StreamEncoder` (Alice): after each first-pass batch, code its targets with the probabilities of
-the training forward that just ran (weights from before the step). `StreamDecoder` (Bob): before
-each first-pass batch, fill the tape by decoding with the current weights; the same
-`training_step` then learns it. Both call `training.coding`, and both keep what `StreamCallback`
-keeps: a hash chain of the tokens coded so far and a hash of the parameters every
-`checksum_every` batches. Alice writes those checks into the stream; Bob compares, so he names
-the first batch where anything drifted instead of producing garbage.
+`StreamEncoder` (Alice, tools/encode.py: not part of f): after each first-pass batch, code its
+targets with the probabilities of the training forward that just ran (weights from before the
+step). `StreamDecoder` (Bob): before each first-pass batch, fill the tape by decoding with the
+current weights; the same `training_step` then learns it. Both call `training.coding`, and both
+keep what `StreamCallback` keeps: a hash chain of the tokens coded so far and a hash of the
+parameters every `checksum_every` batches. Alice writes those checks into the stream; Bob
+compares, so he names the first batch where anything drifted instead of producing garbage.
 
 The stream is a list of range-coder segments. Every checkpoint makes Alice seal the open one and
 store the sealed segments in the checkpoint, so a run resumed from it continues the stream bit
@@ -16,15 +16,14 @@ from a checkpoint it can trust and check where each stretch of the run must end 
 """
 
 import hashlib
-import json
 
 import lightning as L
 import numpy as np
 import torch
 
-from training.coding import Decoder, Encoder, code_batch, encode_known, incremental_logits
+from training.coding import Decoder, code_batch
 from training.data import IGNORE, Tape
-from training.stream import Segment, Stream, StreamError, write_stream
+from training.stream import Stream, StreamError
 
 
 def parameters_sha256(module: torch.nn.Module) -> str:
@@ -32,25 +31,6 @@ def parameters_sha256(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def state_sha256(trainer: L.Trainer, pl_module: L.LightningModule, tokens_hash: str) -> str:
-    """Everything that decides the bits of the rest of the run, at a step boundary: the weights
-    and buffers (n-gram counts, a mixture's weights), the optimizers' and LR schedulers' states,
-    the step and the hash chain of the tokens coded so far. Not the RNG: nothing that changes
-    bits draws from it once the model is built (the stream refuses dropout)."""
-    h = hashlib.sha256(bytes.fromhex(parameters_sha256(pl_module)) + bytes.fromhex(tokens_hash))
-    for optimizer in trainer.optimizers:
-        state = optimizer.state_dict()
-        for index in sorted(state["state"]):
-            for key, value in sorted(state["state"][index].items()):
-                h.update(f"{index}.{key}".encode())
-                h.update(torch.as_tensor(value).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        h.update(json.dumps(state["param_groups"], sort_keys=True, default=repr).encode())
-    for config in trainer.lr_scheduler_configs:
-        h.update(json.dumps(config.scheduler.state_dict(), sort_keys=True, default=repr).encode())
-    h.update(str(trainer.global_step).encode())
     return h.hexdigest()
 
 
@@ -67,7 +47,7 @@ class StreamCallback(L.Callback):
         self.coded_tokens = 0
         self.coded_batches = 0
         self.checksums: dict[str, dict] = {}
-        self.coder: Encoder | Decoder | None = None
+        self.coder = None  # a tools.encode.Encoder (Alice) or a training.coding.Decoder (Bob)
         self._trainer: L.Trainer | None = None
         self.rank, self.world = 0, 1  # with DDP, each process codes its rows into its own sub-stream
 
@@ -90,6 +70,8 @@ class StreamCallback(L.Callback):
             def logits_at(t: int) -> torch.Tensor:
                 return pl_module(self.tape.inputs(targets, before).to(pl_module.device))[:, t]
         else:
+            from models.kv_cache import incremental_logits  # (in f only for an incremental run)
+
             logits_at = incremental_logits(pl_module.model, targets, self.tape.bos_id)
         mixer = pl_module.model.column_mixer(len(targets), pl_module.device) if pl_module.is_mixture else None
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
@@ -134,66 +116,6 @@ class StreamCallback(L.Callback):
         """Where `state_dict` left the coded tokens: their hash chain, counts and checksums."""
         self.tokens_hash, self.checksums = state["tokens_hash"], dict(state["checksums"])
         self.coded_tokens, self.coded_batches = state["coded_tokens"], state["coded_batches"]
-
-
-class StreamEncoder(StreamCallback):
-    """Alice: codes each first-pass batch into `self.stream`; `save` writes it."""
-
-    def __init__(self, tape: Tape, checksum_every: int, procedure: str = "full", *, header: dict):
-        super().__init__(tape, checksum_every, procedure, Stream(header, [], {}))
-        self.coder = Encoder()
-        self._segment_start = 0  # coded_batches when the open segment began
-        self.boundaries: list[dict] = []  # per checkpoint: step, coded batches, state_sha256
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.procedure == "incremental" and pl_module.is_first_pass(batch):
-            self._code_before_step(trainer, pl_module, self.tape.batch(batch["spans"])[1], batch)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        coded = pl_module.coded
-        if not coded.first_pass:
-            return
-        targets = coded.targets.cpu()
-        if self.procedure == "full":  # with the training forward's logits: all known, one pass
-            encode_known(coded.logits, targets, self.coder)
-        self._record(self._whole_batch(batch, targets), pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._seal()
-        super().on_train_end(trainer, pl_module)
-        self.stream.trailer.update(coded_tokens=self.coded_tokens, coded_batches=self.coded_batches,
-                                   checksums=self.checksums)
-
-    def _seal(self) -> None:
-        """Close the open segment: one sub-stream per process (in rank order), the same on all."""
-        if self.coded_batches > self._segment_start:
-            words = [self.coder.words()]
-            if self.world > 1:  # (every process seals at the same batch: checkpoints and the end are global)
-                words = [None] * self.world
-                torch.distributed.all_gather_object(words, self.coder.words())
-            self.stream.segments += [Segment(self.coded_batches - self._segment_start, w) for w in words]
-            self._segment_start = self.coded_batches
-            self.coder = Encoder()
-
-    def save(self, path, trailer_extra: dict) -> int:
-        """Write the finished stream; returns its size in bytes."""
-        self.stream.trailer.update(trailer_extra, boundaries=self.boundaries)
-        return write_stream(path, self.stream)
-
-    def state_dict(self) -> dict:
-        self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
-        trainer = self._trainer
-        if trainer is not None and not (self.boundaries and self.boundaries[-1]["step"] == trainer.global_step):
-            self.boundaries.append({"step": trainer.global_step, "batches": self.coded_batches,
-                                    "state": state_sha256(trainer, trainer.lightning_module, self.tokens_hash)})
-        return {**super().state_dict(), "boundaries": list(self.boundaries)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.boundaries = list(state["boundaries"])
-        self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
-        self._load_position(state)
-        self._segment_start = self.coded_batches
-        self.coder = Encoder()
 
 
 class StreamDecoder(StreamCallback):

@@ -17,12 +17,15 @@ Two choices differ from nanoGPT because of what the model is *for*:
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import einsum, rearrange
+
+if TYPE_CHECKING:  # (models/kv_cache.py: imported only by a run that steps incrementally)
+    from models.kv_cache import KVCache
 
 HASH_BITS = 15  # default: n-gram contexts of 2+ tokens are hashed into 2**15 buckets per order
 
@@ -48,31 +51,6 @@ class GPTConfig:
         return self.vocab_size
 
 
-class KVCache:
-    """Keys and values of the positions run so far, for `GPT.forward_step`.
-
-    Its result is close to, but not bitwise equal to, the full forward's (other matmul and
-    attention shapes round differently). A coder that needs exact bits must therefore run
-    this same step sequence on both sides, never mixing it with the full forward; then every
-    step has the same shapes and inputs on both sides and gives the same bits.
-    """
-
-    def __init__(self, config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32):
-        head_dim = config.n_embd // config.n_head
-        # (layer, key|value, B, H, block_size, D): preallocated, so steps never reallocate
-        self.kv = torch.zeros(config.n_layer, 2, batch, config.n_head, config.block_size, head_dim,
-                              device=device, dtype=dtype)
-        self.pos = 0  # the position the next step fills
-        self.idx = torch.zeros(batch, config.block_size, dtype=torch.long, device=device)  # inputs so far
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one layer's key and value (B, H, 1, D) at position `pos`; return that layer's
-        keys and values of positions 0..pos, for attention."""
-        t, kv = self.pos, self.kv[layer]
-        kv[:, :, :, t : t + 1] = torch.stack((k, v))
-        return kv[0, :, :, : t + 1], kv[1, :, :, : t + 1]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -85,7 +63,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: "KVCache | None" = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -119,7 +97,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache: "KVCache | None" = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -220,21 +198,15 @@ class GPT(nn.Module):
         return logits
 
     @torch.no_grad()
-    def new_cache(self, batch: int, device=None) -> KVCache:
+    def new_cache(self, batch: int, device=None) -> "KVCache":
+        from models.kv_cache import KVCache  # (in f only for a run that steps incrementally: tools/program.py)
+
         return KVCache(self.config, batch, device=device)
 
-    def forward_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward_step(self, idx: torch.Tensor, cache: "KVCache") -> torch.Tensor:
         """Incremental inference: idx (B,) are the ids at position cache.pos; returns the logits
-        (B, vocab_size) of the next token, as forward would up to rounding (see KVCache)."""
-        t = cache.pos
-        if t >= self.config.block_size:
-            raise ValueError(f"KV cache is full: position {t} exceeds block_size {self.config.block_size}")
-        x, rope = self._embed(idx[:, None], t)
-        for block in self.blocks:
-            x = block(x, rope, cache)
-        cache.idx[:, t] = idx
-        cache.pos += 1
-        prior = None
-        if self.ngram is not None:  # the last position's contexts need only the last K inputs
-            prior = self.ngram(cache.idx[:, max(0, t + 1 - self.config.ngram_order) : t + 1])[:, -1:]
-        return self._head(x, prior)[:, 0]
+        (B, vocab_size) of the next token, as forward would up to rounding (models/kv_cache.py)."""
+        from models.kv_cache import forward_step
+
+        return forward_step(self, idx, cache)
+

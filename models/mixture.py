@@ -24,13 +24,13 @@ import torch
 import torch.nn as nn
 
 from models import portable_math
-from models.gpt import GPT, GPTConfig, KVCache
+from models.gpt import GPT, GPTConfig
 
 
 class MixtureCache:
     """One KV cache per member, stepped together (see GPT.forward_step)."""
 
-    def __init__(self, caches: list[KVCache]):
+    def __init__(self, caches: list):  # models.kv_cache.KVCache, one per member
         self.caches = caches
 
     @property

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY, run_cli
-from training.stream import read_stream, write_stream
+from tools.encode import write_stream
+from training.stream import read_stream
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ import pytest
 from tests.helpers import ROOT, assert_refused, trained_tiny_model
 from tools.compress import BudgetedDecoder, CompressError, _payload_capacity_bits, compress, decompress
 from tools.config import MEMORY_ENV, ConfigError
+from tools.encode import encode_stream
 from training.data import DataError
-from training.stream import StreamError, encode_stream, read_stream
+from training.stream import StreamError, read_stream
 
 ADDRESS_SPACE = 4 << 30
 ORIGINAL = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:1000]

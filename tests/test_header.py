@@ -16,11 +16,12 @@ from tools.curriculum import labels_to_header
 from tools.data import order_labels
 from tools.fit import environment, stream_header
 from tools import header as headers
+from tools.encode import write_stream
 from tools.header import CompressHeader
 from tools.program import code_hash
 from tools.tokenizer import build_tokenizer
 from training.header import TrainingHeader
-from training.stream import Stream, StreamError, read_stream, write_stream
+from training.stream import Stream, StreamError, read_stream
 
 TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000]
 

@@ -29,9 +29,10 @@ from tools.config import (
 )
 from tools.curriculum import labels_to_header
 from tools.data import read_corpus
+from tools.encode import encode_stream
 from training.data import DataError
 from training.orders import labels_from_header
-from training.stream import Stream, encode_stream, read_stream
+from training.stream import Stream, read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"  # tiny.yaml, sequential, 3,000 byte tokens
 FIXTURE_CHUNKS = -(-3000 // 32)  # ceil(data_tokens / block_size) = 94 levels a difficulty order would carry

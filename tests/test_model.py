@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT, HASH_BITS, GPTConfig, KVCache
+from models.gpt import GPT, HASH_BITS, GPTConfig
+from models.kv_cache import KVCache
 from models.ngram import NGramPrior
 from tests.helpers import tiny_config
 from tools.run import train

@@ -15,7 +15,8 @@ from models import portable_math
 from tests.helpers import ROOT, run_cli, tiny_config
 from tools.program import code_hash
 from training import environment
-from training.stream import encode_stream, read_stream
+from tools.encode import encode_stream
+from training.stream import read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 FIXTURE_BYTES = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000]

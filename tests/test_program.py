@@ -58,16 +58,17 @@ def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
 
 def test_f_alone_as_counted_decodes_the_fixture_and_imports_exactly_its_modules(tmp_path):
     config = TrainingHeader.from_dict(read_stream(FIXTURE).header).program()
-    assert not [p for p in source_files(config) if p.relative_to(ROOT).as_posix() in FEATURES]  # the core alone
+    features = {p.relative_to(ROOT).as_posix() for p in source_files(config)} & set(FEATURES)
+    assert features == {"training/environment.py"}  # the core and the portable kernel pins
     assert_f_alone_decodes(FIXTURE, tmp_path)
 
 
 @pytest.mark.parametrize("settings", [
-    # every module FEATURES lists, in two runs (a mixture refuses the n-gram prior)
+    # every module FEATURES lists (and leaves out), in two runs: a mixture refuses the n-gram prior
     ("--model.ngram_order", "2", "--data.tokenizer", "bpe", "--data.vocab_size", "300",
      "--data.curriculum", "difficulty", "--data.context", "4"),
-    ("--mixture.members", "1x2x16, 1x2x32", "--data.curriculum", "shuffle"),
-], ids=["ngram-bpe-difficulty", "mixture-shuffle"])
+    ("--mixture.members", "1x2x16, 1x2x32", "--data.curriculum", "shuffle", "--trainer.kernels", "native"),
+], ids=["ngram-bpe-difficulty-portable", "mixture-shuffle-native"])
 def test_a_runs_f_holds_the_modules_its_settings_need_and_decodes_it_alone(tmp_path, settings):
     text = tmp_path / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000])

@@ -34,20 +34,12 @@ from hypothesis import strategies as st
 import train as cli
 from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from tools.config import NON_NEGATIVE_KEYS, POSITIVE_KEYS, Config, ConfigError, load_config
+from tools.encode import encode_stream
+from tools.files import write_atomic
 from tools.fit import remove_stale_temps
 from tools.run import SUMMARY_NAME, train
 from tools.verify import STREAM_NAME
-from training.stream import (
-    MAGIC,
-    MAX_JSON_BYTES,
-    VERSION,
-    Stream,
-    StreamError,
-    decode_stream,
-    encode_stream,
-    read_stream,
-    write_atomic,
-)
+from training.stream import MAGIC, MAX_JSON_BYTES, VERSION, Stream, StreamError, decode_stream, read_stream
 
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()
 CHECKPOINT_EVERY = "4"

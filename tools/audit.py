@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from callbacks.arithmetic_stream import StreamDecoder, StreamEncoder, state_sha256
+from callbacks.arithmetic_stream import StreamDecoder
+
 from tools.data import read_corpus
+from tools.encode import StreamEncoder, state_sha256
 from tools.verify import checked_receiver, find_stream, replay
 from training.data import Tape
 from training.run import Receiver

@@ -35,6 +35,7 @@ import yaml
 
 from callbacks.arithmetic_stream import parameters_sha256
 from models.gpt import GPT, GPTConfig
+from models.kv_cache import incremental_logits
 from tools.config import (
     MAX_THREADS,
     MEMORY_ENV,
@@ -47,17 +48,19 @@ from tools.config import (
     regular_file_size,
 )
 from tools.data import read_corpus
+from tools.encode import Encoder, encode_stream
 from tools.environment import check as check_environment
 from tools.environment import facts as environment_facts
+from tools.files import write_atomic
 from tools.header import CompressHeader
-from tools.program import xz_bits
+from tools.program import packed_bits
 from tools.report import classic_baselines, text_table
 from tools.tokenizer import build_tokenizer
 from tools.verify import STREAM_NAME
-from training.coding import Decoder, Encoder, code_batch, incremental_logits
+from training.coding import Decoder, code_batch
 from training.data import IGNORE, DataError
 from training.environment import KernelError, ensure_kernels
-from training.stream import Segment, Stream, StreamError, encode_stream, read_stream, write_atomic
+from training.stream import Segment, Stream, StreamError, read_stream
 
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache
@@ -92,7 +95,7 @@ class FrozenModel:
 
     @property
     def tokenizer_bytes(self) -> int:
-        return xz_bits(self.tokenizer.serialize()) // 8  # as |f| counts it; 0 for bytes
+        return packed_bits(self.tokenizer.serialize()) // 8  # as |f| counts it; 0 for bytes
 
 
 def checkpoint_path(path: Path) -> Path:
@@ -182,9 +185,34 @@ def _tokenizer(ckpt_path: Path, run_config: Config | None, vocab_size: int):
 
 
 # --- the coding procedure, shared by both sides ------------------------------------------------
+def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Decoder, k: int) -> torch.Tensor:
+    """Code one symbol per row of `logits` (R, V) as its top-k rank, or escape + the symbol
+    among the other V - k; returns the symbols (decoded, or the given ones when encoding).
+
+    For large vocabularies: the k probabilities are taken from the full softmax (float32) and the
+    rest of the mass goes to an escape symbol k; on escape the symbol is then coded with the
+    model's distribution over the other V - k symbols. Nothing is lost (the escape path is the
+    exact conditional), and the V-entry quantisation runs only for escaped rows; but the top-k
+    selection is itself a pass over V, so on a CPU it saves little (docs/compress.md)."""
+    logits = logits.detach().float().cpu()
+    k = min(k, logits.shape[-1] - 1)
+    p_top, index = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)  # sorted: same input, same ranks
+    p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # leaky quantisation keeps it codable
+    hit = index == symbols[:, None]
+    rank = torch.where(hit.any(-1), hit.int().argmax(-1), k)  # the decoder's is a placeholder
+    rank = coder.code(rank, torch.cat([p_top, p_escape], -1).double().numpy())
+    out = index.gather(-1, rank.clamp(max=k - 1)[:, None])[:, 0]
+    escaped = rank == k
+    if escaped.any():  # the exact conditional: the softmax of the logits outside the top k
+        rest = torch.softmax(logits[escaped].scatter(-1, index[escaped], -torch.inf), dim=-1)
+        out[escaped] = coder.code(symbols[escaped], rest.double().numpy())
+    return out
+
+
 def code_chunks(gpt: GPT, targets: torch.Tensor, coder: Encoder | Decoder, top_k: int = 0) -> None:
     """Encode the chunks (rows of `targets`, IGNORE after a chunk's end), or decode into them."""
-    code_batch(incremental_logits(gpt, targets, gpt.config.bos_id), targets, coder, top_k)
+    code_rows = functools.partial(code_top_k, k=top_k) if top_k else None
+    code_batch(incremental_logits(gpt, targets, gpt.config.bos_id), targets, coder, code_rows)
 
 
 def code_spans(gpt: GPT, n_tokens: int, coder: Encoder | Decoder, chunk_size: int, batch_chunks: int, top_k: int,

@@ -3,7 +3,7 @@
 f is a decoder: what Bob needs to turn the stream back into the data, and nothing else. That is
 prequel's own decoding source (the model, the training step both sides run, the data plan, the
 coder and the stream format) with only the optional modules the run's settings use (`FEATURES`:
-the n-gram prior, a mixture, BPE, the shuffled and paced orders), the pinned versions of the public packages it runs on, the resolved
+the n-gram prior, a mixture, BPE, the shuffled and paced orders, portable kernels, KV-cache steps), the pinned versions of the public packages it runs on, the resolved
 config, a trained tokenizer, a content-dependent curriculum order, and the data length. Public
 packages themselves (torch, lightning, ...) are named by version, not counted, as LTCB counts a
 decompressor but not the operating system.
@@ -15,10 +15,12 @@ the reports (the code-length callback, tools/report.py) or the CLI. tests/test_p
 the boundary: it decodes the fixture stream with f's files alone, as counted (comments and
 docstrings stripped), in a process where nothing else of the project exists.
 
-Each part is compressed with xz (lzma preset 9e) on its own so the report can show what each costs.
+Each part is compressed on its own, with xz (lzma preset 9e) or bzip2 -9, whichever is smaller (`packed_bits`),
+so the report can show what each costs.
 """
 
 import ast
+import bz2
 import hashlib
 import lzma
 import tomllib
@@ -34,10 +36,12 @@ PINS = "pyproject.toml"  # its [project] dependencies: the versions of the publi
 # and the settings that need it: a run's f is the other modules and those its settings ask for. A
 # decoder missing one fails at the import, so tests/test_program.py proves each list complete.
 FEATURES = {
+    "models/kv_cache.py": lambda config: config.stream.procedure == "incremental",
     "models/mixture.py": lambda config: bool(config.mixture.members.strip()),
     "models/ngram.py": lambda config: config.model.ngram_order > 0,
     "training/bpe.py": lambda config: config.data.tokenizer == "bpe",
     "training/orders.py": lambda config: config.data.curriculum in ("shuffle", "length_warmup", "difficulty"),
+    "training/environment.py": lambda config: config.trainer.kernels == "portable",
 }
 
 
@@ -94,14 +98,22 @@ def xz_bits(data: bytes) -> int:
     return 8 * len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
 
 
+def packed_bits(data: bytes) -> int:
+    """A part of f as sent: xz or bzip2, whichever is smaller, and one bit to say which (bzip2's
+    Burrows-Wheeler sort wins on f's source, xz on short parts)."""
+    if not data:
+        return 0
+    return 1 + min(xz_bits(data), 8 * len(bz2.compress(data, 9)))
+
+
 def f_parts(config, config_yaml: str, tokenizer_blob: bytes, order_bits: int = 0) -> dict[str, int]:
     """|f| part by part, in bits, for a run with `config` (a training.config.Config; its counted
     settings are `config_yaml`). `order_bits`: a content-dependent curriculum order's cost (0 for
     orders the decoder rebuilds from config + seed; see training/curriculum.py)."""
     return {
-        "source": xz_bits(source_bundle(stripped=True, config=config)),
-        "config": xz_bits(config_yaml.encode()),
-        "tokenizer": xz_bits(tokenizer_blob),
+        "source": packed_bits(source_bundle(stripped=True, config=config)),
+        "config": packed_bits(config_yaml.encode()),
+        "tokenizer": packed_bits(tokenizer_blob),
         "order": order_bits,
         "data_length": 64,  # the corpus length, as one 64-bit integer
     }

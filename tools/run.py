@@ -14,9 +14,9 @@ import torch
 from models.mixture import Mixture
 from tools.config import Config, to_dict
 from tools.data import read_corpus
+from tools.files import write_atomic
 from tools.fit import Fitted, check_run_dir, fit
 from tools.report import code_length_summary, format_table, plot_loss_curve
-from training.stream import write_atomic
 
 SUMMARY_NAME = "summary.json"
 

@@ -19,11 +19,12 @@ from tools.config import MAX_THREADS, ConfigError, counted_yaml
 from tools.curriculum import order_bits
 from tools.environment import check as check_environment
 from tools.environment import require_device
+from tools.files import write_atomic
 from tools.program import code_hash, f_parts
 from training.environment import KernelError
 from training.module import PrequelModule
 from training.run import Receiver, decode, receiver
-from training.stream import Stream, StreamError, read_stream, write_atomic
+from training.stream import Stream, StreamError, read_stream
 
 STREAM_NAME = "stream.prequel"
 

@@ -24,13 +24,15 @@ own choices (faster) and records them, so a native stream verifies only where th
 
 Pinned packages and the thread count are recorded in the stream header and checked before decoding,
 in both modes (tools/environment.py: checks decide whether to decode, so they are not part of f).
-This module imports torch only inside functions: `train.py` imports it before torch starts.
+A native run's f does not hold this module: `ensure_kernels` (training/kernels.py) imports it only
+for portable kernels. It imports torch only inside functions: `train.py` imports it before torch starts.
 """
 
 import os
 import sys
 
-KERNEL_MODES = ("native", "portable")
+from training.kernels import KERNEL_MODES, KernelError, device_of, ensure_kernels  # noqa: F401 (one import for callers)
+
 PORTABLE_PINS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -43,10 +45,6 @@ PORTABLE_CAPABILITY = "AVX2"  # what torch.backends.cpu.get_cpu_capability() rep
 KERNEL_VARIABLES = (*PORTABLE_PINS, "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE",
                     "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")
 _REEXEC_MARK = "PREQUEL_KERNELS_REEXEC"  # set in the re-executed process: never loop
-
-class KernelError(RuntimeError):
-    """This process cannot compute the bits the run or stream needs; the message says why."""
-
 
 _may_reexec = False
 
@@ -71,11 +69,9 @@ def portable_environ(environ=os.environ) -> dict[str, str]:
     return env | PORTABLE_PINS
 
 
-def ensure_kernels(mode: str) -> None:
-    """Make sure this process computes with `mode`'s kernels, before any bit is computed."""
-    if mode not in KERNEL_MODES:
-        raise KernelError(f"kernel mode {mode!r} is not one of {', '.join(KERNEL_MODES)}")
-    if not pinned(mode):
+def ensure_portable() -> None:
+    """Make sure this process computes with the pinned kernels (`ensure_kernels("portable")`)."""
+    if not pinned("portable"):
         if _may_reexec and not os.environ.get(_REEXEC_MARK):
             sys.stdout.flush(), sys.stderr.flush()
             env = portable_environ() | {_REEXEC_MARK: "1"}
@@ -87,15 +83,6 @@ def ensure_kernels(mode: str) -> None:
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
-    if mode == "portable" and capability != PORTABLE_CAPABILITY:
+    if capability != PORTABLE_CAPABILITY:
         raise KernelError(f"portable kernels need a CPU with AVX2; torch runs {capability} kernels here, "
                           "so this machine cannot compute portable bits")
-
-
-def device_of(accelerator: str) -> str:
-    import torch
-
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise KernelError("trainer.accelerator: gpu, but torch sees no CUDA device on this machine "
-                          "(use trainer.accelerator: cpu)")
-    return "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"

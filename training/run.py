@@ -16,7 +16,7 @@ import torch
 from callbacks.arithmetic_stream import StreamDecoder
 from training.config import Config
 from training.data import PrequelDataModule, Tape, plan_options
-from training.environment import device_of, ensure_kernels
+from training.kernels import device_of, ensure_kernels
 from training.header import TrainingHeader
 from training.module import PrequelModule
 from training.stream import Stream

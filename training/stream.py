@@ -17,13 +17,12 @@ its 16 bytes of framing are reported apart from the payload). The trailer is not
 decode and only turns silent drift into a named error. Every length is checked against the
 bytes that remain before anything is allocated, so a forged or truncated file fails fast with
 `StreamError`: the segment table is scanned and its crc checked before any word array is
-built, and a file without the magic bytes is refused after reading its first ten bytes.
+built, and a file without the magic bytes is refused after reading its first ten bytes. Writing
+one is Alice's (tools/encode.py `encode_stream`), outside f.
 """
 
 import json
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,6 @@ MAGIC = b"PRQLSTRM"
 VERSION = 1
 MAX_JSON_BYTES = 64 << 20  # no header or trailer is this large; a bigger length is corrupt
 _SEGMENT_FRAMING = 16  # u64 batches + u64 word count
-TEMP_SUFFIX = ".tmp"  # write_atomic's temp files: f".{name}.{random}.tmp" beside the target
-
-
-_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) ...
-os.umask(_UMASK)  # ... and put back at once
 
 
 class StreamError(ValueError):
@@ -60,65 +54,6 @@ class Stream:
     @property
     def payload_bits(self) -> int:
         return 32 * sum(len(s.words) for s in self.segments)
-
-
-def _json_section(obj: dict) -> bytes:
-    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
-
-
-def encode_stream(stream: Stream) -> bytes:
-    payload = [struct.pack("<I", len(stream.segments))]
-    for seg in stream.segments:
-        payload.append(struct.pack("<QQ", seg.batches, len(seg.words)))
-        payload.append(np.ascontiguousarray(seg.words, dtype="<u4").tobytes())
-    payload = b"".join(payload)
-    return b"".join([
-        MAGIC, struct.pack("<H", VERSION), _json_section(stream.header),
-        payload, struct.pack("<I", zlib.crc32(payload)), _json_section(stream.trailer),
-    ])
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename (+ fsync of the directory): a reader, or a run resumed after a
-    crash, sees the old file or the whole new one, never a part. A failed write (disk full,
-    read-only directory) removes its temp file and raises the OSError."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would make it, not mkstemp's 0600
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename in (None, tmp):
-            e.filename = str(path)  # name the file the user knows, not our temp file
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (a power cut must not bring back the old name)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_stream(path: Path, stream: Stream) -> int:
-    data = encode_stream(stream)
-    write_atomic(path, data)
-    return len(data)
 
 
 class _Reader:
