@@ -33,8 +33,7 @@ from common import (
     print_environment,
 )
 
-from tools.encode import StreamEncoder
-from tools.encode import Encoder, encode_known
+from tools.encode import Encoder, StreamEncoder, encode_known
 from tools.fit import stream_header
 from tools.run import train
 from tools.verify import verify

@@ -3,8 +3,9 @@
 f is a decoder: what Bob needs to turn the stream back into the data, and nothing else. That is
 prequel's own decoding source (the model, the training step both sides run, the data plan, the
 coder and the stream format) with only the optional modules the run's settings use (`FEATURES`:
-the n-gram prior, a mixture, BPE, the shuffled and paced orders, portable kernels, KV-cache steps), the pinned versions of the public packages it runs on, the resolved
-config, a trained tokenizer, a content-dependent curriculum order, and the data length. Public
+the n-gram prior, a mixture, BPE, the shuffled and paced orders, portable kernels, KV-cache
+steps), the pinned versions of the public packages it runs on, the resolved config, a trained
+tokenizer, a content-dependent curriculum order, and the data length. Public
 packages themselves (torch, lightning, ...) are named by version, not counted, as LTCB counts a
 decompressor but not the operating system.
 
@@ -12,11 +13,12 @@ What decides *whether* to decode is not in f: the checks of a stream's header, o
 values and memory, and of the machine (tools/header.py, tools/config.py, tools/environment.py)
 protect the person running it and change no decoded bit. Neither is Alice's side (tools/fit.py),
 the reports (the code-length callback, tools/report.py) or the CLI. tests/test_program.py proves
-the boundary: it decodes the fixture stream with f's files alone, as counted (comments and
-docstrings stripped), in a process where nothing else of the project exists.
+the boundary: it decodes the fixture stream, and runs that use or leave out every optional module,
+each with its f alone, as counted (comments and docstrings stripped), in a process where nothing
+else of the project exists.
 
-Each part is compressed on its own, with xz (lzma preset 9e) or bzip2 -9, whichever is smaller (`packed_bits`),
-so the report can show what each costs.
+Each part is compressed on its own, with xz (lzma preset 9e) or bzip2 -9, whichever is smaller
+(`packed_bits`), so the report can show what each costs.
 """
 
 import ast
@@ -25,6 +27,8 @@ import hashlib
 import lzma
 import tomllib
 from pathlib import Path
+
+from training.config import mixture_members
 
 ROOT = Path(__file__).resolve().parents[1]
 # f's modules: these folders, but for what only reports (tests/test_program.py checks that the
@@ -37,7 +41,7 @@ PINS = "pyproject.toml"  # its [project] dependencies: the versions of the publi
 # decoder missing one fails at the import, so tests/test_program.py proves each list complete.
 FEATURES = {
     "models/kv_cache.py": lambda config: config.stream.procedure == "incremental",
-    "models/mixture.py": lambda config: bool(config.mixture.members.strip()),
+    "models/mixture.py": lambda config: bool(mixture_members(config)),
     "models/ngram.py": lambda config: config.model.ngram_order > 0,
     "training/bpe.py": lambda config: config.data.tokenizer == "bpe",
     "training/orders.py": lambda config: config.data.curriculum in ("shuffle", "length_warmup", "difficulty"),
