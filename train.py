@@ -193,6 +193,8 @@ def _verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="FILE", help="where to write the decoded bytes (default: beside the stream)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (must match the encoder's)")
     parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
+    parser.add_argument("--no-fast", action="store_true", help="decode every batch by f's own procedure, without "
+                        "the checked single-step path (tools/fast_decode.py): same bits, slower")
     audit = parser.add_argument_group("audit from the run's kept checkpoints (tools/audit.py)")
     audit.add_argument("--jobs", type=int, metavar="N", help="check the stretches between checkpoints in N processes")
     audit.add_argument("--segment", type=int, metavar="K", help="check stretch K only (for an external scheduler)")
@@ -208,10 +210,13 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
         return _audit(args)
     if args.data is not None:
         raise ConfigError("--data is for an audit (--jobs or --segment); verify decodes the data from the stream")
-    r = verify(args.path, args.out, args.allow_env_mismatch, args.threads)
+    r = verify(args.path, args.out, args.allow_env_mismatch, args.threads, fast=not args.no_fast)
     if r is None:  # another process of a multi-process replay: rank 0 reports
         return 0
     print(f"decoded {r['tokens']:,} tokens ({r['bytes']:,} bytes) in {r['seconds']:.1f} s")
+    if r["fast_batches"] or r["slow_batches"]:
+        print(f"batches decoded by checked single steps: {r['fast_batches']:,}; by f's full forwards: "
+              f"{r['slow_batches']:,}" + (" (steps round differently here)" if r["slow_batches"] else ""))
     print(f"ideal Σ −log2 P      {r['ideal_bits']:>14,.1f} bits")
     print(f"actual stream        {r['stream_bits']:>14,} bits")
     print(f"difference           {r['overhead_bits']:>14,.1f} bits ({r['overhead_bits'] / max(r['tokens'], 1):.2e} bits/token)")

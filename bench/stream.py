@@ -5,7 +5,8 @@
     callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
 (b) decode/train time: `tools.run.train` with the stream on, into a temporary run directory,
     on the first `--decode-tokens` tokens (written to a temporary data file), then
-    `tools.verify.verify` on that run; prints decode seconds / train seconds (whole calls) and,
+    `tools.verify.verify` on that run (checked single steps, tools/fast_decode.py; then again with f's
+    own procedure alone); prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
 (c) coder symbols/s: `tools.encode.encode_known` with an Encoder (all logits known: one pass),
     then `code_batch` with a Decoder (column by column), on random logits of `--rows` × `--cols`
@@ -97,13 +98,18 @@ def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
                 started = time.perf_counter()
                 report = verify(Path(run_config.run_dir))
                 decode_s = time.perf_counter() - started
+                started = time.perf_counter()
+                verify(Path(run_config.run_dir), fast=False)
+                f_decode_s = time.perf_counter() - started
         except StreamError as e:  # e.g. the source was edited between train and verify (code hash)
             print(f"    verify failed: {e}\n")
             return
     print(f"    train  {train_s:8.2f} s  ({n_tokens / train_s:,.0f} tok/s), stream {summary['code/stream_bits']:,} bits")
     print(f"    decode {decode_s:8.2f} s  ({n_tokens / decode_s:,.0f} tok/s; its Trainer.fit {report['seconds']:.2f} s), "
-          f"sha256 matched, final weights equal: {report['final_weights_equal_checkpoint']}")
-    print(f"    decode / train time (whole calls): {decode_s / train_s:.2f}x  (moonshot <= 5x)")
+          f"sha256 matched, final weights equal: {report['final_weights_equal_checkpoint']}; batches by checked "
+          f"single steps {report['fast_batches']:,}, by f's full forwards {report['slow_batches']:,}")
+    print(f"    decode / train time (whole calls): {decode_s / train_s:.2f}x  (moonshot <= 5x); "
+          f"f's own procedure alone (verify --no-fast): {f_decode_s:.2f} s, {f_decode_s / train_s:.2f}x")
     if train_rate is not None:  # train()'s fixed costs (|f|, Trainer, checkpoint) weigh on short runs
         decode_rate = n_tokens / report["seconds"]
         print(f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / decode's Trainer.fit {decode_rate:,.0f} tok/s "

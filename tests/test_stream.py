@@ -78,6 +78,7 @@ def test_verify_in_a_separate_process_gives_back_the_bytes_and_weights(trained):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == text.read_bytes()
     assert "final weights are bitwise equal to the encoder's final checkpoint" in r.stdout
+    assert "by checked single steps: 32; by f's full forwards: 0\n" in r.stdout  # tools/fast_decode.py
     n, ideal, actual = summary["data/tokens"], summary["code/data_bits"], summary["code/stream_bits"]
     assert summary["stream/segments"] == 4  # sealed at each of 3 checkpoints and at the end
     assert actual - ideal <= 64 * summary["stream/segments"] + 1e-3 * n

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from callbacks.arithmetic_stream import StreamDecoder
-
 from tools.data import read_corpus
 from tools.encode import StreamEncoder, state_sha256
+from tools.fast_decode import FastStreamDecoder
 from tools.verify import checked_receiver, find_stream, replay
 from training.data import Tape
 from training.run import Receiver
@@ -75,8 +74,9 @@ def _missing(plan: list[Stretch]) -> list[str]:
             if s.checkpoint is not None and not s.checkpoint.is_file()]
 
 
-class AuditDecoder(StreamDecoder):
-    """Bob from a checkpoint: decodes one stretch against the data and checks its two ends."""
+class AuditDecoder(FastStreamDecoder):
+    """Bob from a checkpoint: decodes one stretch against the data and checks its two ends (each batch by
+    checked steps where they give f's bits: tools/fast_decode.py)."""
 
     def __init__(self, bob: Receiver, tape: Tape, data: torch.Tensor, stream: Stream, stretch: Stretch):
         super().__init__(tape, bob.config.stream.checksum_every, bob.config.stream.procedure, stream=stream)

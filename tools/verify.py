@@ -19,6 +19,7 @@ from tools.config import MAX_THREADS, ConfigError, counted_yaml
 from tools.curriculum import order_bits
 from tools.environment import check as check_environment
 from tools.environment import require_device
+from tools.fast_decode import decode as fast_decode
 from tools.files import write_atomic
 from tools.program import code_hash, f_parts
 from training.environment import KernelError
@@ -86,17 +87,18 @@ def replay(checked: Checked, module, datamodule, trainer, ckpt_path: Path | None
 
 
 def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False,
-           threads: int | None = None) -> dict | None:
+           threads: int | None = None, fast: bool = True) -> dict | None:
     """Bob: rebuild f from the stream header, replay training while decoding, check everything.
     A run of N processes replays with N (Lightning starts the others); rank 0 reports, the others
-    return None."""
+    return None. `fast`: decode `full` batches by checked single steps where they give f's bits
+    (tools/fast_decode.py); the decoded bits are the same either way."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
     checked = checked_receiver(stream, allow_env_mismatch, threads)
     code_length = checked.code_length()
     started = time.perf_counter()
     try:  # (the header's data_tokens passed the memory limit: the tape fits)
-        decoded, module, decoder = decode(checked.bob, stream, [code_length])
+        decoded, module, decoder = (fast_decode if fast else decode)(checked.bob, stream, [code_length])
     except StreamError as e:
         raise checked.explain(e) from None
     seconds = time.perf_counter() - started
@@ -113,6 +115,7 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         "overhead_bits": stream.payload_bits - totals["data_bits"], "sha256": hashlib.sha256(decoded).hexdigest(),
         "complete": expected_sha is not None, "final_weights_equal_checkpoint": weights_checked,
         "environment_differences": checked.environment_differences, "seconds": seconds,
+        "fast_batches": getattr(decoder, "fast_batches", 0), "slow_batches": getattr(decoder, "slow_batches", 0),
     }
     if expected_sha is not None:
         out = Path(out) if out else stream_path.with_suffix(".decoded")
