@@ -1,7 +1,7 @@
 """prequel: train a GPT and report its loss as a code length.
 
     python train.py [train] --config configs/small.yaml [--data.path notes.txt --trainer.max_steps 200 --run_dir runs/x]
-    python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch]
+    python train.py verify RUN_DIR_OR_STREAM [--out FILE] [--threads N] [--allow-env-mismatch] [--no-fast]
     python train.py verify RUN_DIR [--jobs N | --segment K] [--data FILE]      (audit from kept checkpoints)
     python train.py compress --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk-size N] [--batch-chunks B] [--top-k K] [--force]
     python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--threads N] [--allow-env-mismatch] [--force]
