@@ -5,13 +5,18 @@ exact, because the training forward that Alice coded with has that shape, and ~L
 KV-cache step computes only the new position, but rounds differently wherever a kernel's result depends
 on its shape (models/kv_cache.py). `ExactSteps` keeps each kernel's shape where it decides the rounding:
 
-* linear layers: the step's rows padded to `PAD_ROWS` (MKL's sgemm rounds a row the same for any
-  M >= 32 as inside the full forward's B·T rows; with M <= 8 it takes another path: measured, native and
-  portable kernels, 1 and 2 threads);
-* attention: ATen's CPU flash kernel splits the queries into blocks of 32 (64 from 192 positions, 256 from
-  768) and each block's GEMMs round by its size, so the step runs the block that holds the position (its
-  other queries zero), against every key slot of the full sequence, causal by a boolean mask;
+* linear layers: MKL's sgemm rounds a row the same among 8 or 16 rows (by shape) as among the full
+  forward's B·T rows, but not among 1-4 (another code path); a step pads its rows to the fewest that
+  round alike (`linear_rows`);
+* attention: ATen's CPU flash kernel takes the queries in blocks of 32 (64 from 192 positions, 256 from
+  768), each against every key slot; a query rounds the same in a block of 2 rows here (8 under portable
+  kernels), so a step runs that many query rows (the position in row 0, the causal mask as an additive
+  mask) against the cached keys (`query_rows`), or, where no smaller block does, the flash block that
+  holds the position;
 * layer norm, GELU, softmax, the n-gram prior and the embeddings are row by row already.
+
+The fewest rows are measured on the decoding machine, on random data, once per shape: that choice is a
+guess about kernels, not a proof.
 
 Nothing here is trusted. After decoding a batch by steps, `FastStreamDecoder` runs f's full forward once
 on what it decoded and compares the logits of every coded position bit for bit. Equal logits give equal
@@ -37,8 +42,7 @@ from training.coding import Decoder, code_batch
 from training.data import IGNORE
 from training.module import PrequelModule
 from training.run import Receiver
-from training.stream import Stream
-from training.stream import StreamError
+from training.stream import Stream, StreamError
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts a step may pad to, fewest first
 
@@ -89,7 +93,7 @@ def linear_rows(rows: int, in_features: int, out_features: int, bias: bool, full
 @functools.cache
 def query_rows(batch: int, heads: int, length: int, head_dim: int, threads: int) -> int | None:
     """The fewest query rows with which one thread's attention (the position in row 0, the causal mask as a
-    boolean mask) rounds every position as the causal flash kernel over `length` does at `threads`, measured
+    mask) rounds every position as the causal flash kernel over `length` does at `threads`, measured
     here on random data; None: none does, so a step runs the flash block that holds its position."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, head_dim, generator=g) for _ in range(3))

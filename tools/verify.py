@@ -1,6 +1,8 @@
 """`train.py verify`: check a stream, decode it with f (training/run.py `decode`), check the result.
 
-Decoding is f's; everything here decides whether to decode and reports: the header's fields and
+Decoding is f's (by default each `full` batch goes first through tools/fast_decode.py's single steps,
+which are checked against f's forward and give way to f's procedure wherever they differ: the same
+bits, faster); everything here decides whether to decode and reports: the header's fields and
 sizes (tools/header.py), the source hash, the machine (tools/environment.py), then after decoding
 the data's sha256, the final weights against the encoder's checkpoint, and Σ beside the stream's
 real size (the code-length callback). None of it changes a decoded bit, so none of it is in f.
