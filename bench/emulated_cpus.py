@@ -41,9 +41,9 @@ def verify_on(cpu: str, stream: Path) -> tuple[bool, float, str]:
                            capture_output=True, text=True, env=env, cwd=ROOT)
         seconds = time.perf_counter() - started
     ok = r.returncode == 0 and "OK" in r.stdout.split()
-    said = [line for line in (r.stdout if ok else r.stderr).splitlines()
-            if line.startswith("decoded ") or line.startswith("stream error")]  # verify's own summary line
-    return ok, seconds, (said or [f"exit {r.returncode}"])[-1]
+    said = [line for line in (r.stdout if ok else r.stderr).splitlines()  # verify's own summary lines
+            if line.startswith(("decoded ", "batches decoded", "stream error"))]
+    return ok, seconds, "; ".join(said or [f"exit {r.returncode}"])
 
 
 def main() -> None:
