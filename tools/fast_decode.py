@@ -217,7 +217,7 @@ class FastStreamDecoder(StreamDecoder):
     def _code_before_step(self, trainer, pl_module, targets: torch.Tensor, batch: dict) -> None:
         param = next(pl_module.parameters())
         if self.procedure != "full" or not ExactSteps.applies(pl_module.model, param.device, param.dtype) \
-                or trainer.precision_plugin.precision not in ("32-true", "32"):
+                or trainer.precision_plugin.precision != "32-true":
             return super()._code_before_step(trainer, pl_module, targets, batch)
         start = _copy(self.coder)
         placeholders = targets.clone()
