@@ -1,4 +1,4 @@
-"""Wall time of checking a run: `verify` (one replay) against `verify --jobs N` (tools/audit.py).
+"""Wall time of checking a run: `verify` (one replay) against `verify --jobs N` (prequel/verify/audit.py).
 
 Trains `--config` on the first `--bytes` of the bundled data with a checkpoint every
 `--checkpoint-every` steps (each one starts a stretch), then times, each as a user runs it (a

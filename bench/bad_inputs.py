@@ -27,14 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import environment  # noqa: E402
+from prequel.training import environment  # noqa: E402
 
 environment.allow_reexec()
 environment.ensure_kernels("portable")  # tiny.yaml's kernels; re-executes this script with the pins if needed
 
-import train as cli  # noqa: E402
-from tools.encode import encode_stream  # noqa: E402
-from training.stream import MAGIC, VERSION, decode_stream  # noqa: E402
+from prequel.cli import commands as cli  # noqa: E402
+from prequel.training.stream import encode_stream  # noqa: E402
+from prequel.training.stream import MAGIC, VERSION, decode_stream  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
 

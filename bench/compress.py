@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.config import load_config  # noqa: E402
-from tools.run import train  # noqa: E402
-from tools.verify import verify  # noqa: E402
+from prequel.checks.settings import load_config  # noqa: E402
+from prequel.alice.session import train  # noqa: E402
+from prequel.verify.verifier import verify  # noqa: E402
 
 CORPORA = ROOT.parent / "shared" / "corpora"
 FILES = {

@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.compress import code_top_k, compress, decompress  # noqa: E402
-from tools.encode import Encoder  # noqa: E402
-from training.coding import Decoder, code_batch  # noqa: E402
+from prequel.compress.codec import code_top_k, compress, decompress  # noqa: E402
+from prequel.alice.encoder import Encoder  # noqa: E402
+from prequel.training.coding import Decoder, code_batch  # noqa: E402
 
 ALICE = ROOT.parent / "shared" / "corpora" / "canterbury" / "alice29.txt"
 RATE = 16_000  # Hz, 16-bit mono: LibriSpeech's format

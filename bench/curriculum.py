@@ -1,6 +1,6 @@
 """Curriculum orders and tokenizers compared by what they are for: the code length.
 
-Each variant trains one first pass from scratch (`tools.run.train`, the same code as
+Each variant trains one first pass from scratch (`prequel.alice.session.train`, the same code as
 `train.py`, stream off: the ideal code length Σ + n + |f| is what is compared; the stream adds
 only a few bits) on the same bytes, and reports bits per byte *including* what its choice costs
 in |f|: the transmitted order (`difficulty`) and the trained tokenizer (`bpe`). Variants:
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from common import bench_config, print_environment
 
-from tools.data import read_corpus
-from tools.run import train
+from prequel.alice.corpus import read_corpus
+from prequel.alice.session import train
 
 VARIANTS = {
     "sequential": ["--data.curriculum", "sequential"],

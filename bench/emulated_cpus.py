@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import environment  # noqa: E402
+from prequel.training import environment  # noqa: E402
 
 CPUS = ("EPYC-Rome-v1", "Haswell-v1")  # AMD Zen 2 and Intel, both AVX2 without AVX-512
 

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.config import load_config  # noqa: E402
-from tools.run import train  # noqa: E402
-from training.curriculum import plan_batches  # noqa: E402
-from training.data import IGNORE, Tape  # noqa: E402
-from training.module import PrequelModule  # noqa: E402
+from prequel.checks.settings import load_config  # noqa: E402
+from prequel.alice.session import train  # noqa: E402
+from prequel.training.curriculum import plan_batches  # noqa: E402
+from prequel.training.data import IGNORE, Tape  # noqa: E402
+from prequel.training.module import PrequelModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

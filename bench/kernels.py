@@ -16,8 +16,8 @@ from pathlib import Path
 
 from common import bench_config, bench_parser, code_length_callback, corpus_prefix, lightning_tokens_per_s, median
 
-from tools.environment import cpu_model
-from training import environment
+from prequel.checks.machine import cpu_model
+from prequel.training import environment
 
 
 def child(args, overrides: list[str]) -> None:

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from common import (bench_parser, bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
                     print_environment)
-from training.curriculum import plan_batches
-from training.data import IGNORE
-from training.module import PrequelModule
-from training.run import set_determinism
+from prequel.training.curriculum import plan_batches
+from prequel.training.data import IGNORE
+from prequel.training.module import PrequelModule
+from prequel.training.run import set_determinism
 
 
 def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:

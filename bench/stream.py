@@ -3,12 +3,12 @@
 (a) encode overhead: steady-state tokens/s of prequel's Trainer (`training.run.build_trainer`, CodeLength
     callback, no loggers or checkpoints) on the first `--tokens` tokens, with the StreamEncoder
     callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
-(b) decode/train time: `tools.run.train` with the stream on, into a temporary run directory,
+(b) decode/train time: `prequel.alice.session.train` with the stream on, into a temporary run directory,
     on the first `--decode-tokens` tokens (written to a temporary data file), then
-    `tools.verify.verify` on that run (checked single steps, tools/fast_decode.py; then again with f's
+    `prequel.verify.verifier.verify` on that run (checked single steps, prequel/verify/fast_decode.py; then again with f's
     own procedure alone); prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
-(c) coder symbols/s: `tools.encode.encode_known` with an Encoder (all logits known: one pass),
+(c) coder symbols/s: `prequel.alice.encoder.encode_known` with an Encoder (all logits known: one pass),
     then `code_batch` with a Decoder (column by column), on random logits of `--rows` × `--cols`
     symbols at each `--vocab` (no model: coding_probabilities + the range coder), and
     `coding_probabilities` column by column alone for comparison.
@@ -34,12 +34,12 @@ from common import (
     print_environment,
 )
 
-from tools.encode import Encoder, StreamEncoder, encode_known
-from tools.fit import stream_header
-from tools.run import train
-from tools.verify import verify
-from training.coding import Decoder, code_batch, coding_probabilities
-from training.stream import StreamError
+from prequel.alice.encoder import Encoder, StreamEncoder, encode_known
+from prequel.alice.fit import stream_header
+from prequel.alice.session import train
+from prequel.verify.verifier import verify
+from prequel.training.coding import Decoder, code_batch, coding_probabilities
+from prequel.training.stream import StreamError
 
 
 class TimedStream(StreamEncoder):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.portable_math import VML_OPS  # noqa: E402
+from prequel.models.portable_math import VML_OPS  # noqa: E402
 
 # ATen op name -> the call on a positive float32 tensor x (4,096 values in [0.01, 1]).
 CANDIDATES = {

@@ -1,6 +1,6 @@
 """Alice and Bob as two callbacks: encode the first pass into a stream, or decode it back.
 
-`StreamEncoder` (Alice, tools/encode.py: not part of f): after each first-pass batch, code its
+`StreamEncoder` (Alice, prequel/alice/encoder.py: not part of f): after each first-pass batch, code its
 targets with the probabilities of the training forward that just ran (weights from before the
 step). `StreamDecoder` (Bob): before each first-pass batch, fill the tape by decoding with the
 current weights; the same `training_step` then learns it. Both call `training.coding`, and both
@@ -12,7 +12,7 @@ The stream is a list of range-coder segments. Every checkpoint makes Alice seal 
 store the sealed segments in the checkpoint, so a run resumed from it continues the stream bit
 for bit where it left off; Bob opens each segment where the one before it ended. Alice also
 records each checkpoint's `state_sha256` in the trailer (`boundaries`), so an audit can start
-from a checkpoint it can trust and check where each stretch of the run must end (tools/audit.py).
+from a checkpoint it can trust and check where each stretch of the run must end (prequel/verify/audit.py).
 """
 
 import hashlib
@@ -21,9 +21,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from training.coding import Decoder, code_batch
-from training.data import IGNORE, Tape
-from training.stream import Stream, StreamError
+from prequel.training.coding import Decoder, code_batch
+from prequel.training.data import IGNORE, Tape
+from prequel.training.stream import Stream, StreamError
 
 
 def parameters_sha256(module: torch.nn.Module) -> str:
@@ -47,7 +47,7 @@ class StreamCallback(L.Callback):
         self.coded_tokens = 0
         self.coded_batches = 0
         self.checksums: dict[str, dict] = {}
-        self.coder = None  # a tools.encode.Encoder (Alice) or a training.coding.Decoder (Bob)
+        self.coder = None  # a prequel.alice.encoder.Encoder (Alice) or a training.coding.Decoder (Bob)
         self._trainer: L.Trainer | None = None
         self.rank, self.world = 0, 1  # with DDP, each process codes its rows into its own sub-stream
 
@@ -70,7 +70,7 @@ class StreamCallback(L.Callback):
             def logits_at(t: int) -> torch.Tensor:
                 return pl_module(self.tape.inputs(targets, before).to(pl_module.device))[:, t]
         else:
-            from models.kv_cache import incremental_logits  # (in f only for an incremental run)
+            from prequel.models.kv_cache import incremental_logits  # (in f only for an incremental run)
 
             logits_at = incremental_logits(pl_module.model, targets, self.tape.bos_id)
         mixer = pl_module.model.column_mixer(len(targets), pl_module.device) if pl_module.is_mixture else None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 if TYPE_CHECKING:  # (models/kv_cache.py: imported only by a run that steps incrementally)
-    from models.kv_cache import KVCache
+    from prequel.models.kv_cache import KVCache
 
 HASH_BITS = 15  # default: n-gram contexts of 2+ tokens are hashed into 2**15 buckets per order
 
@@ -136,7 +136,7 @@ class GPT(nn.Module):
         # Context counts and, per position, how much to trust each order (computed from h).
         self.ngram = self.ngram_mix = None
         if config.ngram_order:
-            from models.ngram import NGramPrior  # (only a run that uses it needs it in f: tools/program.py)
+            from prequel.models.ngram import NGramPrior  # (only a run that uses it needs it in f: prequel/program.py)
 
             self.ngram = NGramPrior(config.vocab_size, config.ngram_order, hash_bits=config.ngram_hash_bits)
             self.ngram_mix = nn.Linear(config.n_embd, config.ngram_order)
@@ -199,14 +199,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def new_cache(self, batch: int, device=None) -> "KVCache":
-        from models.kv_cache import KVCache  # (in f only for a run that steps incrementally: tools/program.py)
+        from prequel.models.kv_cache import KVCache  # (in f only for a run that steps incrementally: prequel/program.py)
 
         return KVCache(self.config, batch, device=device)
 
     def forward_step(self, idx: torch.Tensor, cache: "KVCache") -> torch.Tensor:
         """Incremental inference: idx (B,) are the ids at position cache.pos; returns the logits
         (B, vocab_size) of the next token, as forward would up to rounding (models/kv_cache.py)."""
-        from models.kv_cache import forward_step
+        from prequel.models.kv_cache import forward_step
 
         return forward_step(self, idx, cache)
 

@@ -1,9 +1,9 @@
 """Incremental inference: keys and values kept per position, one new position per step.
 
 For `stream.procedure: incremental` (both sides step through each batch) and the frozen compressor
-(tools/compress.py). Its result is close to, but not bitwise equal to, the full forward's, so a
+(prequel/compress/codec.py). Its result is close to, but not bitwise equal to, the full forward's, so a
 coder that needs exact bits runs these same steps on both sides, never mixing them with the full
-forward. Part of f only for a run that steps incrementally (tools/program.py).
+forward. Part of f only for a run that steps incrementally (prequel/program.py).
 """
 
 from typing import TYPE_CHECKING, Callable
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from models.gpt import GPT, GPTConfig
-    from models.mixture import Mixture
+    from prequel.models.gpt import GPT, GPTConfig
+    from prequel.models.mixture import Mixture
 
 
 class KVCache:

@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
-from models import portable_math
-from models.gpt import GPT, GPTConfig
+from prequel.models import portable_math
+from prequel.models.gpt import GPT, GPTConfig
 
 
 class MixtureCache:

@@ -18,7 +18,7 @@ order-1..6 tables are 165 MB of mostly zeros, their nonzero entries a few MB.
 import torch
 import torch.nn as nn
 
-from models import portable_math
+from prequel.models import portable_math
 
 _MULT = 1597334677  # an odd 31-bit multiplier: hashes stay below 2**62, no int64 overflow
 

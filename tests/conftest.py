@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from training import environment
+from prequel.training import environment
 
 # Every test computes with portable kernels, so golden values and fixtures hold on any x86-64
 # machine (AVX2 or AVX-512, Intel or AMD). The pins act when torch starts: set them before it

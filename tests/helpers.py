@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.config import load_config
+from prequel.checks.settings import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"  # the corpora the benches use, when this checkout has them
@@ -36,7 +36,7 @@ def assert_refused(r: subprocess.CompletedProcess, code: int, *messages: str, no
 
 def trained_tiny_model(tmp: Path) -> Path:
     """A tiny byte model (a few steps on real text, no stream): a run directory with a checkpoint."""
-    from tools.run import train
+    from prequel.alice.session import train
 
     text = tmp / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY, run_cli
-from tools.encode import write_stream
-from training.stream import read_stream
+from prequel.alice.encoder import write_stream
+from prequel.training.stream import read_stream
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import json
 import pytest
 import yaml
 
-import train as cli
+from prequel.cli import commands as cli
 from tests.helpers import TINY, run_cli
-from tools.compare import Budget, Sweep, parse_sweep, run_sweep, size_config
-from tools.config import ConfigError
-from tools.prefix import FRACTIONS, catch_up, prefix_rows
+from prequel.reports.comparison import Budget, Sweep, parse_sweep, run_sweep, size_config
+from prequel.checks.settings import ConfigError
+from prequel.reports.prefix import FRACTIONS, catch_up, prefix_rows
 
 FAST = ["--stream.enabled", "false", "--logging.wandb", "false", "--logging.progress_bar", "false",
         "--trainer.num_threads", "1"]

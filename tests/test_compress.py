@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
-from models.kv_cache import KVCache
+from prequel.models.gpt import GPT, GPTConfig
+from prequel.models.kv_cache import KVCache
 from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config, trained_tiny_model
-from tools.compress import CompressError, compress, decompress, load_frozen
-from tools.encode import write_stream
-from tools.run import train
-from training.stream import Stream, read_stream
+from prequel.compress.codec import CompressError, compress, decompress, load_frozen
+from prequel.alice.encoder import write_stream
+from prequel.alice.session import train
+from prequel.training.stream import Stream, read_stream
 
 CHUNK = 32  # configs/tiny.yaml block_size
 

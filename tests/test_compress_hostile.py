@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, assert_refused, trained_tiny_model
-from tools.compress import BudgetedDecoder, CompressError, _payload_capacity_bits, compress, decompress
-from tools.config import MEMORY_ENV, ConfigError
-from tools.encode import encode_stream
-from training.data import DataError
-from training.stream import StreamError, read_stream
+from prequel.compress.codec import BudgetedDecoder, CompressError, _payload_capacity_bits, compress, decompress
+from prequel.checks.settings import MEMORY_ENV, ConfigError
+from prequel.training.stream import encode_stream
+from prequel.training.data import DataError
+from prequel.training.stream import StreamError, read_stream
 
 ADDRESS_SPACE = 4 << 30
 ORIGINAL = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:1000]

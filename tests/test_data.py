@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from tests.helpers import SHARED_CORPORA, TINY, run_cli, tiny_config
-from tools.config import BPE_MAX_VOCAB, ConfigError, load_config
-from tools.curriculum import difficulty_labels, labels_to_header, order_bits
-from tools.data import fetch_dataset, read_corpus, read_documents
-from tools.program import f_parts, packed_bits
-from tools.tokenizer import build_tokenizer
-from training.bpe import ALPHABET, BPETokenizer
-from training.curriculum import CURRICULA, PACINGS, chunk_spans, plan_batches, with_replay
-from training.data import DataError, Tape, context_known
-from training.orders import labels_from_header, pace
-from training.tokenizer import TokenizerError
+from prequel.checks.settings import BPE_MAX_VOCAB, ConfigError, load_config
+from prequel.alice.difficulty import difficulty_labels, labels_to_header, order_bits
+from prequel.alice.corpus import fetch_dataset, read_corpus, read_documents
+from prequel.program import f_parts, packed_bits
+from prequel.alice.tokenizing import build_tokenizer
+from prequel.training.bpe import ALPHABET, BPETokenizer
+from prequel.training.curriculum import CURRICULA, PACINGS, chunk_spans, plan_batches, with_replay
+from prequel.training.data import DataError, Tape, context_known
+from prequel.training.orders import labels_from_header, pace
+from prequel.training.tokenizer import TokenizerError
 
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
 
@@ -75,7 +75,7 @@ def test_bad_corpora_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_corpus_shorter_than_one_sequence_fails_clearly(tmp_path):
-    from tools.run import train
+    from prequel.alice.session import train
 
     (tmp_path / "short.txt").write_bytes(b"too short")
     with pytest.raises(DataError, match="less than one sequence"):
@@ -311,11 +311,11 @@ def test_curriculum_keys_from_the_command_line():
 # --- end to end: Bob rebuilds the tokenizer and the order from the stream alone ---------------
 
 def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
-    from tools.data import order_labels
-    from tools.encode import write_stream
-    from tools.run import train
-    from tools.verify import verify
-    from training.stream import StreamError, read_stream
+    from prequel.alice.corpus import order_labels
+    from prequel.alice.encoder import write_stream
+    from prequel.alice.session import train
+    from prequel.verify.verifier import verify
+    from prequel.training.stream import StreamError, read_stream
 
     (tmp_path / "text.txt").write_bytes(TEXT[:4000])
     config = tiny_config(tmp_path / "text.txt", tmp_path / "run", "--data.tokenizer", "bpe", "--data.vocab_size",
@@ -342,8 +342,8 @@ def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
 
 
 def test_length_warmup_trains_and_verifies(tmp_path):
-    from tools.run import train
-    from tools.verify import verify
+    from prequel.alice.session import train
+    from prequel.verify.verifier import verify
 
     (tmp_path / "text.txt").write_bytes(TEXT[:3000])
     summary = train(tiny_config(tmp_path / "text.txt", tmp_path / "run", "--data.curriculum", "length_warmup",

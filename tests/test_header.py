@@ -1,5 +1,5 @@
 """The typed stream headers: the JSON layout of real headers survives a round trip (f's
-`TrainingHeader.from_dict`), and a forged header is refused by the checks (tools/header.py
+`TrainingHeader.from_dict`), and a forged header is refused by the checks (prequel/checks/stream_header.py
 `checked`), naming what is wrong."""
 
 import subprocess
@@ -9,19 +9,19 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
+from prequel.models.gpt import GPT, GPTConfig
 from tests.helpers import ROOT, tiny_config
-from tools.compress import compress
-from tools.curriculum import labels_to_header
-from tools.data import order_labels
-from tools.fit import environment, stream_header
-from tools import header as headers
-from tools.encode import write_stream
-from tools.header import CompressHeader
-from tools.program import code_hash
-from tools.tokenizer import build_tokenizer
-from training.header import TrainingHeader
-from training.stream import Stream, StreamError, read_stream
+from prequel.compress.codec import compress
+from prequel.alice.difficulty import labels_to_header
+from prequel.alice.corpus import order_labels
+from prequel.alice.fit import environment, stream_header
+from prequel.checks import stream_header as headers
+from prequel.alice.encoder import write_stream
+from prequel.checks.stream_header import CompressHeader
+from prequel.program import code_hash
+from prequel.alice.tokenizing import build_tokenizer
+from prequel.training.header import TrainingHeader
+from prequel.training.stream import Stream, StreamError, read_stream
 
 TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000]
 
@@ -136,7 +136,7 @@ def test_compress_header_keeps_the_file_layout(compressed):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("kind", None, "not a compressed file (a training stream? use train.py verify)"),
+    ("kind", None, "not a compressed file (a training stream? use prequel verify)"),
     ("tokens", -1, "header corrupted: tokens: must be in 0..2**48 - 1, got -1"),
     ("original_bytes", 2**60, "header corrupted: original_bytes: must be in 0..2**48 - 1, got 1152921504606846976"),
     ("chunk_size", 0, "header corrupted: chunk_size: must be in 1..2**48 - 1, got 0"),

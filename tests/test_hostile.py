@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
+from prequel.models.gpt import GPT, GPTConfig
 from tests.helpers import ROOT, TINY, assert_refused
-from tools.config import (
+from prequel.checks.settings import (
     DEFAULT_MAX_MEMORY_GB,
     MEMORY_ENV,
     ConfigError,
@@ -27,12 +27,12 @@ from tools.config import (
     load_config,
     parameter_count,
 )
-from tools.curriculum import labels_to_header
-from tools.data import read_corpus
-from tools.encode import encode_stream
-from training.data import DataError
-from training.orders import labels_from_header
-from training.stream import Stream, read_stream
+from prequel.alice.difficulty import labels_to_header
+from prequel.alice.corpus import read_corpus
+from prequel.training.stream import encode_stream
+from prequel.training.data import DataError
+from prequel.training.orders import labels_from_header
+from prequel.training.stream import Stream, read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"  # tiny.yaml, sequential, 3,000 byte tokens
 FIXTURE_CHUNKS = -(-3000 // 32)  # ceil(data_tokens / block_size) = 94 levels a difficulty order would carry

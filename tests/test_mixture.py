@@ -8,8 +8,8 @@ import re
 import pytest
 
 from tests.helpers import ROOT, run_cli, tiny_config
-from tools.config import ConfigError
-from tools.run import train
+from prequel.checks.settings import ConfigError
+from prequel.alice.session import train
 
 TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:1500]
 MEMBERS = ["--mixture.members", "1x2x16@3e-3, 1x2x32"]  # the second: tiny.yaml's own model (lr from optim.lr)

@@ -11,12 +11,12 @@ import sys
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models import portable_math
+from prequel.models import portable_math
 from tests.helpers import ROOT, run_cli, tiny_config
-from tools.program import code_hash
-from training import environment
-from tools.encode import encode_stream
-from training.stream import read_stream
+from prequel.program import code_hash
+from prequel.training import environment
+from prequel.training.stream import encode_stream
+from prequel.training.stream import read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 FIXTURE_BYTES = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000]
@@ -152,8 +152,8 @@ def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
     portable pins cannot make it so, so no bit may depend on it. Every ATen op of a run with every
     feature that computes bits on (RoPE, n-gram prior, z-loss, gradient clipping, replay, NormHead,
     tied embeddings), from building the model through Alice's stream to Bob's replay of it."""
-    from tools.run import train
-    from tools.verify import verify
+    from prequel.alice.session import train
+    from prequel.verify.verifier import verify
 
     text = tmp_path / "text.txt"
     text.write_bytes(FIXTURE_BYTES[:1200])

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, tiny_config
-from tools.program import FEATURES, source_bundle, source_files, strip_python
-from tools.run import train
-from tools.verify import STREAM_NAME
-from training.environment import portable_environ
-from training.header import TrainingHeader
-from training.stream import read_stream
+from prequel import program
+from prequel.program import F_PACKAGES, FEATURES, NOT_F, code_hash, source_bundle, source_files, strip_python
+from prequel.alice.session import train
+from prequel.verify.verifier import STREAM_NAME
+from prequel.training.environment import portable_environ
+from prequel.training.header import TrainingHeader
+from prequel.training.stream import read_stream
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 
@@ -23,9 +24,9 @@ FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 DECODE_AND_LIST = """
 import json, sys
 from pathlib import Path
-from training.header import TrainingHeader
-from training.run import decode, receiver
-from training.stream import read_stream
+from prequel.training.header import TrainingHeader
+from prequel.training.run import decode, receiver
+from prequel.training.stream import read_stream
 stream = read_stream(Path(sys.argv[1]))
 data, _, _ = decode(receiver(TrainingHeader.from_dict(stream.header)), stream)
 files = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
@@ -39,8 +40,8 @@ def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
     data, loading exactly f's modules: none outside f, and none of f that the run does not need."""
     config = TrainingHeader.from_dict(read_stream(stream_path).header).program()
     bob = tmp_path / "bob"
-    for path in source_files(config):
-        target = bob / path.relative_to(ROOT)
+    for name, path in source_files(config).items():
+        target = bob / "prequel" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(strip_python(path.read_text()))
     r = subprocess.run([sys.executable, "-c", DECODE_AND_LIST, str(stream_path)], cwd=bob, env=portable_environ(),
@@ -51,14 +52,15 @@ def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
     assert hashlib.sha256(data).hexdigest() == read_stream(stream_path).trailer["data_sha256"]
     ours = {p for p in out["files"] if p.startswith(ROOT.as_posix() + "/")}
     assert not ours, f"decoding needed files outside f: {sorted(ours)}"
-    loaded = {p[len(bob.resolve().as_posix()) + 1:] for p in out["files"] if p.startswith(bob.resolve().as_posix() + "/")}
-    counted = {p.relative_to(ROOT).as_posix() for p in source_files(config)}
+    package = (bob / "prequel").resolve().as_posix()
+    loaded = {p[len(package) + 1:] for p in out["files"] if p.startswith(package + "/")}
+    counted = set(source_files(config))
     assert loaded == counted, f"in f but not needed: {sorted(counted - loaded)}; loaded: {sorted(loaded)}"
 
 
 def test_f_alone_as_counted_decodes_the_fixture_and_imports_exactly_its_modules(tmp_path):
     config = TrainingHeader.from_dict(read_stream(FIXTURE).header).program()
-    features = {p.relative_to(ROOT).as_posix() for p in source_files(config)} & set(FEATURES)
+    features = set(source_files(config)) & set(FEATURES)
     assert features == {"training/environment.py"}  # the core and the portable kernel pins
     assert_f_alone_decodes(FIXTURE, tmp_path)
 
@@ -74,14 +76,40 @@ def test_a_runs_f_holds_the_modules_its_settings_need_and_decodes_it_alone(tmp_p
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000])
     config = tiny_config(text, tmp_path / "run", *settings)
     needed = {name for name, needs in FEATURES.items() if needs(config)}
-    assert needed and {p.relative_to(ROOT).as_posix() for p in source_files(config)} >= needed
+    assert needed and set(source_files(config)) >= needed
     train(config)
     assert_f_alone_decodes(tmp_path / "run" / STREAM_NAME, tmp_path)
 
 
 def test_the_counted_source_is_the_stripped_files_and_the_dependency_pins():
-    bundle = source_bundle(stripped=True)
-    for path in source_files():
+    bundle = source_bundle()
+    for name, path in source_files().items():
         body = strip_python(path.read_text()).encode()
-        assert f"{path.relative_to(ROOT).as_posix()}\n{len(body)}\n".encode() + body in bundle
-    assert b"torch==2.13.0" in bundle and b"[tool" not in bundle  # pins only, not the developers' settings
+        assert f"prequel/{name}\n{len(body)}\n".encode() + body in bundle
+    assert b"torch==2.13.0" in bundle and b"pytest" not in bundle  # Bob's pins only, not the developers' extras
+
+
+def test_f_is_the_prequel_package_its_decoder_imports():
+    files = source_files()
+    assert {"__init__.py", "models/gpt.py", "training/module.py", "callbacks/arithmetic_stream.py"} <= set(files)
+    assert not set(files) & set(NOT_F) and all(p.is_file() for p in files.values())
+    assert {p.parent.name for name, p in files.items() if "/" in name} == set(F_PACKAGES)
+
+
+def test_a_comment_or_docstring_edit_of_f_leaves_the_code_hash_unchanged_and_code_changes_it(tmp_path, monkeypatch):
+    """Comments are free: the hash covers what |f| counts (stripped source), so f's prose can be fixed."""
+    files = source_files()
+    original = code_hash()
+    edited = tmp_path / "module.py"
+    source = files["training/module.py"].read_text()
+    edited.write_text(source.replace('"""The LightningModule', '"""A reworded docstring. The LightningModule', 1)
+                      .replace("\nclass CodedBatch", "\n# a new comment line\n\n\nclass CodedBatch", 1))
+    assert edited.read_text() != source
+
+    def with_edit(config=None):
+        return {**files, "training/module.py": edited}
+
+    monkeypatch.setattr(program, "source_files", with_edit)
+    assert code_hash() == original
+    edited.write_text(source.replace("return self.targets != IGNORE", "return IGNORE != self.targets", 1))
+    assert code_hash() != original

@@ -31,15 +31,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import train as cli
+from prequel.cli import commands as cli
 from tests.helpers import ROOT, TINY, run_cli, tiny_config
-from tools.config import NON_NEGATIVE_KEYS, POSITIVE_KEYS, Config, ConfigError, load_config
-from tools.encode import encode_stream
-from tools.files import write_atomic
-from tools.fit import remove_stale_temps
-from tools.run import SUMMARY_NAME, train
-from tools.verify import STREAM_NAME
-from training.stream import MAGIC, MAX_JSON_BYTES, VERSION, Stream, StreamError, decode_stream, read_stream
+from prequel.checks.settings import NON_NEGATIVE_KEYS, POSITIVE_KEYS, Config, ConfigError, load_config
+from prequel.training.stream import encode_stream
+from prequel.files import write_atomic
+from prequel.alice.fit import remove_stale_temps
+from prequel.alice.session import SUMMARY_NAME, train
+from prequel.verify.verifier import STREAM_NAME
+from prequel.training.stream import MAGIC, MAX_JSON_BYTES, VERSION, Stream, StreamError, decode_stream, read_stream
 
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()
 CHECKPOINT_EVERY = "4"

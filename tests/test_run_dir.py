@@ -12,10 +12,10 @@ import lightning as L
 import pytest
 
 from tests.helpers import ROOT, TINY, run_cli, tiny_config
-from tools.config import ConfigError
-from tools.fit import IDENTITY_NAME, LOCK_NAME
-from tools.run import train
-from training.stream import read_stream
+from prequel.checks.settings import ConfigError
+from prequel.alice.fit import IDENTITY_NAME, LOCK_NAME
+from prequel.alice.session import train
+from prequel.training.stream import read_stream
 
 
 class _Crash(L.Callback):

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from tests.helpers import run_cli, tiny_config
-from tools.encode import Encoder, encode_known
-from tools.run import train
-from training.coding import Decoder, code_batch, coding_probabilities
-from training.data import IGNORE
-from training.stream import decode_stream, read_stream
+from prequel.alice.encoder import Encoder, encode_known
+from prequel.alice.session import train
+from prequel.training.coding import Decoder, code_batch, coding_probabilities
+from prequel.training.data import IGNORE
+from prequel.training.stream import decode_stream, read_stream
 
 # Words of the stream for a fixed batch: a change that alters bits must change this on purpose.
-from tools.encode import encode_stream
+from prequel.training.stream import encode_stream
 
 # Words of the stream for a fixed batch: a change that alters bits must change this on purpose.
 GOLDEN_WORDS = [4153807710, 1926345918, 396019925, 2141648345, 3134379422, 2706323147, 3834240670]
@@ -78,7 +78,7 @@ def test_verify_in_a_separate_process_gives_back_the_bytes_and_weights(trained):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == text.read_bytes()
     assert "final weights are bitwise equal to the encoder's final checkpoint" in r.stdout
-    assert "by checked single steps: 32; by f's full forwards: 0\n" in r.stdout  # tools/fast_decode.py
+    assert "by checked single steps: 32; by f's full forwards: 0\n" in r.stdout  # prequel/verify/fast_decode.py
     n, ideal, actual = summary["data/tokens"], summary["code/data_bits"], summary["code/stream_bits"]
     assert summary["stream/segments"] == 4  # sealed at each of 3 checkpoints and at the end
     assert actual - ideal <= 64 * summary["stream/segments"] + 1e-3 * n

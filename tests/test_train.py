@@ -4,10 +4,11 @@ import re
 
 import pytest
 
-import train as cli
+from prequel.cli import commands as cli
+from prequel.cli.keys_help import describe_keys
 from tests.helpers import ROOT, TINY, run_cli, tiny_config, wandb_offline_summary
-from tools.config import Config, ConfigError, load_config
-from tools.run import train
+from prequel.checks.settings import Config, ConfigError, load_config
+from prequel.alice.session import train
 
 
 def test_tiny_model_overfits_tiny_text(tmp_path):
@@ -81,11 +82,11 @@ def _help(capsys, *argv: str) -> str:
 
 def test_help_lists_the_commands_and_every_config_key(capsys):
     text = _help(capsys, "--help")
-    assert "With no command, train.py trains." in text
+    assert "With no command, prequel trains." in text
     for name, command in cli.COMMANDS.items():
         assert f"{name} {command.summary}" in text
     unbroken = re.sub(r"-\s+", "-", text)  # argparse wraps lines after hyphens too (comma-separated)
-    for key, type_text, default, meaning in cli.describe_keys(Config):
+    for key, type_text, default, meaning in describe_keys(Config):
         assert re.sub(r"-\s+", "-", " ".join(f"--{key} {type_text} {meaning}".split())) in unbroken, key
         assert f"default: {default}" in text, key
         assert meaning, f"{key} has no comment in training/config.py or models/gpt.py for --help"

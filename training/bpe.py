@@ -4,8 +4,8 @@ Exactness for *any* bytes, invalid UTF-8 included, comes from never decoding the
 each byte is mapped to one printable character of GPT-2's byte-level alphabet (a bijection), BPE
 runs on those characters, and ids are turned back into bytes through a per-id bytes table. Every
 one of the 256 characters is in the vocabulary, so nothing is ever unknown or dropped. Training
-one, or reading a pretrained file, is Alice's (tools/tokenizer.py). Only a `bpe` run has this
-module in f (tools/program.py).
+one, or reading a pretrained file, is Alice's (prequel/alice/tokenizing.py). Only a `bpe` run has this
+module in f (prequel/program.py).
 """
 
 import re
@@ -13,7 +13,7 @@ import re
 import numpy as np
 import torch
 
-from training.tokenizer import TokenizerError
+from prequel.training.tokenizer import TokenizerError
 
 _FORMAT = "prequel-bpe 1"  # first line of a serialised BPE; bump if the layout changes
 

@@ -9,7 +9,7 @@ the decoder has positions < t when it needs column t, and causal attention makes
 independent of later inputs, both sides see bitwise identical logits, so identical
 probabilities, so the range coder inverts exactly.
 
-The encoder is Alice's and not part of f (tools/encode.py: `Encoder`, and `encode_known`, which
+The encoder is Alice's and not part of f (prequel/alice/encoder.py: `Encoder`, and `encode_known`, which
 codes the same rows through the same `coding_probabilities` in one pass when the training forward
 has given every logit); Bob needs only the `Decoder`.
 
@@ -24,12 +24,12 @@ import constriction
 import numpy as np
 import torch
 
-from training.data import IGNORE
-from training.stream import StreamError
+from prequel.training.data import IGNORE
+from prequel.training.stream import StreamError
 
 if TYPE_CHECKING:  # names for the annotations only: none of these is imported to decode
-    from models.mixture import ColumnMixer
-    from tools.encode import Encoder
+    from prequel.models.mixture import ColumnMixer
+    from prequel.alice.encoder import Encoder
 
 MODEL = constriction.stream.model.Categorical(perfect=False)  # the quantisation both sides code with
 
@@ -69,7 +69,7 @@ def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, 
 
     `logits_at(t)` gives column t's (B, V) logits once columns < t are in `targets`. `code_rows`
     (logits (R, V), symbols (R,), coder) → symbols codes a column's rows another way than with their
-    probabilities (tools/compress.py: top-k + escape). With a `mixer` (a mixture of models),
+    probabilities (prequel/compress/codec.py: top-k + escape). With a `mixer` (a mixture of models),
     `logits_at(t)` gives the members' log-probabilities (B, K, V), and the rows of a column are
     coded one by one, each with the weights after the rows above it (models/mixture.py)."""
     present = targets != IGNORE

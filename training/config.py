@@ -1,9 +1,9 @@
 """Typed run configuration: YAML files are the serialised form of these dataclasses.
 
 Each field says everything about itself in one place: its type, its default, its limit
-(``Annotated[int, POSITIVE]``) and, in its ``# comment``, what it means; `train.py --help`
+(``Annotated[int, POSITIVE]``) and, in its ``# comment``, what it means; `prequel --help`
 lists them from here. Reading YAML and command-line overrides, and checking every value, are
-Alice's (tools/config.py `load_config`); a stream's header stores `program_dict` of the checked
+Alice's (prequel/checks/settings.py `load_config`); a stream's header stores `program_dict` of the checked
 config, and Bob rebuilds it with `from_program_dict`. The settings are counted (compressed) in |f|.
 """
 
@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal
 
-from models.gpt import GPTConfig
-from training.curriculum import CURRICULA, PACINGS
+from prequel.models.gpt import GPTConfig
+from prequel.training.curriculum import CURRICULA, PACINGS
 
 
 class ConfigError(ValueError):
@@ -97,7 +97,7 @@ class TrainerConfig:
     log_every_n_steps: Annotated[int, POSITIVE] = 10  # steps between logged metrics
     checkpoint_every_n_steps: Annotated[int, NON_NEGATIVE] = 0  # 0 = only at the end of training
     # keep every periodic checkpoint (checkpoints/step=N.ckpt; last.ckpt links the newest): `verify
-    # --jobs N` audits the stream's stretches between them in parallel (tools/audit.py)
+    # --jobs N` audits the stream's stretches between them in parallel (prequel/verify/audit.py)
     keep_checkpoints: bool = True
 
 
@@ -211,6 +211,6 @@ def program_dict(config: Config) -> dict:
 
 def from_program_dict(values: dict) -> Config:
     """A header's settings (`program_dict`: JSON of a checked Config) as a Config again. Bob's side:
-    tools/config.py `config_from_dict` checks every key and value of a header's before it gets here."""
+    prequel/checks/settings.py `config_from_dict` checks every key and value of a header's before it gets here."""
     hints = typing.get_type_hints(Config)
     return Config(**{k: hints[k](**v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()})

@@ -6,11 +6,11 @@ decoder must rebuild the same list before it has decoded any data, so an order m
 on what is in f (config, seed) and the data length, and is then free. An order that depends on
 the content (`difficulty`) is *transmitted*: the encoder computes each chunk's difficulty level,
 the stream header carries the levels, and their information content is added to |f| as the
-``order`` part (tools/curriculum.py: computing and counting the levels is Alice's). Everything else
+``order`` part (prequel/alice/difficulty.py: computing and counting the levels is Alice's). Everything else
 about the order (pacing, tie-breaking) is drawn from the seed.
 
 The natural orders are here; `shuffle`, `length_warmup` and `difficulty` are in training/orders.py,
-part of f only for a run that uses one (tools/program.py).
+part of f only for a run that uses one (prequel/program.py).
 """
 
 import torch
@@ -72,7 +72,7 @@ def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, 
         return sequential(n_tokens, seq_len, batch_size)
     if curriculum == "strided":
         return strided(n_tokens, seq_len, batch_size)
-    from training.orders import difficulty, length_warmup, shuffle  # (the others: in f only when configured)
+    from prequel.training.orders import difficulty, length_warmup, shuffle  # (the others: in f only when configured)
 
     warmup = warmup_tokens if warmup_tokens > 0 else max(n_tokens, 1)
     if curriculum == "shuffle":

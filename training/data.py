@@ -4,7 +4,7 @@ The DataLoader yields only *where* each batch lies in the corpus (spans of the t
 its content. The encoder's tape holds the real tokens; the decoder's starts empty and is
 filled by arithmetic decoding just before each training step. Both then run the very same
 `training_step`, which reads its inputs from the tape. Reading a corpus is Alice's
-(tools/data.py).
+(prequel/alice/corpus.py).
 """
 
 import lightning as L
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from training.curriculum import plan_batches, with_replay
+from prequel.training.curriculum import plan_batches, with_replay
 
 IGNORE = -100  # target id of padding positions
 

@@ -23,15 +23,15 @@ refuses (a library caller whose torch already runs other kernels). ``native`` le
 own choices (faster) and records them, so a native stream verifies only where they are the same.
 
 Pinned packages and the thread count are recorded in the stream header and checked before decoding,
-in both modes (tools/environment.py: checks decide whether to decode, so they are not part of f).
+in both modes (prequel/checks/machine.py: checks decide whether to decode, so they are not part of f).
 A native run's f does not hold this module: `ensure_kernels` (training/kernels.py) imports it only
-for portable kernels. It imports torch only inside functions: `train.py` imports it before torch starts.
+for portable kernels. It imports torch only inside functions: `prequel` imports it before torch starts.
 """
 
 import os
 import sys
 
-from training.kernels import KERNEL_MODES, KernelError, device_of, ensure_kernels  # noqa: F401 (one import for callers)
+from prequel.training.kernels import KERNEL_MODES, KernelError, device_of, ensure_kernels  # noqa: F401 (one import for callers)
 
 PORTABLE_PINS = {
     "ATEN_CPU_CAPABILITY": "avx2",
@@ -78,7 +78,7 @@ def ensure_portable() -> None:
             os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
         raise KernelError(
             "portable kernels must be chosen before torch starts, and this process started without them "
-            f"(kernel variables set: {kernel_env() or 'none'}); run it through train.py, which sets them, or start "
+            f"(kernel variables set: {kernel_env() or 'none'}); run it through the prequel command, which sets them, or start "
             f"Python with {' '.join(f'{k}={v}' for k, v in PORTABLE_PINS.items())}")
     import torch
 

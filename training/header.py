@@ -4,7 +4,7 @@ The header holds the program f that `verify` rebuilds and replays: settings, tok
 count, source hash, environment, order. `to_dict` gives the JSON the stream stores
 (training/stream.py); `from_dict` reads it back. Checking a header read from a file (every field,
 the memory its sizes ask for; a forged header with valid checksums must fail, named, before
-anything is allocated) decides whether to decode, not what is decoded: tools/header.py, outside f.
+anything is allocated) decides whether to decode, not what is decoded: prequel/checks/stream_header.py, outside f.
 """
 
 from dataclasses import dataclass
@@ -17,10 +17,10 @@ class TrainingHeader:
     tokenizer_blob: bytes  # the serialised tokenizer (empty for bytes); stored as hex
     data_tokens: int
     code_hash: str  # sha256 of the training source; Bob refuses a stream from other code
-    environment: dict  # the facts that change bits (tools/environment.py checks them)
+    environment: dict  # the facts that change bits (prequel/checks/machine.py checks them)
     precision: str  # config.trainer.precision, repeated for tools that read only the header
     compile: bool  # config.trainer.compile, likewise
-    order: str | None = None  # a content-dependent curriculum order (tools/curriculum.py labels_to_header)
+    order: str | None = None  # a content-dependent curriculum order (prequel/alice/difficulty.py labels_to_header)
 
     def to_dict(self) -> dict:
         d = {
@@ -34,14 +34,14 @@ class TrainingHeader:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainingHeader":
-        """The header as stored (tools/header.py `checked` checks it first)."""
+        """The header as stored (prequel/checks/stream_header.py `checked` checks it first)."""
         tokenizer = d["tokenizer"]
         return cls(d["config"], tokenizer["name"], bytes.fromhex(tokenizer["blob"]), d["data_tokens"], d["code_hash"],
                    d["environment"], d["precision"], d["compile"], d.get("order"))
 
     def program(self):
         """The run's settings (a `training.config.Config`)."""
-        from training.config import from_program_dict  # (reading a header's fields needs no torch)
+        from prequel.training.config import from_program_dict  # (reading a header's fields needs no torch)
 
         return from_program_dict(self.config)
 
@@ -49,7 +49,7 @@ class TrainingHeader:
         """The transmitted curriculum order (a tensor of levels), None when the settings fix it."""
         if self.order is None:
             return None
-        from training.orders import labels_from_header  # (only a run with a transmitted order needs it in f)
+        from prequel.training.orders import labels_from_header  # (only a run with a transmitted order needs it in f)
 
         config = self.program()
         n_chunks = -(-self.data_tokens // config.chunk_len)
@@ -57,6 +57,6 @@ class TrainingHeader:
 
     def tokenizer(self):
         """The tokenizer, rebuilt from the blob."""
-        from training.tokenizer import restore_tokenizer
+        from prequel.training.tokenizer import restore_tokenizer
 
         return restore_tokenizer(self.tokenizer_name, self.tokenizer_blob)

@@ -2,7 +2,7 @@
 
 ``trainer.kernels: native`` computes with the machine's own kernels (a stream verifies on the same
 kind of CPU); ``portable`` pins them before torch starts (training/environment.py, part of f only
-for a portable run: tools/program.py). This module imports torch only inside functions: `train.py`
+for a portable run: prequel/program.py). This module imports torch only inside functions: `prequel`
 imports it before torch starts.
 """
 
@@ -18,7 +18,7 @@ def ensure_kernels(mode: str) -> None:
     if mode not in KERNEL_MODES:
         raise KernelError(f"kernel mode {mode!r} is not one of {', '.join(KERNEL_MODES)}")
     if mode == "portable":
-        from training.environment import ensure_portable
+        from prequel.training.environment import ensure_portable
 
         ensure_portable()
 

@@ -15,10 +15,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from models import portable_math
-from models.gpt import GPT
-from training.config import Config, mixture_members, program_dict
-from training.data import IGNORE, Tape
+from prequel.models import portable_math
+from prequel.models.gpt import GPT
+from prequel.training.config import Config, mixture_members, program_dict
+from prequel.training.data import IGNORE, Tape
 
 
 @dataclass
@@ -47,7 +47,7 @@ class PrequelModule(L.LightningModule):
         members = mixture_members(config)
         self.is_mixture = bool(members)
         if members:  # every member initialised as it would be alone (same seed), so it trains as alone
-            from models.mixture import Mixture  # (only a mixture run needs it in f: tools/program.py)
+            from prequel.models.mixture import Mixture  # (only a mixture run needs it in f: prequel/program.py)
 
             self.model = Mixture([replace(m, vocab_size=vocab_size) for m, _ in members], config.mixture.weights,
                                  config.mixture.switch_rate, seed=config.seed)
@@ -57,7 +57,7 @@ class PrequelModule(L.LightningModule):
         self.tape: Tape | None = None  # attached by the DataModule's owner (see attach)
         self.coded: CodedBatch | None = None
         # The GPT and run settings travel in every checkpoint, so a checkpoint alone rebuilds its model
-        # (train.py compress/decompress); plain data, loadable with torch.load(weights_only=True).
+        # (prequel compress/decompress); plain data, loadable with torch.load(weights_only=True).
         self.save_hyperparameters({"vocab_size": vocab_size, "model": asdict(self.model.config),
                                    "config": program_dict(config)})
 

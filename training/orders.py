@@ -1,6 +1,6 @@
 """The orders only some runs use (training/curriculum.py has the natural ones and `plan_batches`):
 a seeded shuffle, short chunks first, and easy chunks first by transmitted difficulty levels. Only
-a run configured with one has this module in f (tools/program.py).
+a run configured with one has this module in f (prequel/program.py).
 """
 
 import base64
@@ -10,10 +10,10 @@ import zlib
 import numpy as np
 import torch
 
-from training.curriculum import chunk_spans
+from prequel.training.curriculum import chunk_spans
 
 STEP_STAGES = 4  # `step` pacing: this many equal jumps
-LEVEL_BYTES = 4  # a transmitted level is stored as a little-endian u32 (see tools/curriculum.py labels_to_header)
+LEVEL_BYTES = 4  # a transmitted level is stored as a little-endian u32 (see prequel/alice/difficulty.py labels_to_header)
 MAX_UNSIZED_LEVELS = 1 << 24  # labels_from_header without a chunk count reads at most this many levels
 
 
@@ -54,7 +54,7 @@ def difficulty(n_tokens: int, seq_len: int, batch_size: int, seed: int, labels: 
     batch is drawn (seeded) from the not-yet-seen chunks among the easiest ``pace(progress)``
     fraction of all chunks, so the pool opens from ``start`` to everything over `warmup_tokens`.
 
-    Costs `order_bits(labels)` (tools/curriculum.py) = log2 of the number of ways to assign the
+    Costs `order_bits(labels)` (prequel/alice/difficulty.py) = log2 of the number of ways to assign the
     levels (chunks per level are fixed by the count of chunks and levels): log2(N! / prod n_k!)
     <= N log2 K bits, log2 N! for a full ranking. Order within a level and the pacing draws come from the seed."""
     spans = chunk_spans(n_tokens, seq_len)
@@ -83,7 +83,7 @@ def difficulty(n_tokens: int, seq_len: int, batch_size: int, seed: int, labels: 
 
 
 def labels_from_header(text: str | None, n_chunks: int | None = None, levels: int | None = None) -> torch.Tensor | None:
-    """The levels `labels_to_header` (tools/curriculum.py) wrote, checked against what the header's own sizes allow:
+    """The levels `labels_to_header` (prequel/alice/difficulty.py) wrote, checked against what the header's own sizes allow:
     exactly `n_chunks` (= ceil(data_tokens / block_size)) levels, each below `levels`. Decompression
     stops after the bytes those levels take, so a small forged order cannot expand into gigabytes
     (zlib reaches ~1000:1). Without `n_chunks`, at most `MAX_UNSIZED_LEVELS` levels are read."""

@@ -2,7 +2,7 @@
 
 The coding itself is in callbacks/arithmetic_stream.py (StreamEncoder for Alice, StreamDecoder
 for Bob) and training/coding.py. Alice's run (run directory, checkpoints, `fit`) is in
-tools/fit.py, and `verify` (the checks around `decode`, what it reports) in tools/verify.py:
+prequel/alice/fit.py, and `verify` (the checks around `decode`, what it reports) in prequel/verify/verifier.py:
 outside f, since Bob needs neither to decode."""
 
 import os
@@ -13,13 +13,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks.arithmetic_stream import StreamDecoder
-from training.config import Config
-from training.data import PrequelDataModule, Tape, plan_options
-from training.kernels import device_of, ensure_kernels
-from training.header import TrainingHeader
-from training.module import PrequelModule
-from training.stream import Stream
+from prequel.callbacks.arithmetic_stream import StreamDecoder
+from prequel.training.config import Config
+from prequel.training.data import PrequelDataModule, Tape, plan_options
+from prequel.training.kernels import device_of, ensure_kernels
+from prequel.training.header import TrainingHeader
+from prequel.training.module import PrequelModule
+from prequel.training.stream import Stream
 
 
 def set_determinism(config: Config) -> None:
@@ -44,7 +44,7 @@ def set_determinism(config: Config) -> None:
 def build_trainer(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path,
                   labels: torch.Tensor | None = None, checkpointing: bool = False, plugins: list | None = None):
     """The module, data and Trainer both sides run. Alice adds her checkpoint callback and
-    writer (`checkpointing`, `plugins`: tools/fit.py); Bob writes nothing."""
+    writer (`checkpointing`, `plugins`: prequel/alice/fit.py); Bob writes nothing."""
     module = PrequelModule(config, vocab_size)
     tape.context = config.data.context  # (both sides' tapes: the inputs each batch reads before its span)
     module.attach(tape)

@@ -17,8 +17,8 @@ its 16 bytes of framing are reported apart from the payload). The trailer is not
 decode and only turns silent drift into a named error. Every length is checked against the
 bytes that remain before anything is allocated, so a forged or truncated file fails fast with
 `StreamError`: the segment table is scanned and its crc checked before any word array is
-built, and a file without the magic bytes is refused after reading its first ten bytes. Writing
-one is Alice's (tools/encode.py `encode_stream`), outside f.
+built, and a file without the magic bytes is refused after reading its first ten bytes.
+`encode_stream` writes the layout (Alice writes the file: prequel/alice/encoder.py `write_stream`).
 """
 
 import json
@@ -84,6 +84,24 @@ class _Reader:
         if not isinstance(obj, dict):
             raise StreamError(f"{what} corrupted: not a JSON object")
         return obj
+
+
+def _json_section(obj: dict) -> bytes:
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
+
+
+def encode_stream(stream: Stream) -> bytes:
+    """The file's bytes: the layout above, which `decode_stream` reads back."""
+    payload = [struct.pack("<I", len(stream.segments))]
+    for seg in stream.segments:
+        payload.append(struct.pack("<QQ", seg.batches, len(seg.words)))
+        payload.append(np.ascontiguousarray(seg.words, dtype="<u4").tobytes())
+    payload = b"".join(payload)
+    return b"".join([
+        MAGIC, struct.pack("<H", VERSION), _json_section(stream.header),
+        payload, struct.pack("<I", zlib.crc32(payload)), _json_section(stream.trailer),
+    ])
 
 
 def decode_stream(data: bytes) -> Stream:

@@ -2,14 +2,14 @@
 
 `bytes` is the identity on bytes (m = 256) and costs nothing in |f|. `bpe` is a byte-level BPE
 (training/bpe.py) trained with HF `tokenizers` on the training data (or read from a pretrained
-tokenizer file; both Alice's: tools/tokenizer.py); it is part of the program f, so its compressed
+tokenizer file; both Alice's: prequel/alice/tokenizing.py); it is part of the program f, so its compressed
 serialisation is counted in |f|.
 """
 
 import numpy as np
 import torch
 
-from training.data import DataError
+from prequel.training.data import DataError
 
 
 class TokenizerError(DataError):
@@ -35,11 +35,11 @@ class ByteTokenizer:
 
 def restore_tokenizer(name: str, blob: bytes):
     """The tokenizer a stream header names (a ByteTokenizer or a training.bpe.BPETokenizer), from its
-    serialisation (tools/tokenizer.py builds one)."""
+    serialisation (prequel/alice/tokenizing.py builds one)."""
     if name == "bytes":
         return ByteTokenizer()
     if name != "bpe":
         raise TokenizerError(f"data.tokenizer: unknown tokenizer {name!r} (known: bytes, bpe)")
-    from training.bpe import BPETokenizer  # (only a bpe run needs it in f: tools/program.py)
+    from prequel.training.bpe import BPETokenizer  # (only a bpe run needs it in f: prequel/program.py)
 
     return BPETokenizer.deserialize(blob)

@@ -3,12 +3,12 @@
 `load_config("configs/small.yaml", ["--trainer.max_steps", "200"])` reads the YAML with
 ``yaml.safe_load``, applies LightningCLI-style dotted overrides, and builds the dataclasses of
 training/config.py, checking every key and value. Any problem raises `ConfigError` with the dotted
-key, the value and what is allowed, so `train.py` can print one clear line instead of a traceback.
+key, the value and what is allowed, so `prequel` can print one clear line instead of a traceback.
 `config_from_dict` checks a stream header's settings the same way before Bob decodes with them.
 
 Each field's limit is annotated on the field (``Annotated[int, POSITIVE]``) in training/config.py
-and its ``# comment`` says what it means; `train.py --help` lists them from there. What is checked
-here changes no decoded bit, so it is not part of f (tools/program.py).
+and its ``# comment`` says what it means; `prequel --help` lists them from there. What is checked
+here changes no decoded bit, so it is not part of f (prequel/program.py).
 """
 
 import dataclasses
@@ -23,10 +23,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from models.gpt import GPTConfig
-from tools.curriculum import plan_size
-from tools.tokenizer import BPE_MAX_VOCAB
-from training.config import (  # noqa: F401 (the schema, re-exported: the CLI's and tests' one import)
+from prequel.models.gpt import GPTConfig
+from prequel.alice.difficulty import plan_size
+from prequel.alice.tokenizing import BPE_MAX_VOCAB
+from prequel.training.config import (  # noqa: F401 (the schema, re-exported: the CLI's and tests' one import)
     _FLOAT,
     BELOW_ONE,
     MAX_THREADS,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.report import pyplot
+from prequel.reports.summary import pyplot
 
 FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)  # of the tokens each run coded
 PREFIX_COLUMNS = ("size", "params", "fraction", "tokens", "bytes", "sigma_bits", "f_bits", "n_bits", "total_bits",

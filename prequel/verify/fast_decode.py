@@ -23,7 +23,7 @@ on what it decoded and compares the logits of every coded position bit for bit. 
 probabilities, so (column by column, by induction) every decoded symbol is the one Alice coded. If any
 differ (another CPU, another library build), the range decoder is rewound to where the batch began and
 the batch is decoded again by f's own procedure: a stream decodes to the same bits with or without this
-module, only faster with it. That makes it a verifier's accelerator, not part of f (tools/program.py).
+module, only faster with it. That makes it a verifier's accelerator, not part of f (prequel/program.py).
 """
 
 import contextlib
@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from einops import einsum
 
-from callbacks.arithmetic_stream import StreamDecoder
-from models.gpt import GPT, apply_rope
-from training.coding import Decoder, code_batch
-from training.data import IGNORE
-from training.module import PrequelModule
-from training.run import Receiver
-from training.stream import Stream, StreamError
+from prequel.callbacks.arithmetic_stream import StreamDecoder
+from prequel.models.gpt import GPT, apply_rope
+from prequel.training.coding import Decoder, code_batch
+from prequel.training.data import IGNORE
+from prequel.training.module import PrequelModule
+from prequel.training.run import Receiver
+from prequel.training.stream import Stream, StreamError
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts a step may pad to, fewest first
 

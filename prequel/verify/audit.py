@@ -1,4 +1,4 @@
-"""Audit a run in parallel: `train.py verify RUN --jobs N`, or one stretch: `--segment K`.
+"""Audit a run in parallel: `prequel verify RUN --jobs N`, or one stretch: `--segment K`.
 
 `verify` proves a stream by replaying the whole run in one process. A run that kept its
 checkpoints (`trainer.keep_checkpoints`) can be checked in stretches instead, each in its own
@@ -30,15 +30,14 @@ from pathlib import Path
 
 import torch
 
-from tools.data import read_corpus
-from tools.encode import StreamEncoder, state_sha256
-from tools.fast_decode import FastStreamDecoder
-from tools.verify import checked_receiver, find_stream, replay
-from training.data import Tape
-from training.run import Receiver
-from training.stream import Stream, StreamError, read_stream
+from prequel.alice.corpus import read_corpus
+from prequel.alice.encoder import StreamEncoder, state_sha256
+from prequel.verify.fast_decode import FastStreamDecoder
+from prequel.verify.verifier import checked_receiver, find_stream, replay
+from prequel.training.data import Tape
+from prequel.training.run import Receiver
+from prequel.training.stream import Stream, StreamError, read_stream
 
-ROOT = Path(__file__).resolve().parents[1]
 REPORT_PREFIX = "audit-report "  # the line a `--segment` process prints for `audit` to read
 
 
@@ -62,7 +61,7 @@ def stretches(run_dir: Path, stream: Stream) -> list[Stretch]:
     boundaries = stream.trailer.get("boundaries")
     if not boundaries:
         raise StreamError("the stream records no checkpoint states: written by older code, or the run never "
-                          "checkpointed; verify it in one process (train.py verify without --jobs/--segment)")
+                          "checkpointed; verify it in one process (prequel verify without --jobs/--segment)")
     inner = boundaries[:-1]
     starts = [None, *inner]
     return [Stretch(i, None if start is None else run_dir / "checkpoints" / f"step={start['step']}.ckpt", start,
@@ -76,7 +75,7 @@ def _missing(plan: list[Stretch]) -> list[str]:
 
 class AuditDecoder(FastStreamDecoder):
     """Bob from a checkpoint: decodes one stretch against the data and checks its two ends (each batch by
-    checked steps where they give f's bits: tools/fast_decode.py)."""
+    checked steps where they give f's bits: prequel/verify/fast_decode.py)."""
 
     def __init__(self, bob: Receiver, tape: Tape, data: torch.Tensor, stream: Stream, stretch: Stretch):
         super().__init__(tape, bob.config.stream.checksum_every, bob.config.stream.procedure, stream=stream)
@@ -181,28 +180,27 @@ def _from_here(spec: str) -> str:
 
 def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | None = None,
           allow_env_mismatch: bool = False) -> dict:
-    """Every stretch, `jobs` at a time, each in its own `train.py verify --segment K` process."""
+    """Every stretch, `jobs` at a time, each in its own `prequel verify --segment K` process."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
     plan = stretches(stream_path.parent, stream)
     if missing := _missing(plan):
         raise StreamError(f"{'; '.join(missing)}: the audit starts each stretch from a checkpoint the run kept "
-                          "(train.py verify without --jobs replays the whole run instead)")
+                          "(prequel verify without --jobs replays the whole run instead)")
     if data_path is None and stream.header["config"]["data"]["path"] is not None:
-        data_path = stream.header["config"]["data"]["path"]  # the run's, relative to here as for train.py
+        data_path = stream.header["config"]["data"]["path"]  # the run's, relative to here as for prequel
     # Each job keeps the encoder's thread count (with native kernels it changes bits); jobs that
     # share cores must then not busy-wait for each other.
     threads = threads or stream.header["config"]["trainer"]["num_threads"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
     def run(stretch: Stretch) -> dict:
-        # (absolute paths: the jobs run in the project's directory, the user's paths may be relative)
-        cmd = [sys.executable, str(ROOT / "train.py"), "verify", str(stream_path.resolve()), "--segment",
-               str(stretch.index)]
+        # (absolute paths: the user's paths may be relative to another directory than this process's)
+        cmd = [sys.executable, "-m", "prequel", "verify", str(stream_path.resolve()), "--segment", str(stretch.index)]
         cmd += ["--threads", str(threads)] if threads else []
         cmd += ["--data", _from_here(data_path)] if data_path is not None else []
         cmd += ["--allow-env-mismatch"] if allow_env_mismatch else []
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         for line in r.stdout.splitlines():
             if line.startswith(REPORT_PREFIX) and r.returncode == 0:
                 return json.loads(line[len(REPORT_PREFIX):])

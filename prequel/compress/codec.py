@@ -1,7 +1,7 @@
 """Compress any file with a frozen trained model: the "Language Modeling Is Compression" setting.
 
-    python train.py compress   --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk_size N --top_k K] [--force]
-    python train.py decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--force]
+    prequel compress   --ckpt RUN_OR_CKPT INPUT OUTPUT [--chunk_size N --top_k K] [--force]
+    prequel decompress --ckpt RUN_OR_CKPT INPUT OUTPUT [--force]
 
 The input's tokens are cut into fixed-size chunks (default: the model's block_size), each coded
 from a fresh context that starts at BOS, so chunks are independent (Delétang et al., 2024). A
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import yaml
 
-from callbacks.arithmetic_stream import parameters_sha256
-from models.gpt import GPT, GPTConfig
-from models.kv_cache import incremental_logits
-from tools.config import (
+from prequel.callbacks.arithmetic_stream import parameters_sha256
+from prequel.models.gpt import GPT, GPTConfig
+from prequel.models.kv_cache import incremental_logits
+from prequel.checks.settings import (
     MAX_THREADS,
     MEMORY_ENV,
     TAPE_BYTES_PER_TOKEN,
@@ -47,20 +47,21 @@ from tools.config import (
     max_memory_bytes,
     regular_file_size,
 )
-from tools.data import read_corpus
-from tools.encode import Encoder, encode_stream
-from tools.environment import check as check_environment
-from tools.environment import facts as environment_facts
-from tools.files import write_atomic
-from tools.header import CompressHeader
-from tools.program import packed_bits
-from tools.report import classic_baselines, text_table
-from tools.tokenizer import build_tokenizer
-from tools.verify import STREAM_NAME
-from training.coding import Decoder, code_batch
-from training.data import IGNORE, DataError
-from training.environment import KernelError, ensure_kernels
-from training.stream import Segment, Stream, StreamError, read_stream
+from prequel.alice.corpus import read_corpus
+from prequel.alice.encoder import Encoder
+from prequel.training.stream import encode_stream
+from prequel.checks.machine import check as check_environment
+from prequel.checks.machine import facts as environment_facts
+from prequel.files import write_atomic
+from prequel.checks.stream_header import CompressHeader
+from prequel.program import packed_bits
+from prequel.reports.summary import classic_baselines, text_table
+from prequel.alice.tokenizing import build_tokenizer
+from prequel.verify.verifier import STREAM_NAME
+from prequel.training.coding import Decoder, code_batch
+from prequel.training.data import IGNORE, DataError
+from prequel.training.environment import KernelError, ensure_kernels
+from prequel.training.stream import Segment, Stream, StreamError, read_stream
 
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache

@@ -1,9 +1,9 @@
-"""`train.py verify`: check a stream, decode it with f (training/run.py `decode`), check the result.
+"""`prequel verify`: check a stream, decode it with f (training/run.py `decode`), check the result.
 
-Decoding is f's (by default each `full` batch goes first through tools/fast_decode.py's single steps,
+Decoding is f's (by default each `full` batch goes first through prequel/verify/fast_decode.py's single steps,
 which are checked against f's forward and give way to f's procedure wherever they differ: the same
 bits, faster); everything here decides whether to decode and reports: the header's fields and
-sizes (tools/header.py), the source hash, the machine (tools/environment.py), then after decoding
+sizes (prequel/checks/stream_header.py), the source hash, the machine (prequel/checks/machine.py), then after decoding
 the data's sha256, the final weights against the encoder's checkpoint, and Σ beside the stream's
 real size (the code-length callback). None of it changes a decoded bit, so none of it is in f.
 """
@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
-from callbacks.code_length import CodeLength
-from tools import header as headers
-from tools.config import MAX_THREADS, ConfigError, counted_yaml
-from tools.curriculum import order_bits
-from tools.environment import check as check_environment
-from tools.environment import require_device
-from tools.fast_decode import decode as fast_decode
-from tools.files import write_atomic
-from tools.program import code_hash, f_parts
-from training.environment import KernelError
-from training.module import PrequelModule
-from training.run import Receiver, decode, receiver
-from training.stream import Stream, StreamError, read_stream
+from prequel.callbacks.code_length import CodeLength
+from prequel.checks import stream_header as headers
+from prequel.checks.settings import MAX_THREADS, ConfigError, counted_yaml
+from prequel.alice.difficulty import order_bits
+from prequel.checks.machine import check as check_environment
+from prequel.checks.machine import require_device
+from prequel.verify.fast_decode import decode as fast_decode
+from prequel.files import write_atomic
+from prequel.program import code_hash, f_parts
+from prequel.training.environment import KernelError
+from prequel.training.module import PrequelModule
+from prequel.training.run import Receiver, decode, receiver
+from prequel.training.stream import Stream, StreamError, read_stream
 
 STREAM_NAME = "stream.prequel"
 
@@ -93,7 +93,7 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
     """Bob: rebuild f from the stream header, replay training while decoding, check everything.
     A run of N processes replays with N (Lightning starts the others); rank 0 reports, the others
     return None. `fast`: decode `full` batches by checked single steps where they give f's bits
-    (tools/fast_decode.py); the decoded bits are the same either way."""
+    (prequel/verify/fast_decode.py); the decoded bits are the same either way."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
     checked = checked_receiver(stream, allow_env_mismatch, threads)

@@ -5,11 +5,11 @@ A training stream's header (training/header.py `TrainingHeader`, part of f) is r
 so a forged header with valid checksums must still fail here, naming the field, before the reader
 allocates or decodes anything: `StreamError("header corrupted: <field>: <what is wrong>")`. Every
 number that sizes memory (the settings, data_tokens, the order, a compressed file's token count) is
-also held to the memory limit (tools/config.py `check_memory`), so a header that is well-formed but
+also held to the memory limit (prequel/checks/settings.py `check_memory`), so a header that is well-formed but
 asks for more than this machine allows is refused, named, before decoding. These checks decide
 whether Bob decodes, not what he decodes: outside f.
 
-`CompressHeader`: a file compressed with a frozen model (tools/compress.py, kind "compress").
+`CompressHeader`: a file compressed with a frozen model (prequel/compress/codec.py, kind "compress").
 
 torch is imported only inside the functions that parse the config and the order (and check
 sizes), so reading a header's fields needs neither torch nor the model code.
@@ -18,8 +18,8 @@ sizes), so reading a header's fields needs neither torch nor the model code.
 from dataclasses import dataclass, replace
 from typing import Any
 
-from training.header import TrainingHeader
-from training.stream import StreamError
+from prequel.training.header import TrainingHeader
+from prequel.training.stream import StreamError
 
 MAX_COUNT = 2**48  # no token or byte count is this large; a larger one is corrupt, not a big file
 COMPRESS_KIND = "compress"
@@ -65,7 +65,7 @@ def _hex(d: dict, key: str, path: str) -> bytes:
 
 def _check_threads(environment: dict) -> None:
     """The recorded thread count is used to set torch's (decompress): bounded as the setting is."""
-    from tools.config import MAX_THREADS
+    from prequel.checks.settings import MAX_THREADS
 
     threads = environment.get("num_threads")
     if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
@@ -108,7 +108,7 @@ def checked(d: dict) -> TrainingHeader:
 def program(header: TrainingHeader, vocab_size: int | None = None):
     """The run's settings (a `training.config.Config`), every value checked and held with
     data_tokens to the memory limit; `vocab_size`: the tokenizer's, when it is known (see `tokenizer`)."""
-    from tools.config import MemoryLimitError, check_memory, config_from_dict, max_memory_bytes
+    from prequel.checks.settings import MemoryLimitError, check_memory, config_from_dict, max_memory_bytes
 
     limit = max_memory_bytes()  # (a bad $PREQUEL_MAX_MEMORY_GB is the user's ConfigError, not the header's)
     try:
@@ -153,7 +153,7 @@ def tokenizer(header: TrainingHeader):
 
 def _check_token_memory(tokens: int) -> None:
     """Decompressing holds the tokens (int64) and the bytes they decode to: held to the memory limit."""
-    from tools.config import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes
+    from prequel.checks.settings import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes
 
     need, limit = tokens * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
     if need > limit:
@@ -193,7 +193,7 @@ class CompressHeader:
         if not isinstance(d, dict):
             raise StreamError("header corrupted: not a JSON object")
         if d.get("kind") != COMPRESS_KIND:
-            raise StreamError("not a compressed file (a training stream? use train.py verify)")
+            raise StreamError("not a compressed file (a training stream? use prequel verify)")
         model = _field(d, "model", dict, "a JSON object")
         tokenizer = _field(d, "tokenizer", dict, "a JSON object")
         environment = _field(d, "environment", dict, "a JSON object")

@@ -7,8 +7,8 @@ tokenizer file; either way only its merges are kept, and their serialisation is 
 import collections
 import json
 
-from training.bpe import ALPHABET, BPETokenizer, _to_text, _words
-from training.tokenizer import ByteTokenizer, TokenizerError, restore_tokenizer
+from prequel.training.bpe import ALPHABET, BPETokenizer, _to_text, _words
+from prequel.training.tokenizer import ByteTokenizer, TokenizerError, restore_tokenizer
 
 BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow with it
 

@@ -1,4 +1,4 @@
-"""A training run as a user sees it: Alice's training (tools/fit.py) plus what she reports.
+"""A training run as a user sees it: Alice's training (prequel/alice/fit.py) plus what she reports.
 
 Nothing here is part of f: the summary, its table and plot, curve.csv and the loggers change no
 bit of training, so editing them neither changes |f| nor invalidates a stream.
@@ -11,12 +11,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from models.mixture import Mixture
-from tools.config import Config, to_dict
-from tools.data import read_corpus
-from tools.files import write_atomic
-from tools.fit import Fitted, check_run_dir, fit
-from tools.report import code_length_summary, format_table, plot_loss_curve
+from prequel.models.mixture import Mixture
+from prequel.checks.settings import Config, to_dict
+from prequel.alice.corpus import read_corpus
+from prequel.files import write_atomic
+from prequel.alice.fit import Fitted, check_run_dir, fit
+from prequel.reports.summary import code_length_summary, format_table, plot_loss_curve
 
 SUMMARY_NAME = "summary.json"
 

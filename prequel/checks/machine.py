@@ -8,7 +8,7 @@ import json
 import platform
 from importlib.metadata import version
 
-from training.environment import KernelError, device_of, kernel_env
+from prequel.training.environment import KernelError, device_of, kernel_env
 
 # Facts that change the bits of training, by mode; the rest of `facts()` is informational.
 BIT_FACTS = ("torch", "lightning", "constriction", "numpy", "machine", "num_threads", "device", "kernels",

@@ -1,7 +1,7 @@
 """Size sweep: train each size on the same data, then compare code lengths with gzip/bzip2/xz.
 
-    python train.py compare --config configs/compare.yaml [--budget.bytes 100000] [--trainer.num_threads 2]
-    python train.py compare --from-runs runs/a runs/b [--sweep_dir DIR]
+    prequel compare --config configs/compare.yaml [--budget.bytes 100000] [--trainer.num_threads 2]
+    prequel compare --from-runs runs/a runs/b [--sweep_dir DIR]
 
 A bigger model reaches a lower loss, but it also learns more slowly at first, and the early part
 of the curve dominates the area Σ on a small corpus. The sweep shows where the optimum lies for
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import lightning as L
 
-from tools.config import (
+from prequel.checks.settings import (
     ConfigError,
     build_dataclass,
     config_from_dict,
@@ -35,12 +35,12 @@ from tools.config import (
     parse_overrides,
     read_yaml_mapping,
 )
-from tools.data import read_corpus
-from tools.prefix import PREFIX_COLUMNS, catch_up_text, catch_ups, plot_cumulative, prefix_markdown, prefix_rows
-from tools.report import pyplot, save_loss_axes
-from tools.run import SUMMARY_NAME, train
+from prequel.alice.corpus import read_corpus
+from prequel.reports.prefix import PREFIX_COLUMNS, catch_up_text, catch_ups, plot_cumulative, prefix_markdown, prefix_rows
+from prequel.reports.summary import pyplot, save_loss_axes
+from prequel.resources import CONFIGS, shipped
+from prequel.alice.session import SUMMARY_NAME, train
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN_INFO = "compare_run.json"  # what the sweep knows about a run that the run does not: budget, time
 BASELINES = (("gzip -9", "baseline/gzip_bpb"), ("bzip2 -9", "baseline/bzip2_bpb"), ("xz -9e", "baseline/xz_bpb"),
              ("uniform S0", "code/uniform_bpb"))
@@ -89,12 +89,12 @@ def parse_sweep(values: dict, where: str) -> Sweep:
 
 
 def _path(name: str) -> Path:
-    """A path as given, else relative to the repository (so the sweep runs from any directory)."""
-    return Path(name) if Path(name).exists() else ROOT / name
+    """A path as given, else a shipped one (``configs/small.yaml``: the sweep runs from any directory)."""
+    return Path(name) if Path(name).exists() or not name.startswith("configs/") else shipped(*Path(name).parts)
 
 
 def preset_path(size: str) -> Path:
-    return _path(size) if size.endswith(".yaml") else ROOT / "configs" / "sizes" / f"{size}.yaml"
+    return _path(size) if size.endswith(".yaml") else CONFIGS / "sizes" / f"{size}.yaml"
 
 
 def _run_config(sweep: Sweep, name: str, layers: list[dict], sweep_dir: Path, data_path: str | None, where: str):
@@ -233,7 +233,7 @@ def read_run(run_dir: Path) -> dict:
            "sigma_bits": s["code/data_bits"], "n_bits": s["code/n_bits"], "total_bits": s["code/total_bits"],
            "bpb": s["code/bpb"], "stream_total_bpb": s.get("code/stream_total_bpb"),
            "last_epoch_bpb": s["train/last_epoch_bpb"]}
-    curve = None  # (tokens seen, bits, tokens) of each first-pass step, as tools.fit saved it
+    curve = None  # (tokens seen, bits, tokens) of each first-pass step, as prequel.alice.fit saved it
     if (run_dir / "curve.csv").is_file():
         with open(run_dir / "curve.csv") as f:
             curve = [(int(r["tokens_seen"]), float(r["bits"]), int(r["tokens"])) for r in csv.DictReader(f)]
@@ -388,7 +388,7 @@ def plot_sizes(rows: list[dict], baselines: list[dict], path: Path) -> Path:
 
 
 def from_command_line(config_path: str | None, from_runs: list[str] | None, overrides: list[str]) -> int:
-    """`train.py compare` (train.py parses its flags): a sweep from the YAML at `config_path` and the
+    """`prequel compare` (prequel/cli/commands.py parses its flags): a sweep from the YAML at `config_path` and the
     --KEY VALUE `overrides` (sweep keys, or run settings for every size); or, with `from_runs`, the
     comparison of those finished runs."""
     tree = parse_overrides(overrides)

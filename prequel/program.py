@@ -10,9 +10,9 @@ packages themselves (torch, lightning, ...) are named by version, not counted, a
 decompressor but not the operating system.
 
 What decides *whether* to decode is not in f: the checks of a stream's header, of the config's
-values and memory, and of the machine (tools/header.py, tools/config.py, tools/environment.py)
-protect the person running it and change no decoded bit. Neither is Alice's side (tools/fit.py),
-the reports (the code-length callback, tools/report.py) or the CLI. tests/test_program.py proves
+values and memory, and of the machine (prequel/checks/stream_header.py, prequel/checks/settings.py, prequel/checks/machine.py)
+protect the person running it and change no decoded bit. Neither is Alice's side (prequel/alice/fit.py),
+the reports (the code-length callback, prequel/reports/summary.py) or the CLI. tests/test_program.py proves
 the boundary: it decodes the fixture stream, and runs that use or leave out every optional module,
 each with its f alone, as counted (comments and docstrings stripped), in a process where nothing
 else of the project exists.
@@ -24,18 +24,19 @@ Each part is compressed on its own, with xz (lzma preset 9e) or bzip2 -9, whiche
 import ast
 import bz2
 import hashlib
+import importlib
 import lzma
-import tomllib
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
-from training.config import mixture_members
+from prequel.training.config import mixture_members
 
-ROOT = Path(__file__).resolve().parents[1]
-# f's modules: these folders, but for what only reports (tests/test_program.py checks that the
-# decoder imports exactly these). Editing anything else neither changes |f| nor invalidates a stream.
+DISTRIBUTION = "prequel"
+# f's modules: every module of these subpackages of `prequel` (and prequel/__init__.py, which each
+# of them imports), but for what only reports or checks. tests/test_program.py proves that the decoder
+# imports exactly these. Editing anything else neither changes |f| nor invalidates a stream.
 F_PACKAGES = ("models", "training", "callbacks")
-NOT_F = ("callbacks/code_length.py",)  # reports Σ beside decoding (Alice, verify); decoding needs none of it
-PINS = "pyproject.toml"  # its [project] dependencies: the versions of the public packages Bob installs
+NOT_F = ("callbacks/code_length.py", "callbacks/contract.py")  # Σ beside decoding; the callbacks' contract
 # Modules only some runs need, each imported where its feature is used (never at the top of a module),
 # and the settings that need it: a run's f is the other modules and those its settings ask for. A
 # decoder missing one fails at the import, so tests/test_program.py proves each list complete.
@@ -49,24 +50,35 @@ FEATURES = {
 }
 
 
-def source_files(config=None) -> list[Path]:
-    """f's files: every one (config None: what the code hash covers), or a run's (a training.config.Config)."""
-    files = [p for pkg in F_PACKAGES for p in (ROOT / pkg).glob("*.py")
-             if p.relative_to(ROOT).as_posix() not in NOT_F]
+def source_files(config=None) -> dict[str, Path]:
+    """f's files, each under its name inside the package (``models/gpt.py``): every one (config
+    None: what the code hash covers), or those a run with these settings needs (a training.config.Config).
+    Read from wherever `prequel` is imported from: an installed package, or a checkout."""
+    package = Path(importlib.import_module(DISTRIBUTION).__file__).parent
+    files = {"__init__.py": package / "__init__.py"}
+    for name in F_PACKAGES:
+        folder = Path(importlib.import_module(f"{DISTRIBUTION}.{name}").__path__[0])
+        files |= {f"{name}/{p.name}": p for p in folder.glob("*.py") if f"{name}/{p.name}" not in NOT_F}
     if config is not None:
-        files = [p for p in files if FEATURES.get(p.relative_to(ROOT).as_posix(), lambda _: True)(config)]
-    return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
+        files = {name: p for name, p in files.items() if FEATURES.get(name, lambda _: True)(config)}
+    return dict(sorted(files.items()))
 
 
 def pins() -> bytes:
-    """The dependency pins Bob installs, one per line (the rest of pyproject.toml is for developers)."""
-    with open(ROOT / PINS, "rb") as f:
-        return "\n".join(tomllib.load(f)["project"]["dependencies"]).encode()
+    """The dependency pins Bob installs, one per line, as the installed package's metadata states
+    them (pyproject.toml's [project] dependencies; its extras are for developers)."""
+    try:
+        required = requires(DISTRIBUTION) or []
+    except PackageNotFoundError:
+        raise RuntimeError("prequel is not installed (pip install .): its dependency pins, part of f, "
+                           "are read from the installed package's metadata") from None
+    return "\n".join(r for r in required if "extra ==" not in r).encode()
 
 
 def strip_python(source: str) -> str:
     """The same program without comments and docstrings (an AST round trip): what Bob needs
-    to run, so what |f| counts. Readers get the commented original; it behaves identically."""
+    to run, so what |f| counts and the code hash covers. Readers get the commented original; it
+    behaves identically, and a comment or a reformatting changes neither."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -77,22 +89,21 @@ def strip_python(source: str) -> str:
     return ast.unparse(tree)
 
 
-def source_bundle(stripped: bool = False, config=None) -> bytes:
-    """f's source as one deterministic byte string: per file its path, length and contents; then the
-    pins. All of f's files, or (`config`) those a run with these settings needs."""
+def source_bundle(config=None) -> bytes:
+    """f's source as Bob runs it, as one deterministic byte string: per file its path in the
+    installed package, its length and its stripped source; then the pins. All of f's files, or
+    (`config`) those a run with these settings needs."""
     parts = []
-    for path in source_files(config):
-        body = path.read_bytes()
-        if stripped:
-            body = strip_python(body.decode()).encode()
-        parts.append(f"{path.relative_to(ROOT).as_posix()}\n{len(body)}\n".encode() + body)
+    for name, path in source_files(config).items():
+        body = strip_python(path.read_text()).encode()
+        parts.append(f"{DISTRIBUTION}/{name}\n{len(body)}\n".encode() + body)
     body = pins()
-    parts.append(f"{PINS}\n{len(body)}\n".encode() + body)
+    parts.append(f"pins\n{len(body)}\n".encode() + body)
     return b"".join(parts)
 
 
 def code_hash() -> str:
-    """Identifies the exact training code; the decoder refuses a stream from other code."""
+    """Identifies the exact training code, as |f| counts it; the decoder refuses a stream from other code."""
     return hashlib.sha256(source_bundle()).hexdigest()
 
 
@@ -115,7 +126,7 @@ def f_parts(config, config_yaml: str, tokenizer_blob: bytes, order_bits: int = 0
     settings are `config_yaml`). `order_bits`: a content-dependent curriculum order's cost (0 for
     orders the decoder rebuilds from config + seed; see training/curriculum.py)."""
     return {
-        "source": packed_bits(source_bundle(stripped=True, config=config)),
+        "source": packed_bits(source_bundle(config)),
         "config": packed_bits(config_yaml.encode()),
         "tokenizer": packed_bits(tokenizer_blob),
         "order": order_bits,

@@ -1,17 +1,15 @@
-"""Alice's side of the stream, which Bob does not need and f does not hold (tools/program.py).
+"""Alice's side of the stream, which Bob does not need and f does not hold (prequel/program.py).
 
 `Encoder` queues a batch's symbols for the range coder; `encode_known` codes a batch whose logits
 the training forward has all given, in `code_batch`'s column-major order through the same
 `coding_probabilities` (training/coding.py), so the very words Bob's column-by-column `code_batch`
 decodes (tests/test_stream.py). `StreamEncoder` is the callback that does it after every first-pass
 batch; `state_sha256` fingerprints the training state at each checkpoint for the audit
-(tools/audit.py). `encode_stream` writes the layout training/stream.py reads.
+(prequel/verify/audit.py). `write_stream` writes a stream file (the layout: training/stream.py).
 """
 
 import hashlib
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import constriction
@@ -19,30 +17,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from callbacks.arithmetic_stream import StreamCallback, parameters_sha256
-from tools.files import write_atomic
-from training.coding import MODEL, coding_probabilities
-from training.data import IGNORE, Tape
-from training.stream import MAGIC, VERSION, Segment, Stream
+from prequel.callbacks.arithmetic_stream import StreamCallback, parameters_sha256
+from prequel.files import write_atomic
+from prequel.training.coding import MODEL, coding_probabilities
+from prequel.training.data import IGNORE, Tape
+from prequel.training.stream import Segment, Stream, encode_stream
 
 _ONE_PASS_FLOATS = 1 << 20  # probabilities an Encoder codes per constriction call, at most
-
-
-def _json_section(obj: dict) -> bytes:
-    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
-
-
-def encode_stream(stream: Stream) -> bytes:
-    payload = [struct.pack("<I", len(stream.segments))]
-    for seg in stream.segments:
-        payload.append(struct.pack("<QQ", seg.batches, len(seg.words)))
-        payload.append(np.ascontiguousarray(seg.words, dtype="<u4").tobytes())
-    payload = b"".join(payload)
-    return b"".join([
-        MAGIC, struct.pack("<H", VERSION), _json_section(stream.header),
-        payload, struct.pack("<I", zlib.crc32(payload)), _json_section(stream.trailer),
-    ])
 
 
 def write_stream(path: Path, stream: Stream) -> int:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from tools.config import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes, regular_file_size
-from tools.curriculum import difficulty_labels
-from tools.files import write_atomic
-from training.curriculum import chunk_spans
-from training.data import DataError
+from prequel.checks.settings import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes, regular_file_size
+from prequel.alice.difficulty import difficulty_labels
+from prequel.files import write_atomic
+from prequel.resources import BUNDLED_CORPUS
+from prequel.training.curriculum import chunk_spans
+from prequel.training.data import DataError
 
-BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 BUNDLED_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 IGNORE = -100  # target id of padding positions
 

@@ -20,20 +20,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.code_length import CodeLength
-from tools.config import Config, ConfigError, check_memory, counted_yaml, dump_yaml, program_dict
-from tools.curriculum import labels_to_header, order_bits
-from tools.data import order_labels, read_corpus
-from tools.encode import StreamEncoder
-from tools.environment import facts as environment_facts
-from tools.files import TEMP_SUFFIX, write_atomic
-from tools.program import code_hash, f_parts
-from tools.tokenizer import build_tokenizer
-from tools.verify import STREAM_NAME
-from training.data import DataError, PrequelDataModule, Tape
-from training.header import TrainingHeader
-from training.module import PrequelModule
-from training.run import build_trainer, set_determinism
+from prequel.callbacks.code_length import CodeLength
+from prequel.checks.settings import Config, ConfigError, check_memory, counted_yaml, dump_yaml, program_dict
+from prequel.alice.difficulty import labels_to_header, order_bits
+from prequel.alice.corpus import order_labels, read_corpus
+from prequel.alice.encoder import StreamEncoder
+from prequel.checks.machine import facts as environment_facts
+from prequel.files import TEMP_SUFFIX, write_atomic
+from prequel.program import code_hash, f_parts
+from prequel.alice.tokenizing import build_tokenizer
+from prequel.verify.verifier import STREAM_NAME
+from prequel.training.data import DataError, PrequelDataModule, Tape
+from prequel.training.header import TrainingHeader
+from prequel.training.module import PrequelModule
+from prequel.training.run import build_trainer, set_determinism
 
 IDENTITY_NAME = "run.json"  # what the run directory is a run of: the program's settings + the data's sha256
 LOCK_NAME = ".lock"
