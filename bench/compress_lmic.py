@@ -27,7 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prequel.compress.codec import code_top_k, compress, decompress  # noqa: E402
+from prequel.compress.chunks import code_top_k  # noqa: E402
+from prequel.compress.codec import compress, decompress  # noqa: E402
 from prequel.alice.encoder import Encoder  # noqa: E402
 from prequel.training.coding import Decoder, code_batch  # noqa: E402
 

@@ -9,6 +9,9 @@ bound n of arithmetic coding:
 
 Only epoch 0 is a first pass: every plan visits each token exactly once per epoch, so later
 epochs' loss is reported as `train/last_epoch_bpb` and never called code length.
+
+Any causal LM module can be measured: what it must expose is stated and checked in
+callbacks/contract.py (`CodeLengthModule`); examples/own_lm.py is one that is not prequel's GPT.
 """
 
 import math
@@ -17,6 +20,8 @@ from typing import Any
 import lightning as L
 import torch
 from torchmetrics import Metric
+
+from prequel.callbacks.contract import Coded, CodeLengthModule, require, require_coded
 
 
 class BitsMetric(Metric):
@@ -51,6 +56,8 @@ class CodeLength(L.Callback):
         return sum(self.f_parts.values())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require(pl_module, CodeLengthModule, "CodeLength")
+        self._coded_checked = False
         self.first_pass.to(pl_module.device)
         self.last_epoch.to(pl_module.device)
 
@@ -60,6 +67,9 @@ class CodeLength(L.Callback):
         self._restored_epoch = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._coded_checked:  # once: what training_step stored has the fields Σ needs
+            require_coded(pl_module, Coded, "CodeLength")
+            self._coded_checked = True
         coded = pl_module.coded
         if not coded.fresh:  # a replay step: data already counted
             return
@@ -94,6 +104,7 @@ class CodeLength(L.Callback):
 
     # Resume: the sums continue exactly where the checkpoint left them.
     _restored_epoch: int | None = None
+    _coded_checked = False
 
     def state_dict(self) -> dict[str, Any]:
         return {  # global sums (compute() syncs across processes)

@@ -17,5 +17,15 @@ def shipped(*parts: str) -> Path:
     raise FileNotFoundError(f"prequel's {parts[0]}/ is neither in {_PACKAGE} nor beside it (a broken install?)")
 
 
+def config_path(name: str | Path) -> Path:
+    """A config file as given; else, for ``configs/...`` that is not there, the shipped one, so
+    ``prequel --config configs/small.yaml`` works from any directory (a file of that name here wins)."""
+    path = Path(name)
+    if path.exists() or path.is_absolute() or path.parts[:1] != ("configs",):
+        return path
+    packaged = shipped(*path.parts)
+    return packaged if packaged.exists() else path
+
+
 CONFIGS = shipped("configs")
 BUNDLED_CORPUS = shipped("data", "tinyshakespeare.txt")

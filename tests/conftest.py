@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
-from tests.helpers import ROOT  # noqa: E402  (imports torch: after the pins)
+from tests.helpers import ROOT, tiny_config  # noqa: E402  (imports torch: after the pins)
 
 
 @pytest.fixture
@@ -29,3 +29,18 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     path.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000])
     return path
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """One tiny finished run with the stream on (checkpoints every 4 steps): the reference that
+    fault and fuzz tests compare with."""
+    from prequel.alice.session import train
+    from prequel.verify.verifier import STREAM_NAME
+
+    root = tmp_path_factory.mktemp("reliability")
+    text = root / "text.txt"
+    text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000])
+    run_dir = root / "reference"
+    train(tiny_config(text, run_dir, "--trainer.checkpoint_every_n_steps", "4"))
+    return {"root": root, "text": text, "run_dir": run_dir, "stream": (run_dir / STREAM_NAME).read_bytes()}

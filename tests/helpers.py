@@ -75,3 +75,21 @@ def wandb_offline_summary(run_dir: Path) -> dict:
             if record.WhichOneof("record_type") == "summary":
                 summary.update({item.key: json.loads(item.value_json) for item in record.summary.update})
     return summary
+
+
+def run_main(*args) -> tuple[int, str, str]:
+    """The CLI's entry point in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from prequel.cli.commands import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def files_under(directory: Path) -> set[str]:
+    """Every path under `directory`, relative to it."""
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*")}

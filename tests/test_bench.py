@@ -9,8 +9,8 @@ from tests.helpers import ROOT, TINY
 
 SCRIPTS = {
     "step_overhead.py": (["--steps", "3", "--warmup", "1", "--repeats", "1"], "ratio"),
-    "stream.py": (["--tokens", "1500", "--warmup", "2", "--repeats", "1", "--decode-tokens", "800",
-                   "--vocab", "256", "--rows", "2", "--cols", "4"], "decode / train time"),
+    "stream_speed.py": (["--tokens", "1500", "--warmup", "2", "--repeats", "1", "--decode-tokens", "800",
+                         "--vocab", "256", "--rows", "2", "--cols", "4"], "decode / train time"),
 }
 
 

@@ -6,7 +6,7 @@ import yaml
 
 from prequel.cli import commands as cli
 from tests.helpers import TINY, run_cli
-from prequel.reports.comparison import Budget, Sweep, parse_sweep, run_sweep, size_config
+from prequel.reports.sweep import Budget, Sweep, parse_sweep, run_sweep, size_config
 from prequel.checks.settings import ConfigError
 from prequel.reports.prefix import FRACTIONS, catch_up, prefix_rows
 

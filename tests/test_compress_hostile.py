@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, assert_refused, trained_tiny_model
-from prequel.compress.codec import BudgetedDecoder, CompressError, _payload_capacity_bits, compress, decompress
-from prequel.checks.settings import MEMORY_ENV, ConfigError
+from prequel.compress.chunks import BudgetedDecoder, payload_capacity_bits
+from prequel.compress.codec import compress, decompress
+from prequel.compress.frozen import CompressError
+from prequel.checks.settings import ConfigError
+from prequel.checks.memory import MEMORY_ENV
 from prequel.training.stream import encode_stream
 from prequel.training.data import DataError
 from prequel.training.stream import StreamError, read_stream
@@ -191,7 +194,7 @@ def test_the_payload_bound_never_refuses_a_real_stream():
         encoder.encode(symbols, model, probs)
         decoder = BudgetedDecoder(encoder.get_compressed())
         assert decoder.code(None, probs).numpy().tolist() == symbols.tolist()
-        assert decoder.bits <= decoder.capacity_bits == _payload_capacity_bits(len(encoder.get_compressed()))
+        assert decoder.bits <= decoder.capacity_bits == payload_capacity_bits(len(encoder.get_compressed()))
 
 
 def test_decoding_past_the_last_word_runs_out():

@@ -1,6 +1,6 @@
 """The typed stream headers: the JSON layout of real headers survives a round trip (f's
 `TrainingHeader.from_dict`), and a forged header is refused by the checks (prequel/checks/stream_header.py
-`checked`), naming what is wrong."""
+`checked_header`), naming what is wrong."""
 
 import subprocess
 import sys
@@ -64,13 +64,13 @@ def test_a_header_without_an_order_has_no_order_key(text_file, tmp_path):
     config = tiny_config(text_file, tmp_path / "run")
     d = through_a_file(stream_header(config, build_tokenizer("bytes"), 4000), tmp_path)
     assert "order" not in d and d["tokenizer"] == {"name": "bytes", "blob": ""}
-    header = headers.checked(d)
+    header = headers.checked_header(d)
     assert header.order is None and header.labels() is None and header.to_dict() == d
 
 
 def test_the_committed_stream_header_round_trips():
     d = read_stream(ROOT / "tests" / "fixtures" / "portable.prequel").header
-    assert headers.checked(d).to_dict() == d
+    assert headers.checked_header(d).to_dict() == d
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -99,16 +99,16 @@ def test_a_forged_training_header_is_refused_naming_the_field(bpe_difficulty, fi
     else:
         d[field] = value
     with pytest.raises(StreamError) as e:
-        headers.checked(d)
+        headers.checked_header(d)
     assert str(e.value).startswith(message), str(e.value)
 
 
 def test_a_tokenizer_blob_that_does_not_parse_is_refused_when_built(bpe_difficulty):
     d = stream_header(*bpe_difficulty)
     d["tokenizer"]["blob"] = "00ff"
-    header = headers.checked(d)  # hex, and only the tokenizer can read its content
+    header = headers.checked_header(d)  # hex, and only the tokenizer can read its content
     with pytest.raises(StreamError, match="^header corrupted: tokenizer: "):
-        headers.tokenizer(header)
+        headers.checked_tokenizer(header)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,8 @@ import torch
 
 from prequel.models.gpt import GPT, GPTConfig
 from tests.helpers import ROOT, TINY, assert_refused
-from prequel.checks.settings import (
-    DEFAULT_MAX_MEMORY_GB,
-    MEMORY_ENV,
-    ConfigError,
-    MemoryLimitError,
-    check_memory,
-    load_config,
-    parameter_count,
-)
+from prequel.checks.settings import ConfigError, load_config
+from prequel.checks.memory import DEFAULT_MAX_MEMORY_GB, MEMORY_ENV, MemoryLimitError, check_memory, parameter_count
 from prequel.alice.difficulty import labels_to_header
 from prequel.alice.corpus import read_corpus
 from prequel.training.stream import encode_stream

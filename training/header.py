@@ -34,7 +34,7 @@ class TrainingHeader:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainingHeader":
-        """The header as stored (prequel/checks/stream_header.py `checked` checks it first)."""
+        """The header as stored (prequel/checks/stream_header.py `checked_header` checks it first)."""
         tokenizer = d["tokenizer"]
         return cls(d["config"], tokenizer["name"], bytes.fromhex(tokenizer["blob"]), d["data_tokens"], d["code_hash"],
                    d["environment"], d["precision"], d["compile"], d.get("order"))

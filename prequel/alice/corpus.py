@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from prequel.checks.settings import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes, regular_file_size
+from prequel.checks.settings import regular_file_size
+from prequel.checks.memory import corpus_limit_text, format_bytes, max_corpus_bytes
 from prequel.alice.difficulty import difficulty_labels
 from prequel.files import write_atomic
 from prequel.resources import BUNDLED_CORPUS
@@ -79,27 +80,17 @@ def fetch_dataset(name: str) -> Path:
     return path
 
 
-def max_corpus_bytes() -> int:
-    """The largest corpus the memory limit allows: training holds ~TAPE_BYTES_PER_TOKEN per byte."""
-    return max_memory_bytes() // TAPE_BYTES_PER_TOKEN
-
-
-def _too_big() -> str:
-    return (f"training holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of data, and the memory limit is "
-            f"{format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if this machine has the memory")
-
-
 def _read_file(path: Path) -> bytes:
     """A regular file's bytes, checked before reading (`regular_file_size`): at most `max_corpus_bytes`."""
     limit = max_corpus_bytes()
-    regular_file_size(path, "data.path", limit, _too_big(), error=DataError)
+    regular_file_size(path, "data.path", limit, corpus_limit_text(), error=DataError)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"data.path: cannot read {path}: {e.strerror}") from None
     if len(data) > limit:  # it grew between the check and the read
         raise DataError(f"data.path: {path} grew to {format_bytes(len(data))} while being read, more than the "
-                        f"{format_bytes(limit)} allowed ({_too_big()})")
+                        f"{format_bytes(limit)} allowed ({corpus_limit_text()})")
     return data
 
 
@@ -133,10 +124,10 @@ def read_documents(path: str | None) -> list[Document]:
         else:
             files, names = [p], [str(p)]
     limit = max_corpus_bytes()
-    total = sum(regular_file_size(f, "data.path", limit, _too_big(), error=DataError) for f in files)  # before reading
+    total = sum(regular_file_size(f, "data.path", limit, corpus_limit_text(), error=DataError) for f in files)  # before reading
     if total > limit:
         raise DataError(f"data.path: the {len(files):,} files of {path} are {format_bytes(total)} in all, more than "
-                        f"the {format_bytes(limit)} allowed ({_too_big()})")
+                        f"the {format_bytes(limit)} allowed ({corpus_limit_text()})")
     return [Document(name, _read_file(f)) for name, f in zip(names, files)]
 
 

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from prequel.callbacks.arithmetic_stream import StreamCallback, parameters_sha256
+from prequel.callbacks.contract import ContractError, StreamCoded, StreamModule, require, require_coded
 from prequel.files import write_atomic
 from prequel.training.coding import MODEL, coding_probabilities
 from prequel.training.data import IGNORE, Tape
+from prequel.training.module import PrequelModule
 from prequel.training.stream import Segment, Stream, encode_stream
 
 _ONE_PASS_FLOATS = 1 << 20  # probabilities an Encoder codes per constriction call, at most
@@ -113,12 +115,25 @@ class StreamEncoder(StreamCallback):
         self.coder = Encoder()
         self._segment_start = 0  # coded_batches when the open segment began
         self.boundaries: list[dict] = []  # per checkpoint: step, coded batches, state_sha256
+        self._coded_checked = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        require(pl_module, StreamModule, "StreamEncoder")
+        if not isinstance(pl_module, PrequelModule):  # Bob rebuilds f's module from the header, no other
+            raise ContractError(f"StreamEncoder: {type(pl_module).__name__} is not prequel's PrequelModule, and "
+                                "`verify` decodes a stream by rebuilding that module from the header: f does not "
+                                "hold another module's code. Measure it with CodeLength alone (no stream).")
+        self._coded_checked = False
+        super().setup(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.procedure == "incremental" and pl_module.is_first_pass(batch):
             self._code_before_step(trainer, pl_module, self.tape.batch(batch["spans"])[1], batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._coded_checked:
+            require_coded(pl_module, StreamCoded, "StreamEncoder")
+            self._coded_checked = True
         coded = pl_module.coded
         if not coded.first_pass:
             return

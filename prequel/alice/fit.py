@@ -21,7 +21,8 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from prequel.callbacks.code_length import CodeLength
-from prequel.checks.settings import Config, ConfigError, check_memory, counted_yaml, dump_yaml, program_dict
+from prequel.checks.settings import Config, ConfigError, counted_yaml, dump_yaml, program_dict
+from prequel.checks.memory import check_memory
 from prequel.alice.difficulty import labels_to_header, order_bits
 from prequel.alice.corpus import order_labels, read_corpus
 from prequel.alice.encoder import StreamEncoder

@@ -1,11 +1,11 @@
 """The checks of a stream's header, and the header of a file compressed with a frozen model.
 
 A training stream's header (training/header.py `TrainingHeader`, part of f) is read back with
-`checked`, the one place a header read from a file is checked. The checksums only catch accidents,
+`checked_header`, the one place a header read from a file is checked. The checksums only catch accidents,
 so a forged header with valid checksums must still fail here, naming the field, before the reader
 allocates or decodes anything: `StreamError("header corrupted: <field>: <what is wrong>")`. Every
 number that sizes memory (the settings, data_tokens, the order, a compressed file's token count) is
-also held to the memory limit (prequel/checks/settings.py `check_memory`), so a header that is well-formed but
+also held to the memory limit (prequel/checks/memory.py), so a header that is well-formed but
 asks for more than this machine allows is refused, named, before decoding. These checks decide
 whether Bob decodes, not what he decodes: outside f.
 
@@ -73,9 +73,9 @@ def _check_threads(environment: dict) -> None:
 
 
 
-def checked(d: dict) -> TrainingHeader:
+def checked_header(d: dict) -> TrainingHeader:
     """A training stream's header with every field checked, the settings and the order parsed;
-    the tokenizer blob's content is checked where it is parsed, by `tokenizer()`."""
+    the tokenizer blob's content is checked where it is parsed, by `checked_tokenizer`."""
     if not isinstance(d, dict):
         raise StreamError("header corrupted: not a JSON object")
     config = _field(d, "config", dict, "a JSON object")
@@ -99,16 +99,17 @@ def checked(d: dict) -> TrainingHeader:
     _check_threads(environment)
     # Parsing is the check, in this order: the settings and data_tokens are held to the memory
     # limit before the order, whose size they fix, is decompressed.
-    settings, levels = program(header), labels(header)
+    settings, levels = checked_settings(header), checked_order(header)
     if settings.data.curriculum == "difficulty" and levels is None:
         raise StreamError("header corrupted: a difficulty order needs its transmitted levels (header['order'])")
     return header
 
 
-def program(header: TrainingHeader, vocab_size: int | None = None):
+def checked_settings(header: TrainingHeader, vocab_size: int | None = None):
     """The run's settings (a `training.config.Config`), every value checked and held with
-    data_tokens to the memory limit; `vocab_size`: the tokenizer's, when it is known (see `tokenizer`)."""
-    from prequel.checks.settings import MemoryLimitError, check_memory, config_from_dict, max_memory_bytes
+    data_tokens to the memory limit; `vocab_size`: the tokenizer's, when it is known (see `checked_tokenizer`)."""
+    from prequel.checks.settings import config_from_dict
+    from prequel.checks.memory import MemoryLimitError, check_memory, max_memory_bytes
 
     limit = max_memory_bytes()  # (a bad $PREQUEL_MAX_MEMORY_GB is the user's ConfigError, not the header's)
     try:
@@ -125,10 +126,10 @@ def program(header: TrainingHeader, vocab_size: int | None = None):
     return config
 
 
-def labels(header: TrainingHeader):
+def checked_order(header: TrainingHeader):
     """The transmitted curriculum order, checked: decompressed only up to the
     ceil(data_tokens / block_size) levels the header's sizes allow."""
-    config = program(header)
+    config = checked_settings(header)
     if header.order is None:
         return None
     if config.data.curriculum != "difficulty":
@@ -140,38 +141,27 @@ def labels(header: TrainingHeader):
         raise _corrupted("order", str(e)) from None
 
 
-def tokenizer(header: TrainingHeader):
+def checked_tokenizer(header: TrainingHeader):
     """The tokenizer, its blob's content checked where it is parsed, and the settings held to the
     memory limit again with its real vocabulary size."""
     try:
         parsed = header.tokenizer()
     except (KeyError, TypeError, ValueError) as e:  # (TokenizerError is a ValueError)
         raise _corrupted("tokenizer", str(e)) from None
-    program(header, vocab_size=parsed.vocab_size)
+    checked_settings(header, vocab_size=parsed.vocab_size)
     return parsed
-
-
-def _check_token_memory(tokens: int) -> None:
-    """Decompressing holds the tokens (int64) and the bytes they decode to: held to the memory limit."""
-    from prequel.checks.settings import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes
-
-    need, limit = tokens * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
-    if need > limit:
-        raise StreamError(f"the file's header asks for more memory than allowed: tokens = {tokens:,} need about "
-                          f"{format_bytes(need)}, more than the limit of {format_bytes(limit)}; if this machine has "
-                          f"the memory, raise the limit: {MEMORY_ENV}={-(-need // 10**9)}")
 
 
 @dataclass(frozen=True)
 class CompressHeader:
-    format: int  # lmic.FORMAT: bumped when the coding procedure changes bits
+    format: int  # prequel.compress.codec.FORMAT: bumped when the coding procedure changes bits
     original_bytes: int
     tokens: int
     chunk_size: int  # tokens per chunk, each coded from a fresh BOS context
     batch_chunks: int  # chunks coded at once (fixes the shapes, hence the bits)
     top_k: int  # 0 = off
     model_checkpoint: str  # the checkpoint's file name, for the error message when it is the wrong one
-    model_sha256: str  # the architecture and the parameters' bits (lmic.FrozenModel.model_sha256)
+    model_sha256: str  # the architecture and the parameters' bits (prequel.compress.frozen.FrozenModel.model_sha256)
     tokenizer_name: str
     tokenizer_sha256: str
     environment: dict  # the facts that change bits, checked as for a training stream
@@ -198,7 +188,9 @@ class CompressHeader:
         tokenizer = _field(d, "tokenizer", dict, "a JSON object")
         environment = _field(d, "environment", dict, "a JSON object")
         _check_threads(environment)
-        _check_token_memory(_count(d, "tokens", 0))
+        from prequel.checks.memory import check_token_memory
+
+        check_token_memory(_count(d, "tokens", 0))
         return cls(
             format=_count(d, "format", 1),
             original_bytes=_count(d, "original_bytes", 0),

@@ -189,6 +189,7 @@ def _os_error(e: OSError) -> int:
 
 def _compress(args: argparse.Namespace, overrides: list[str]) -> int:
     from prequel.compress import codec as lmic
+    from prequel.compress.rates import format_report
 
     try:
         r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size,
@@ -196,7 +197,7 @@ def _compress(args: argparse.Namespace, overrides: list[str]) -> int:
                           kernels=args.kernels, overwrite=args.force)
     except OSError as e:
         return _os_error(e)
-    print(lmic.format_report(r))
+    print(format_report(r))
     return 0
 
 
@@ -225,7 +226,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-runs", nargs="+", metavar="RUN_DIR", help="compare these finished runs; train nothing")
 
     def epilog() -> str:
-        from prequel.reports.comparison import Sweep
+        from prequel.reports.sweep import Sweep
 
         return keys_help(Sweep, "sweep keys: set in the sweep YAML, or --KEY VALUE")
 
@@ -234,7 +235,7 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from prequel.reports.comparison import from_command_line
+    from prequel.reports.sweep import from_command_line
     from prequel.alice.fit import Interrupted
 
     try:

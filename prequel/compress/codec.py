@@ -21,287 +21,39 @@ two-part code sends the model too: *adjusted* rate = (compressed + |model|) / or
 
 import functools
 import hashlib
-import json
-import math
 import os
 import stat
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
-from prequel.callbacks.arithmetic_stream import parameters_sha256
-from prequel.models.gpt import GPT, GPTConfig
-from prequel.models.kv_cache import incremental_logits
-from prequel.checks.settings import (
-    MAX_THREADS,
-    MEMORY_ENV,
-    TAPE_BYTES_PER_TOKEN,
-    Config,
-    ConfigError,
-    config_from_dict,
-    format_bytes,
-    max_memory_bytes,
-    regular_file_size,
-)
-from prequel.alice.corpus import read_corpus
+from prequel.checks.settings import MAX_THREADS, ConfigError, regular_file_size
+from prequel.checks.memory import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes
 from prequel.alice.encoder import Encoder
 from prequel.training.stream import encode_stream
 from prequel.checks.machine import check as check_environment
 from prequel.checks.machine import facts as environment_facts
 from prequel.files import write_atomic
 from prequel.checks.stream_header import CompressHeader
-from prequel.program import packed_bits
-from prequel.reports.summary import classic_baselines, text_table
-from prequel.alice.tokenizing import build_tokenizer
 from prequel.verify.verifier import STREAM_NAME
-from prequel.training.coding import Decoder, code_batch
-from prequel.training.data import IGNORE, DataError
+from prequel.training.data import DataError
 from prequel.training.environment import KernelError, ensure_kernels
 from prequel.training.stream import Segment, Stream, StreamError, read_stream
+from prequel.checks.memory import coding_batch_bytes, over_limit_text
+from prequel.compress.chunks import BudgetedDecoder, code_spans, min_symbol_bits, payload_capacity_bits
+from prequel.compress.frozen import CompressError, FrozenModel, load_frozen, run_dir_of
+from prequel.compress.rates import rate_report
 
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache
 # One step is many small ops; with more threads each op ends at an OpenMP barrier, and on a
 # busy machine a descheduled thread stalls it for a time slice (measured 14x slower with 2).
 DEFAULT_THREADS = 1
-_PRECISION = 24  # constriction's range coder: probabilities in 24-bit fixed point, 32-bit words, a 64-bit state
 _STREAM_READ_COPIES = 4  # decompress holds its input file about this many times over (bytes, parse, words)
 
 
-class CompressError(StreamError):
-    """A checkpoint or compressed file that cannot be used as is; the message says why."""
 
-
-@dataclass
-class FrozenModel:
-    gpt: GPT
-    tokenizer: object  # ByteTokenizer | BPETokenizer
-    path: Path  # the checkpoint file
-    params_sha256: str
-    param_bytes: int  # parameters at their stored precision, a shared (tied) tensor once
-
-    @property
-    def model_sha256(self) -> str:
-        """What fixes the probabilities: the architecture and the parameters' bits."""
-        config = json.dumps(asdict(self.gpt.config), sort_keys=True)
-        return hashlib.sha256(f"{config}\n{self.params_sha256}".encode()).hexdigest()
-
-    @property
-    def tokenizer_sha256(self) -> str:
-        return hashlib.sha256(self.tokenizer.name.encode() + b"\n" + self.tokenizer.serialize()).hexdigest()
-
-    @property
-    def tokenizer_bytes(self) -> int:
-        return packed_bits(self.tokenizer.serialize()) // 8  # as |f| counts it; 0 for bytes
-
-
-def checkpoint_path(path: Path) -> Path:
-    path = Path(path)
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise CompressError(f"no checkpoint at {ckpt} (give a run directory or a .ckpt file)")
-    return ckpt
-
-
-def load_frozen(path: Path) -> FrozenModel:
-    """The model, in eval mode, and its tokenizer from a run directory or a checkpoint file."""
-    ckpt_path = checkpoint_path(path)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors alike
-        raise CompressError(f"{ckpt_path} is not a readable checkpoint: {e}") from None
-    stored = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    state = {k.removeprefix("model."): v for k, v in stored.items() if isinstance(v, torch.Tensor)}
-    run_config = _run_config(ckpt, ckpt_path)
-    if run_config is not None and run_config.mixture.members:
-        raise CompressError(f"{ckpt_path} holds a mixture of {run_config.mixture.members}: compress codes with one "
-                            "model; train one size, or verify the mixture's own stream")
-    gpt = GPT(_gpt_config(ckpt, run_config, ckpt_path))
-    try:
-        gpt.load_state_dict(state)
-    except RuntimeError as e:
-        raise CompressError(f"{ckpt_path}: weights do not fit the model its config describes: {e}") from None
-    gpt.eval()
-    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
-    return FrozenModel(gpt, _tokenizer(ckpt_path, run_config, gpt.config.vocab_size), ckpt_path,
-                       parameters_sha256(gpt), sum(unique.values()))
-
-
-def _run_dir(ckpt_path: Path) -> Path | None:
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-
-
-def _run_config(ckpt: dict, ckpt_path: Path) -> Config | None:
-    """The run's settings: stored in the checkpoint, else the run directory's config.yaml."""
-    hparams = ckpt.get("hyper_parameters") or {}
-    try:
-        if isinstance(hparams.get("config"), dict):
-            return config_from_dict(hparams["config"])
-        run_dir = _run_dir(ckpt_path)
-        if run_dir is not None and (run_dir / "config.yaml").is_file():
-            return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (ConfigError, yaml.YAMLError) as e:
-        raise CompressError(f"{ckpt_path}: its run config is not valid: {e}") from None
-    return None
-
-
-def _gpt_config(ckpt: dict, run_config: Config | None, ckpt_path: Path) -> GPTConfig:
-    hparams = ckpt.get("hyper_parameters") or {}
-    try:
-        if isinstance(hparams.get("model"), dict):
-            return GPTConfig(**hparams["model"])
-        if run_config is not None and "vocab_size" in hparams:
-            return replace(run_config.model, vocab_size=int(hparams["vocab_size"]))
-    except TypeError as e:
-        raise CompressError(f"{ckpt_path}: model settings not understood: {e}") from None
-    raise CompressError(f"{ckpt_path} does not say which model it holds (no hyper_parameters and no "
-                        "config.yaml in its run directory): give a prequel checkpoint or run directory")
-
-
-def _tokenizer(ckpt_path: Path, run_config: Config | None, vocab_size: int):
-    """Bytes models need nothing; a BPE comes from the run's stream header, else is retrained
-    (deterministically) from the run's corpus, exactly as training built it."""
-    if vocab_size == 256:
-        return build_tokenizer("bytes")
-    run_dir = _run_dir(ckpt_path)
-    try:
-        if run_dir is not None and (run_dir / STREAM_NAME).is_file():
-            info = read_stream(run_dir / STREAM_NAME).header["tokenizer"]
-            tokenizer = build_tokenizer(info["name"], serialized=bytes.fromhex(info["blob"]))
-        elif run_config is not None:
-            d = run_config.data
-            data = None if d.tokenizer_file else read_corpus(d.path)
-            tokenizer = build_tokenizer(d.tokenizer, data=data, vocab_size=d.vocab_size, pretrained=d.tokenizer_file)
-        else:
-            raise CompressError(f"{ckpt_path}: a {vocab_size}-token model needs its BPE tokenizer; give its run directory")
-    except (DataError, StreamError, KeyError, ValueError) as e:
-        raise CompressError(f"{ckpt_path}: cannot rebuild the model's tokenizer: {e}") from None
-    if tokenizer.vocab_size != vocab_size:
-        raise CompressError(f"{ckpt_path}: the rebuilt tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}")
-    return tokenizer
-
-
-# --- the coding procedure, shared by both sides ------------------------------------------------
-def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Decoder, k: int) -> torch.Tensor:
-    """Code one symbol per row of `logits` (R, V) as its top-k rank, or escape + the symbol
-    among the other V - k; returns the symbols (decoded, or the given ones when encoding).
-
-    For large vocabularies: the k probabilities are taken from the full softmax (float32) and the
-    rest of the mass goes to an escape symbol k; on escape the symbol is then coded with the
-    model's distribution over the other V - k symbols. Nothing is lost (the escape path is the
-    exact conditional), and the V-entry quantisation runs only for escaped rows; but the top-k
-    selection is itself a pass over V, so on a CPU it saves little (docs/compress.md)."""
-    logits = logits.detach().float().cpu()
-    k = min(k, logits.shape[-1] - 1)
-    p_top, index = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)  # sorted: same input, same ranks
-    p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # leaky quantisation keeps it codable
-    hit = index == symbols[:, None]
-    rank = torch.where(hit.any(-1), hit.int().argmax(-1), k)  # the decoder's is a placeholder
-    rank = coder.code(rank, torch.cat([p_top, p_escape], -1).double().numpy())
-    out = index.gather(-1, rank.clamp(max=k - 1)[:, None])[:, 0]
-    escaped = rank == k
-    if escaped.any():  # the exact conditional: the softmax of the logits outside the top k
-        rest = torch.softmax(logits[escaped].scatter(-1, index[escaped], -torch.inf), dim=-1)
-        out[escaped] = coder.code(symbols[escaped], rest.double().numpy())
-    return out
-
-
-def code_chunks(gpt: GPT, targets: torch.Tensor, coder: Encoder | Decoder, top_k: int = 0) -> None:
-    """Encode the chunks (rows of `targets`, IGNORE after a chunk's end), or decode into them."""
-    code_rows = functools.partial(code_top_k, k=top_k) if top_k else None
-    code_batch(incremental_logits(gpt, targets, gpt.config.bos_id), targets, coder, code_rows)
-
-
-def code_spans(gpt: GPT, n_tokens: int, coder: Encoder | Decoder, chunk_size: int, batch_chunks: int, top_k: int,
-               tokens: torch.Tensor | None = None):
-    """Code `n_tokens` tokens, `batch_chunks` chunks at a time, and yield each batch's tokens: the
-    given `tokens` when encoding, what came back when decoding. A decoder holds one batch at a
-    time, so a header that lies about the count costs at most one batch before the payload runs out."""
-    per_batch = chunk_size * batch_chunks
-    for number, first in enumerate(range(0, n_tokens, per_batch), 1):
-        n = min(per_batch, n_tokens - first)
-        rows = -(-n // chunk_size)
-        where = f"batch {number} (tokens {first:,}..{first + n:,})"
-        try:
-            targets = torch.full((rows * chunk_size,), IGNORE, dtype=torch.long)
-            targets[:n] = 0 if tokens is None else tokens[first : first + n]  # 0: the decoder's placeholders
-            targets = targets.view(rows, chunk_size)
-            code_chunks(gpt, targets, coder, top_k)
-        except StreamError as e:
-            raise StreamError(f"{where}: {e}") from None
-        except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
-            if isinstance(e, RuntimeError) and "alloc" not in str(e):
-                raise
-            raise CompressError(f"{where}: out of memory coding {rows:,} chunks of {chunk_size} tokens at once; this "
-                                f"machine has less memory than {MEMORY_ENV} allows (lower it, or use a bigger "
-                                "machine)") from None
-        yield targets.flatten()[:n]
-
-
-def _min_symbol_bits(alphabet: int) -> float:
-    """The least one symbol can cost: the leaky quantisation leaves each other symbol a quantum."""
-    return -math.log2(1 - (alphabet - 1) / 2**_PRECISION)
-
-
-def _payload_capacity_bits(words: int) -> int:
-    """The most information a range coder can have coded into `words` words: its range starts
-    at 2**64 and never falls below 2**32, and each emitted word gives back 32 bits."""
-    return 32 * words + 32
-
-
-class BudgetedDecoder(Decoder):
-    """A Decoder that stops once the symbols it decoded carry more information than its words can.
-
-    Past the last word the range coder reads zeros and decodes on as if there were more, so the
-    coder alone never says that a header's token count is more than the payload holds. Each
-    symbol cost the encoder at least -log2 of its quantised probability, which is at most
-    p / sum(p) + 2 quanta of 2**-24 (constriction's fast leaky quantisation; 3 for float rounding)
-    and at most 1 - (A - 1) quanta (each of the other A - 1 symbols keeps one); so for a real file
-    this lower bound never exceeds `_payload_capacity_bits` (tests/test_compress_hostile.py)."""
-
-    def __init__(self, words):
-        super().__init__(words)
-        self.capacity_bits = _payload_capacity_bits(len(words))
-        self.bits = 0.0  # a lower bound of what the decoded symbols cost the encoder
-
-    def code(self, symbols: torch.Tensor | None, probs: np.ndarray) -> torch.Tensor:
-        try:
-            decoded = super().code(symbols, probs)
-        except StreamError:
-            if self.exhausted():
-                raise StreamError(self._ran_out()) from None
-            raise
-        p = probs[np.arange(len(decoded)), decoded.numpy()] / probs.sum(axis=1)
-        cost = np.maximum(-np.log2(np.minimum(1.0, p + 3 * 2.0**-_PRECISION)), _min_symbol_bits(probs.shape[1]))
-        self.bits += float(cost.sum())
-        if self.bits > self.capacity_bits:
-            raise StreamError(self._ran_out())
-        return decoded
-
-    def _ran_out(self) -> str:
-        words = (self.capacity_bits - 32) // 32
-        return (f"the payload ran out: its {words:,} words ({32 * words:,} bits) cannot hold the tokens decoded "
-                f"so far (at least {self.bits:,.0f} bits under the model): the header claims more tokens than the "
-                "file holds, or the payload is corrupted")
-
-
-def _batch_bytes(config: GPTConfig, rows: int) -> int:
-    """Memory for coding `rows` chunks at once: the KV cache and inputs (block_size positions),
-    then per step the logits, softmax and float64 probabilities, activations and attention."""
-    c, t = config.n_embd, config.block_size
-    return rows * (8 * config.n_layer * t * c + 16 * t + 24 * config.vocab_size + 64 * c + 8 * config.n_head * t)
-
-
-def _memory_text(what: str, need: int, limit: int) -> str:
-    return (f"{what} need about {format_bytes(need)}, more than the limit of {format_bytes(limit)}; if this machine "
-            f"has the memory, raise the limit: {MEMORY_ENV}={-(-need // 10**9)}")
-
-
-# --- the two commands ---------------------------------------------------------------------------
 def _keeps_threads(command):
     """The commands set torch's thread count (part of what fixes the bits); callers get theirs back."""
     @functools.wraps(command)
@@ -335,9 +87,9 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
     if not 1 <= chunk_size <= block_size:
         raise ConfigError(f"--chunk-size must be in 1..{block_size} (the model's block_size), got {chunk_size}")
     rows = min(batch_chunks, -(-len(data) // chunk_size))  # tokens <= bytes: the first batch is at most this
-    need, limit = _batch_bytes(frozen.gpt.config, rows) + len(data) * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
+    need, limit = coding_batch_bytes(frozen.gpt.config, rows) + len(data) * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
     if need > limit:
-        raise ConfigError(_memory_text(f"--batch-chunks {batch_chunks:,} (chunks coded at once) and the "
+        raise ConfigError(over_limit_text(f"--batch-chunks {batch_chunks:,} (chunks coded at once) and the "
                                        f"{len(data):,}-byte input", need, limit) + ", or lower --batch-chunks")
     torch.set_num_threads(threads or DEFAULT_THREADS)  # recorded in the header; decompress uses it
     started = time.perf_counter()
@@ -443,7 +195,7 @@ def _check_sizes(header: CompressHeader, stream: Stream, input_path: Path) -> No
     need, limit = original * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
     if need > limit:
         raise CompressError(f"{input_path}: the file's header asks for more memory than allowed: "
-                            + _memory_text(f"original_bytes = {original:,}", need, limit))
+                            + over_limit_text(f"original_bytes = {original:,}", need, limit))
     if not tokens:
         if stream.segments:
             raise _corrupted(input_path, "tokens = 0 (an empty original), but the file carries a payload")
@@ -472,18 +224,19 @@ def _check_sizes_for_model(header: CompressHeader, stream: Stream, frozen: Froze
         return
     words = len(stream.segments[0].words)
     alphabet = min(header.top_k, config.vocab_size - 1) + 1 if header.top_k else config.vocab_size
-    most = int(_payload_capacity_bits(words) / _min_symbol_bits(alphabet))
+    most = int(payload_capacity_bits(words) / min_symbol_bits(alphabet))
     if tokens > most:
         raise _corrupted(input_path, f"tokens = {tokens:,}, but its payload of {words:,} words can hold at most "
-                                     f"{most:,} (a token costs at least {_min_symbol_bits(alphabet):.2g} bits)")
+                                     f"{most:,} (a token costs at least {min_symbol_bits(alphabet):.2g} bits)")
     rows = min(header.batch_chunks, -(-tokens // header.chunk_size))
-    need = _batch_bytes(config, rows) + header.original_bytes * TAPE_BYTES_PER_TOKEN
+    need = coding_batch_bytes(config, rows) + header.original_bytes * TAPE_BYTES_PER_TOKEN
     if need > max_memory_bytes():
-        raise CompressError(f"{input_path}: the file's header asks for more memory than allowed: " + _memory_text(
+        raise CompressError(f"{input_path}: the file's header asks for more memory than allowed: " + over_limit_text(
             f"batch_chunks = {header.batch_chunks:,} (chunks decoded at once)", need, max_memory_bytes()))
 
 
-# --- files: what is read, what is written ------------------------------------------------------------
+
+# --- files: what is read, what is written ---------------------------------------------------------
 def _check_threads(threads: int | None) -> None:
     if threads is not None and threads > MAX_THREADS:
         raise ConfigError(f"--threads must be in 1..{MAX_THREADS}, got {threads}")
@@ -495,7 +248,7 @@ def _files_read(ckpt: Path, input_path: Path) -> list[tuple[str, Path]]:
     ckpt = Path(ckpt)
     ckpt_file = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
     files = [("the input", Path(input_path)), ("the checkpoint", ckpt_file)]
-    run_dir = _run_dir(ckpt_file)
+    run_dir = run_dir_of(ckpt_file)
     if run_dir is not None:
         files += [("the run's config", run_dir / "config.yaml"), ("the run's stream", run_dir / STREAM_NAME)]
     return files
@@ -553,37 +306,3 @@ def _read_input(path: Path) -> bytes:
     return data
 
 
-# --- the report ---------------------------------------------------------------------------------
-def rate_report(data: bytes, compressed_bytes: int, payload_bytes: int, frozen: FrozenModel) -> dict:
-    """Raw and adjusted rates next to the classic compressors, as fractions of the original."""
-    n = max(len(data), 1)
-    model_bytes = frozen.param_bytes + frozen.tokenizer_bytes
-    report = {
-        "original_bytes": len(data), "compressed_bytes": compressed_bytes, "payload_bytes": payload_bytes,
-        "param_bytes": frozen.param_bytes, "tokenizer_bytes": frozen.tokenizer_bytes, "params": frozen.gpt.num_params(),
-        "raw_rate": compressed_bytes / n, "adjusted_rate": (compressed_bytes + model_bytes) / n,
-        "bits_per_byte": 8 * compressed_bytes / n, "payload_bits_per_byte": 8 * payload_bytes / n,
-    }
-    for key, bpb in classic_baselines(data).items():
-        report[key.removeprefix("baseline/").replace("_bpb", "_rate")] = bpb / 8
-    return report
-
-
-def format_report(r: dict) -> str:
-    n = r["original_bytes"]
-    rows = [("what", "bytes", "rate", "bits/byte")]
-
-    def row(label: str, nbytes: float) -> None:
-        rows.append((label, f"{nbytes:,.0f}", f"{nbytes / max(n, 1):.4f}", f"{8 * nbytes / max(n, 1):.4f}"))
-
-    row("compressed file (raw rate)", r["compressed_bytes"])
-    row("  arithmetic-coded payload", r["payload_bytes"])
-    row("  header + framing", r["compressed_bytes"] - r["payload_bytes"])
-    row(f"model: {r['params']:,} parameters + tokenizer", r["param_bytes"] + r["tokenizer_bytes"])
-    row("compressed + model (adjusted rate)", r["compressed_bytes"] + r["param_bytes"] + r["tokenizer_bytes"])
-    for name, flag in (("gzip", "-9"), ("bzip2", "-9"), ("xz", "-9e")):
-        row(f"{name} {flag} of the same bytes", r[f"{name}_rate"] * n)
-    lines = text_table(rows)
-    lines.append(f"{n:,} bytes, {r['tokens']:,} tokens in {r['chunks']:,} chunks of {r['chunk_size']} "
-                 f"(top_k {r['top_k'] or 'off'}); compressed at {r['compress_MBps']:.3f} MB/s")
-    return "\n".join(lines)

@@ -63,8 +63,8 @@ class Checked:
 
 def checked_receiver(stream: Stream, allow_env_mismatch: bool = False, threads: int | None = None) -> Checked:
     """f from the stream header, checked against this code and machine, set up to replay."""
-    header = headers.checked(stream.header)
-    headers.tokenizer(header)  # its blob's content and real vocabulary size
+    header = headers.checked_header(stream.header)
+    headers.checked_tokenizer(header)  # its blob's content and real vocabulary size
     if header.code_hash != code_hash():
         raise StreamError("the stream was written by different prequel source code (code hash differs); "
                           "check out the commit that wrote it")

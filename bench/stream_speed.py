@@ -13,7 +13,7 @@
     symbols at each `--vocab` (no model: coding_probabilities + the range coder), and
     `coding_probabilities` column by column alone for comparison.
 
-    python bench/stream.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b,c] [--model.n_layer 4 ...]
+    python bench/stream_speed.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b,c] [--model.n_layer 4 ...]
 """
 
 import contextlib

@@ -5,7 +5,7 @@ Trains `--config` on the first `--bytes` of the bundled data with a checkpoint e
 separate `train.py` process, start-up included): verify, and the audit with every N of `--jobs`
 (threads per job: the encoder's // N). Prints seconds and the ratio to training.
 
-    python bench/audit.py [--config configs/small.yaml] [--bytes 200000] [--checkpoint-every 100] [--jobs 1,2]
+    python bench/audit_speed.py [--config configs/small.yaml] [--bytes 200000] [--checkpoint-every 100] [--jobs 1,2]
 
 Run it alone: processes that share cores slow each other (see README, "Benchmarks").
 """

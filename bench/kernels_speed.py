@@ -5,7 +5,7 @@ model on a prefix of its corpus through prequel's own Trainer and reports steady
 (common.lightning_tokens_per_s). The modes alternate `--repeats` times; prints the medians and
 the ratio portable / native (the default is portable only where this is ≥ 0.90).
 
-    python bench/kernels.py [--config configs/small.yaml] [--tokens 200000] [--repeats 3]
+    python bench/kernels_speed.py [--config configs/small.yaml] [--tokens 200000] [--repeats 3]
 """
 
 import argparse

@@ -8,7 +8,7 @@ in |f|: the transmitted order (`difficulty`) and the trained tokenizer (`bpe`). 
     sequential, shuffle, length_warmup, difficulty   (byte tokenizer)
     bpe                                              (BPE at --vocab_size, sequential)
 
-    python bench/curriculum.py [--config configs/small.yaml] [--max_bytes 200000] [--max_steps N]
+    python bench/curriculum_sweep.py [--config configs/small.yaml] [--max_bytes 200000] [--max_steps N]
                                [--variants sequential,bpe] [--vocab_size 1024] [--data.pacing root ...]
 
 The full default (tinyshakespeare, small.yaml, five variants) takes about 5 × 3 minutes on 2
