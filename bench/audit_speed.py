@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def timed(*args: str) -> float:
     started = time.perf_counter()
-    r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    r = subprocess.run(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     if r.returncode:
         sys.exit(f"train.py {' '.join(map(str, args))} failed:\n{r.stderr[-2000:]}")
     return time.perf_counter() - started
@@ -40,12 +45,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         text, run_dir = Path(tmp) / "text.txt", Path(tmp) / "run"
         text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[: args.bytes])
-        train_s = timed("--config", args.config, "--data.path", text, "--run_dir", run_dir,
-                        "--trainer.checkpoint_every_n_steps", args.checkpoint_every, "--logging.wandb", "false",
-                        "--logging.plot", "false", "--logging.progress_bar", "false")
+        train_s = timed(
+            "--config",
+            args.config,
+            "--data.path",
+            text,
+            "--run_dir",
+            run_dir,
+            "--trainer.checkpoint_every_n_steps",
+            args.checkpoint_every,
+            "--logging.wandb",
+            "false",
+            "--logging.plot",
+            "false",
+            "--logging.progress_bar",
+            "false",
+        )
         stretches = len(list((run_dir / "checkpoints").glob("step=*.ckpt")))
-        print(f"{args.config} on {args.bytes:,} bytes, a checkpoint every {args.checkpoint_every} steps: "
-              f"{stretches} stretches, {os.cpu_count()} cores")
+        print(
+            f"{args.config} on {args.bytes:,} bytes, a checkpoint every {args.checkpoint_every} steps: "
+            f"{stretches} stretches, {os.cpu_count()} cores"
+        )
         print(f"{'command':<28} {'seconds':>8} {'/ train':>8}")
         print(f"{'train':<28} {train_s:>8.1f} {1:>8.2f}")
         verify_s = timed("verify", run_dir)

@@ -30,15 +30,26 @@ from prequel.training.run import build_trainer, set_determinism  # noqa: E402
 
 # Nothing but training: no loggers, plots or progress bar (the scripts' overrides may turn them on).
 BENCH_OVERRIDES = [
-    "--logging.wandb", "false", "--logging.csv", "false", "--logging.plot", "false",
-    "--logging.progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.max_steps", "-1",
+    "--logging.wandb",
+    "false",
+    "--logging.csv",
+    "false",
+    "--logging.plot",
+    "false",
+    "--logging.progress_bar",
+    "false",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.max_steps",
+    "-1",
 ]
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
     """A bench script's parser: --config, and (parse_known_args) --dotted.keys overrides as in train.py."""
-    parser = argparse.ArgumentParser(allow_abbrev=False,
-                                     description=f"{description} Other --dotted.keys override the config, as in train.py.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=f"{description} Other --dotted.keys override the config, as in train.py."
+    )
     parser.add_argument("--config", default="configs/small.yaml", help="YAML config (default: %(default)s)")
     return parser
 
@@ -55,12 +66,16 @@ def bench_config(path: str, overrides: list[str]) -> Config:
 
 
 def print_environment(config: Config) -> None:
-    print(f"torch {torch.__version__}, lightning {L.__version__}, python {platform.python_version()}, "
-          f"{platform.machine()}; torch threads {torch.get_num_threads()} "
-          f"(trainer.num_threads {config.trainer.num_threads})")
+    print(
+        f"torch {torch.__version__}, lightning {L.__version__}, python {platform.python_version()}, "
+        f"{platform.machine()}; torch threads {torch.get_num_threads()} "
+        f"(trainer.num_threads {config.trainer.num_threads})"
+    )
     m, d = config.model, config.data
-    print(f"model {m.n_layer} × {m.n_embd} (head {m.head}), block_size {m.block_size}, batch_size {d.batch_size}, "
-          f"precision {config.trainer.precision}, compile {config.trainer.compile}")
+    print(
+        f"model {m.n_layer} × {m.n_embd} (head {m.head}), block_size {m.block_size}, batch_size {d.batch_size}, "
+        f"precision {config.trainer.precision}, compile {config.trainer.compile}"
+    )
 
 
 def corpus_prefix(config: Config, n_tokens: int):

@@ -162,10 +162,16 @@ def coder_speed(vocab: int, top_k: int, rows: int = 64, columns: int = 8, seed: 
     code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()), code_rows)
     done = time.perf_counter()
     assert torch.equal(decoded, targets)
-    ideal = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item() / math.log(2)
+    ideal = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), reduction="sum"
+    ).item() / math.log(2)
     n = targets.numel()
-    return {"bits_per_symbol": encoder.num_bits() / n, "ideal_bits_per_symbol": ideal / n,
-            "encode_sym_s": n / (middle - started), "decode_sym_s": n / (done - middle)}
+    return {
+        "bits_per_symbol": encoder.num_bits() / n,
+        "ideal_bits_per_symbol": ideal / n,
+        "encode_sym_s": n / (middle - started),
+        "decode_sym_s": n / (done - middle),
+    }
 
 
 def main() -> None:
@@ -183,31 +189,44 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         for k in [int(k) for k in args.top_k.split(",") if k] or [0]:
             r = coder_speed(args.coder_vocab, k)
-            print(f"| {'top_k ' + str(k) if k else 'full distribution'} | {r['bits_per_symbol']:.4f} | "
-                  f"{r['ideal_bits_per_symbol']:.4f} | {r['encode_sym_s']:,.0f} | {r['decode_sym_s']:,.0f} |", flush=True)
+            print(
+                f"| {'top_k ' + str(k) if k else 'full distribution'} | {r['bits_per_symbol']:.4f} | "
+                f"{r['ideal_bits_per_symbol']:.4f} | {r['encode_sym_s']:,.0f} | {r['decode_sym_s']:,.0f} |",
+                flush=True,
+            )
         return
     files = demo_files(args.out)
     tmp = Path(tempfile.mkdtemp())
-    print("| model | file | bytes | raw rate | adjusted rate | gzip -9 | xz -9e | domain codec | compress MB/s | decompress MB/s |")
+    print(
+        "| model | file | bytes | raw rate | adjusted rate | gzip -9 | xz -9e | domain codec | compress MB/s | decompress MB/s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in args.runs:
         for name, (path, codec, codec_bytes) in files.items():
             r = measure(run, path, tmp)
             domain = f"{codec_bytes / r['original_bytes']:.3f} ({codec})" if codec_bytes else "—"
-            print(f"| {run.name} ({r['params']:,} params, {r['param_bytes'] / 1e6:.2f} MB) | {name} | "
-                  f"{r['original_bytes']:,} | {r['raw_rate']:.3f} | {r['adjusted_rate']:.2f} | {r['gzip_rate']:.3f} | "
-                  f"{r['xz_rate']:.3f} | {domain} | {r['compress_MBps']:.3f} | {r['decompress_MBps']:.3f} |", flush=True)
-    variants = [("top_k", int(k)) for k in args.top_k.split(",") if k] + \
-               [("chunk_size", int(c)) for c in args.chunk_sizes.split(",") if c] + \
-               [("batch_chunks", int(b)) for b in args.batch_chunks.split(",") if b]
+            print(
+                f"| {run.name} ({r['params']:,} params, {r['param_bytes'] / 1e6:.2f} MB) | {name} | "
+                f"{r['original_bytes']:,} | {r['raw_rate']:.3f} | {r['adjusted_rate']:.2f} | {r['gzip_rate']:.3f} | "
+                f"{r['xz_rate']:.3f} | {domain} | {r['compress_MBps']:.3f} | {r['decompress_MBps']:.3f} |",
+                flush=True,
+            )
+    variants = (
+        [("top_k", int(k)) for k in args.top_k.split(",") if k]
+        + [("chunk_size", int(c)) for c in args.chunk_sizes.split(",") if c]
+        + [("batch_chunks", int(b)) for b in args.batch_chunks.split(",") if b]
+    )
     if variants and ALICE.is_file():
         print("\n| model | option | raw rate | bits/byte (payload) | compress MB/s | decompress MB/s |")
         print("|---|---|---:|---:|---:|---:|")
         for run in args.runs:
             for option, value in variants:
                 r = measure(run, ALICE, tmp, **{option: value})
-                print(f"| {run.name} | {option} {value} | {r['raw_rate']:.4f} | {r['payload_bits_per_byte']:.4f} | "
-                      f"{r['compress_MBps']:.3f} | {r['decompress_MBps']:.3f} |", flush=True)
+                print(
+                    f"| {run.name} | {option} {value} | {r['raw_rate']:.4f} | {r['payload_bits_per_byte']:.4f} | "
+                    f"{r['compress_MBps']:.3f} | {r['decompress_MBps']:.3f} |",
+                    flush=True,
+                )
     shutil.rmtree(tmp)
 
 

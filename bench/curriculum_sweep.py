@@ -38,12 +38,23 @@ VARIANTS = {
 }
 
 
-def run_variant(config_path: str, name: str, data_path: Path, run_dir: Path, overrides: list[str], vocab_size: int) -> dict:
+def run_variant(
+    config_path: str, name: str, data_path: Path, run_dir: Path, overrides: list[str], vocab_size: int
+) -> dict:
     extra = VARIANTS[name] + (["--data.vocab_size", str(vocab_size)] if name == "bpe" else [])
-    config = bench_config(config_path, [
-        "--data.path", str(data_path), "--run_dir", str(run_dir), "--stream.enabled", "false",
-        *extra, *overrides,
-    ])
+    config = bench_config(
+        config_path,
+        [
+            "--data.path",
+            str(data_path),
+            "--run_dir",
+            str(run_dir),
+            "--stream.enabled",
+            "false",
+            *extra,
+            *overrides,
+        ],
+    )
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # train() prints its own table; ours is below
         summary = train(config)
@@ -82,20 +93,26 @@ def main() -> None:
 
     base = dict(rows).get("sequential")
     print("\nbits per byte of the first pass; total = |f| (all parts) + n + Σ, over the bytes covered")
-    header = f"{'variant':<14} {'tokens':>9} {'bytes':>9} {'Σ bpb':>7} {'n bpb':>7} {'order bits':>10} " \
-             f"{'tokenizer bits':>14} {'total bpb':>9} {'vs sequential':>13} {'seconds':>7}"
+    header = (
+        f"{'variant':<14} {'tokens':>9} {'bytes':>9} {'Σ bpb':>7} {'n bpb':>7} {'order bits':>10} "
+        f"{'tokenizer bits':>14} {'total bpb':>9} {'vs sequential':>13} {'seconds':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name, s in rows:
         delta = f"{s['code/bpb'] - base['code/bpb']:+.4f}" if base and s["data/bytes"] == base["data/bytes"] else ""
-        print(f"{name:<14} {s['data/tokens']:>9,} {s['data/bytes']:>9,} {s['code/data_bpb']:>7.4f} "
-              f"{s['code/n_bits'] / max(s['data/bytes'], 1):>7.4f} {s['code/f_bits/order']:>10,} "
-              f"{s['code/f_bits/tokenizer']:>14,} {s['code/bpb']:>9.4f} {delta:>13} {s['seconds']:>7.0f}")
+        print(
+            f"{name:<14} {s['data/tokens']:>9,} {s['data/bytes']:>9,} {s['code/data_bpb']:>7.4f} "
+            f"{s['code/n_bits'] / max(s['data/bytes'], 1):>7.4f} {s['code/f_bits/order']:>10,} "
+            f"{s['code/f_bits/tokenizer']:>14,} {s['code/bpb']:>9.4f} {delta:>13} {s['seconds']:>7.0f}"
+        )
     if any(not s["data/complete"] for _, s in rows):
         print("\nPARTIAL passes (--max_steps): each row covers only the bytes its order reached; compare with care.")
     baselines = rows[0][1]
-    print(f"\nsame bytes: gzip {baselines['baseline/gzip_bpb']:.4f}, bzip2 {baselines['baseline/bzip2_bpb']:.4f}, "
-          f"xz {baselines['baseline/xz_bpb']:.4f} bpb (of the first row's bytes)")
+    print(
+        f"\nsame bytes: gzip {baselines['baseline/gzip_bpb']:.4f}, bzip2 {baselines['baseline/bzip2_bpb']:.4f}, "
+        f"xz {baselines['baseline/xz_bpb']:.4f} bpb (of the first row's bytes)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,12 +37,20 @@ def verify_on(cpu: str, stream: Path) -> tuple[bool, float, str]:
         copy = Path(tmp) / stream.name  # verify writes the decoded bytes beside the stream
         shutil.copyfile(stream, copy)
         started = time.perf_counter()
-        r = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, str(ROOT / "train.py"), "verify", str(copy)],
-                           capture_output=True, text=True, env=env, cwd=ROOT)
+        r = subprocess.run(
+            ["qemu-x86_64", "-cpu", cpu, sys.executable, str(ROOT / "train.py"), "verify", str(copy)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         seconds = time.perf_counter() - started
     ok = r.returncode == 0 and "OK" in r.stdout.split()
-    said = [line for line in (r.stdout if ok else r.stderr).splitlines()  # verify's own summary lines
-            if line.startswith(("decoded ", "batches decoded", "stream error"))]
+    said = [
+        line
+        for line in (r.stdout if ok else r.stderr).splitlines()  # verify's own summary lines
+        if line.startswith(("decoded ", "batches decoded", "stream error"))
+    ]
     return ok, seconds, "; ".join(said or [f"exit {r.returncode}"])
 
 

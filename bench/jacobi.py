@@ -71,10 +71,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "text.txt"
         text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[: args.bytes])
-        config = load_config(args.config, ["--data.path", str(text), "--run_dir", str(Path(tmp) / "run"),
-                                           "--stream.enabled", "false", "--logging.wandb", "false",
-                                           "--logging.csv", "false", "--logging.plot", "false",
-                                           "--logging.progress_bar", "false"])
+        config = load_config(
+            args.config,
+            [
+                "--data.path",
+                str(text),
+                "--run_dir",
+                str(Path(tmp) / "run"),
+                "--stream.enabled",
+                "false",
+                "--logging.wandb",
+                "false",
+                "--logging.csv",
+                "false",
+                "--logging.plot",
+                "false",
+                "--logging.progress_bar",
+                "false",
+            ],
+        )
         summary = train(config)
         ckpt = torch.load(Path(tmp) / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     module = PrequelModule(config, vocab_size=256)
@@ -82,13 +97,15 @@ def main() -> None:
     tokens = torch.tensor(list((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[: args.bytes]))
     tape = Tape(tokens, bos_id=256)
     batches = plan_batches(len(tokens), config.model.block_size, config.data.batch_size, "sequential", config.seed)
-    chosen = batches[-args.batches:]
+    chosen = batches[-args.batches :]
     L = config.model.block_size
     for column_major in (True, False):
         counts = [forwards_needed(module.model, tape, spans, column_major) for spans in chosen]
         name = "column-major (today's order)" if column_major else "row-wise sub-streams"
-        print(f"{name:<30} forwards per batch: mean {sum(counts) / len(counts):5.1f}, "
-              f"min {min(counts)}, max {max(counts)}  (block_size {L}; speed-up {L * len(counts) / sum(counts):.2f}x)")
+        print(
+            f"{name:<30} forwards per batch: mean {sum(counts) / len(counts):5.1f}, "
+            f"min {min(counts)}, max {max(counts)}  (block_size {L}; speed-up {L * len(counts) / sum(counts):.2f}x)"
+        )
     print(f"model after {args.bytes:,} bytes: {summary['code/data_bpb']:.3f} Σ bpb")
 
 

@@ -23,8 +23,9 @@ from prequel.training import environment
 def child(args, overrides: list[str]) -> None:
     config = bench_config(args.config, overrides + ["--trainer.kernels", args.child])
     tokenizer, _, tape = corpus_prefix(config, args.tokens)
-    rate = lightning_tokens_per_s(config, tape, tokenizer.vocab_size, [code_length_callback(config, tokenizer, len(tape))],
-                                  args.warmup)
+    rate = lightning_tokens_per_s(
+        config, tape, tokenizer.vocab_size, [code_length_callback(config, tokenizer, len(tape))], args.warmup
+    )
     print(f"tokens/s {rate:.1f}")
 
 

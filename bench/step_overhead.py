@@ -20,8 +20,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (bench_parser, bench_config, code_length_callback, corpus_prefix, lightning_tokens_per_s, median,
-                    print_environment)
+from common import (
+    bench_parser,
+    bench_config,
+    code_length_callback,
+    corpus_prefix,
+    lightning_tokens_per_s,
+    median,
+    print_environment,
+)
 from prequel.training.curriculum import plan_batches
 from prequel.training.data import IGNORE
 from prequel.training.module import PrequelModule
@@ -37,8 +44,9 @@ def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:
         model.compile()
     optimizers = module.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    batches = plan_batches(len(tape), config.model.block_size, config.data.batch_size,
-                           config.data.curriculum, config.seed)
+    batches = plan_batches(
+        len(tape), config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed
+    )
     tokens, t0 = 0, None
     for i, spans in enumerate(batches):
         x, y = tape.batch(spans)
@@ -58,7 +66,9 @@ def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = bench_parser("Throughput of prequel's Lightning step vs a bare PyTorch loop (same model, data, optimizer).")
+    parser = bench_parser(
+        "Throughput of prequel's Lightning step vs a bare PyTorch loop (same model, data, optimizer)."
+    )
     parser.add_argument("--steps", type=int, default=300, help="timed steps per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="prequel/bare runs, alternating (default: %(default)s)")
@@ -66,9 +76,15 @@ def main() -> None:
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be >= 1")
     config = bench_config(args.config, ["--stream.enabled", "false"] + overrides)
-    if config.trainer.precision != "32-true" or config.trainer.accelerator == "gpu" or config.optim.schedule != "constant":
-        parser.error("the bare loop here is fp32 on CPU with a constant schedule; "
-                     "use trainer.precision 32-true, trainer.accelerator cpu, optim.schedule constant")
+    if (
+        config.trainer.precision != "32-true"
+        or config.trainer.accelerator == "gpu"
+        or config.optim.schedule != "constant"
+    ):
+        parser.error(
+            "the bare loop here is fp32 on CPU with a constant schedule; "
+            "use trainer.precision 32-true, trainer.accelerator cpu, optim.schedule constant"
+        )
     print_environment(config)
 
     # Exactly warmup + steps full batches, so both sides stop at the same place.

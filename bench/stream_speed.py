@@ -77,8 +77,10 @@ def encode_overhead(config, n_tokens: int, warmup: int, repeats: int) -> float:
     print(f"    stream off {off:>10,.0f} tok/s   (runs: {', '.join(f'{r:,.0f}' for r in rates[False])})")
     print(f"    stream on  {on:>10,.0f} tok/s   (runs: {', '.join(f'{r:,.0f}' for r in rates[True])})")
     print(f"    throughput ratio on / off (medians): {on / off:.3f}  (target >= 0.90)")
-    print(f"    stream hooks {median(hook_ms):.2f} ms of a {step_ms:.1f} ms step (medians): "
-          f"ratio without timing noise {1 - median(hook_ms) / step_ms:.3f}\n")
+    print(
+        f"    stream hooks {median(hook_ms):.2f} ms of a {step_ms:.1f} ms step (medians): "
+        f"ratio without timing noise {1 - median(hook_ms) / step_ms:.3f}\n"
+    )
     return on
 
 
@@ -88,8 +90,12 @@ def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "prefix.txt"
         data_path.write_bytes(tokenizer.decode(tokens))
-        run_config = replace(config, run_dir=str(Path(tmp) / "run"), data=replace(config.data, path=str(data_path)),
-                             stream=replace(config.stream, enabled=True))
+        run_config = replace(
+            config,
+            run_dir=str(Path(tmp) / "run"),
+            data=replace(config.data, path=str(data_path)),
+            stream=replace(config.stream, enabled=True),
+        )
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # train/verify print their own reports
                 started = time.perf_counter()
@@ -104,16 +110,24 @@ def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
         except StreamError as e:  # e.g. the source was edited between train and verify (code hash)
             print(f"    verify failed: {e}\n")
             return
-    print(f"    train  {train_s:8.2f} s  ({n_tokens / train_s:,.0f} tok/s), stream {summary['code/stream_bits']:,} bits")
-    print(f"    decode {decode_s:8.2f} s  ({n_tokens / decode_s:,.0f} tok/s; its Trainer.fit {report['seconds']:.2f} s), "
-          f"sha256 matched, final weights equal: {report['final_weights_equal_checkpoint']}; batches by checked "
-          f"single steps {report['fast_batches']:,}, by f's full forwards {report['slow_batches']:,}")
-    print(f"    decode / train time (whole calls): {decode_s / train_s:.2f}x  (moonshot <= 5x); "
-          f"f's own procedure alone (verify --no-fast): {f_decode_s:.2f} s, {f_decode_s / train_s:.2f}x")
+    print(
+        f"    train  {train_s:8.2f} s  ({n_tokens / train_s:,.0f} tok/s), stream {summary['code/stream_bits']:,} bits"
+    )
+    print(
+        f"    decode {decode_s:8.2f} s  ({n_tokens / decode_s:,.0f} tok/s; its Trainer.fit {report['seconds']:.2f} s), "
+        f"sha256 matched, final weights equal: {report['final_weights_equal_checkpoint']}; batches by checked "
+        f"single steps {report['fast_batches']:,}, by f's full forwards {report['slow_batches']:,}"
+    )
+    print(
+        f"    decode / train time (whole calls): {decode_s / train_s:.2f}x  (moonshot <= 5x); "
+        f"f's own procedure alone (verify --no-fast): {f_decode_s:.2f} s, {f_decode_s / train_s:.2f}x"
+    )
     if train_rate is not None:  # train()'s fixed costs (|f|, Trainer, checkpoint) weigh on short runs
         decode_rate = n_tokens / report["seconds"]
-        print(f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / decode's Trainer.fit {decode_rate:,.0f} tok/s "
-              f"= {train_rate / decode_rate:.2f}x")
+        print(
+            f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / decode's Trainer.fit {decode_rate:,.0f} tok/s "
+            f"= {train_rate / decode_rate:.2f}x"
+        )
     print()
 
 
@@ -137,28 +151,43 @@ def coder_rates(vocab: int, rows: int, cols: int, repeats: int) -> dict:
         t3 = time.perf_counter()
         if not torch.equal(decoded, targets):
             raise SystemExit(f"V={vocab}: decoded symbols differ from the encoded ones")
-        best = {"encode": min(best["encode"], t1 - t0), "decode": min(best["decode"], t2 - t1),
-                "probs": min(best["probs"], t3 - t2)}
+        best = {
+            "encode": min(best["encode"], t1 - t0),
+            "decode": min(best["decode"], t2 - t1),
+            "probs": min(best["probs"], t3 - t2),
+        }
     return {"symbols": n, "bits": encoder.num_bits() / n, **{k: n / s for k, s in best.items()}}
 
 
 def coder_table(vocabs: list[int], rows: int, cols: int, repeats: int) -> None:
     print(f"(c) coder symbols/s: random logits (2·N(0,1)), {rows} rows × {cols} columns, best of {repeats}")
-    print(f"    {'V':>6} {'symbols':>8} {'bits/sym':>9} {'encode sym/s':>13} {'decode sym/s':>13} {'probs only sym/s':>17}")
+    print(
+        f"    {'V':>6} {'symbols':>8} {'bits/sym':>9} {'encode sym/s':>13} {'decode sym/s':>13} {'probs only sym/s':>17}"
+    )
     for vocab in vocabs:
         r = coder_rates(vocab, rows, cols, repeats)
-        print(f"    {vocab:>6} {r['symbols']:>8,} {r['bits']:>9.3f} {r['encode']:>13,.0f} {r['decode']:>13,.0f} "
-              f"{r['probs']:>17,.0f}")
+        print(
+            f"    {vocab:>6} {r['symbols']:>8,} {r['bits']:>9.3f} {r['encode']:>13,.0f} {r['decode']:>13,.0f} "
+            f"{r['probs']:>17,.0f}"
+        )
 
 
 def main() -> None:
     parser = bench_parser("Stream encode overhead, decode/train time ratio and coder symbols/s.")
     parser.add_argument("--tokens", type=int, default=60000, help="(a) corpus prefix (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="(a) untimed steps per run (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="(a) runs per side, (c) timings per V (default: %(default)s)")
-    parser.add_argument("--decode-tokens", type=int, default=30000,
-                        help="(b) corpus prefix; small ones flatter the ratio, train()'s fixed costs dominate (default: %(default)s)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[256, 32768], help="(c) alphabet sizes (default: 256 32768)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="(a) runs per side, (c) timings per V (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=30000,
+        help="(b) corpus prefix; small ones flatter the ratio, train()'s fixed costs dominate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vocab", type=int, nargs="+", default=[256, 32768], help="(c) alphabet sizes (default: 256 32768)"
+    )
     parser.add_argument("--rows", type=int, default=16, help="(c) rows per batch (default: %(default)s)")
     parser.add_argument("--cols", type=int, default=64, help="(c) columns (positions) per batch (default: %(default)s)")
     parser.add_argument("--skip", default="", help="parts to skip, e.g. b or a,b (default: none)")

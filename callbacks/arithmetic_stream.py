@@ -108,8 +108,10 @@ class StreamCallback(L.Callback):
     def state_dict(self) -> dict:
         return {
             "segments": [(s.batches, torch.from_numpy(s.words.astype(np.int64))) for s in self.stream.segments],
-            "tokens_hash": self.tokens_hash, "coded_tokens": self.coded_tokens,
-            "coded_batches": self.coded_batches, "checksums": self.checksums,
+            "tokens_hash": self.tokens_hash,
+            "coded_tokens": self.coded_tokens,
+            "coded_batches": self.coded_batches,
+            "checksums": self.checksums,
         }
 
     def _load_position(self, state: dict) -> None:
@@ -151,8 +153,10 @@ class StreamDecoder(StreamCallback):
         self._close_segment()
         expected = sum(seg.batches for seg in self.stream.segments[self.rank :: self.world])
         if self.coded_batches != expected:
-            raise StreamError(f"training ended after {self.coded_batches} batches; the stream has {expected}: "
-                              "it was cut short, or config and code differ")
+            raise StreamError(
+                f"training ended after {self.coded_batches} batches; the stream has {expected}: "
+                "it was cut short, or config and code differ"
+            )
         super().on_train_end(trainer, pl_module)
 
     def _open_next_segment(self) -> None:
@@ -166,7 +170,9 @@ class StreamDecoder(StreamCallback):
 
     def _close_segment(self) -> None:
         if self.coder is not None and not self.coder.exhausted():
-            raise StreamError(f"segment ending at batch {self.coded_batches} has words left over: stream does not match")
+            raise StreamError(
+                f"segment ending at batch {self.coded_batches} has words left over: stream does not match"
+            )
 
     def _check(self, key: str, pl_module: L.LightningModule) -> None:
         super()._check(key, pl_module)

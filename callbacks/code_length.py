@@ -87,16 +87,25 @@ class CodeLength(L.Callback):
         data_bits, nbytes = self.first_pass.bits.item(), self.first_pass.nbytes.item()
         total = self.f_bits + seen + data_bits
         pl_module.log_dict(
-            {"code/data_bits": data_bits, "code/total_bits": total, "code/bpb": total / max(nbytes, 1),
-             "code/data_bpb": data_bits / max(nbytes, 1)},
-            on_step=True, on_epoch=False, sync_dist=False, batch_size=1,
+            {
+                "code/data_bits": data_bits,
+                "code/total_bits": total,
+                "code/bpb": total / max(nbytes, 1),
+                "code/data_bpb": data_bits / max(nbytes, 1),
+            },
+            on_step=True,
+            on_epoch=False,
+            sync_dist=False,
+            batch_size=1,
         )
 
     def totals(self) -> dict[str, Any]:
         """The synced first-pass sums, |f| parts and the last epoch's cross-entropy."""
         first, last = self.first_pass.compute(), self.last_epoch.compute()
         return {
-            "data_bits": first["bits"], "tokens": int(first["tokens"]), "nbytes": int(first["nbytes"]),
+            "data_bits": first["bits"],
+            "tokens": int(first["tokens"]),
+            "nbytes": int(first["nbytes"]),
             "complete": int(first["tokens"]) == self.total_tokens,
             "f_parts": dict(self.f_parts),
             "last_epoch_bpb": last["bits"] / max(last["nbytes"], 1),
@@ -108,8 +117,10 @@ class CodeLength(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {  # global sums (compute() syncs across processes)
-            "first_pass": self.first_pass.compute(), "last_epoch": self.last_epoch.compute(),
-            "curve": list(self.curve), "epoch": self._epoch,
+            "first_pass": self.first_pass.compute(),
+            "last_epoch": self.last_epoch.compute(),
+            "curve": list(self.curve),
+            "epoch": self._epoch,
         }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -101,8 +101,10 @@ def require(obj: Any, protocol: type, who: str, what: str | None = None) -> None
     missing = [name for name in members(protocol) if not hasattr(obj, name)]
     if missing:
         what = what or type(obj).__name__
-        raise ContractError(f"{who} needs {what} to have {', '.join(missing)} "
-                            f"(prequel.callbacks.contract.{protocol.__name__}: {protocol.__doc__.strip()})")
+        raise ContractError(
+            f"{who} needs {what} to have {', '.join(missing)} "
+            f"(prequel.callbacks.contract.{protocol.__name__}: {protocol.__doc__.strip()})"
+        )
 
 
 def require_coded(pl_module: Any, protocol: type, who: str) -> Any:
@@ -110,7 +112,9 @@ def require_coded(pl_module: Any, protocol: type, who: str) -> Any:
     coded = getattr(pl_module, "coded", None)
     name = f"{type(pl_module).__name__}.coded"
     if coded is None:
-        raise ContractError(f"{who}: training_step left {name} None: set it to the batch's per-token NLL under "
-                            "the pre-step weights (prequel.callbacks.contract.CodedTokens)")
+        raise ContractError(
+            f"{who}: training_step left {name} None: set it to the batch's per-token NLL under "
+            "the pre-step weights (prequel.callbacks.contract.CodedTokens)"
+        )
     require(coded, protocol, who, name)
     return coded

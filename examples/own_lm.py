@@ -85,13 +85,21 @@ def main() -> None:
     except ModuleNotFoundError:  # (wandb is one of prequel's requirements; CSV alone works too)
         pass
     torch.manual_seed(0)
-    trainer = L.Trainer(max_epochs=1, logger=loggers, callbacks=[code_length], log_every_n_steps=10,
-                        enable_checkpointing=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=loggers,
+        callbacks=[code_length],
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        accelerator="cpu",
+    )
     trainer.fit(ByteLSTM(), DataLoader(chunks, batch_size=args.batch_size, shuffle=False))
 
     t = code_length.totals()
     total = code_length.f_bits + t["tokens"] + t["data_bits"]  # |f| + n + Σ
-    print(f"Σ −log2 P   {t['data_bits']:>12,.0f} bits over {t['tokens']:,} bytes ({t['data_bits'] / t['nbytes']:.4f} bpb)")
+    print(
+        f"Σ −log2 P   {t['data_bits']:>12,.0f} bits over {t['tokens']:,} bytes ({t['data_bits'] / t['nbytes']:.4f} bpb)"
+    )
     print(f"|f| + n     {code_length.f_bits + t['tokens']:>12,} bits (this file compressed, and ≤ 1 bit a token)")
     print(f"code length {total:>12,.0f} bits = {total / t['nbytes']:.4f} bpb (uniform: {math.log2(256):.0f})")
     print(f"curves: {args.out / 'csv' / 'metrics.csv'} (code/bpb, code/data_bpb)")

@@ -62,8 +62,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: "KVCache | None" = None
+    ) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -199,7 +200,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def new_cache(self, batch: int, device=None) -> "KVCache":
-        from prequel.models.kv_cache import KVCache  # (in f only for a run that steps incrementally: prequel/program.py)
+        from prequel.models.kv_cache import (
+            KVCache,
+        )  # (in f only for a run that steps incrementally: prequel/program.py)
 
         return KVCache(self.config, batch, device=device)
 
@@ -209,4 +212,3 @@ class GPT(nn.Module):
         from prequel.models.kv_cache import forward_step
 
         return forward_step(self, idx, cache)
-

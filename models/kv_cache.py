@@ -23,8 +23,9 @@ class KVCache:
     def __init__(self, config: "GPTConfig", batch: int, device=None, dtype: torch.dtype = torch.float32):
         head_dim = config.n_embd // config.n_head
         # (layer, key|value, B, H, block_size, D): preallocated, so steps never reallocate
-        self.kv = torch.zeros(config.n_layer, 2, batch, config.n_head, config.block_size, head_dim,
-                              device=device, dtype=dtype)
+        self.kv = torch.zeros(
+            config.n_layer, 2, batch, config.n_head, config.block_size, head_dim, device=device, dtype=dtype
+        )
         self.pos = 0  # the position the next step fills
         self.idx = torch.zeros(batch, config.block_size, dtype=torch.long, device=device)  # inputs so far
 

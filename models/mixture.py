@@ -67,11 +67,13 @@ class Mixture(nn.Module):
 
     def forward_step(self, idx: torch.Tensor, cache: MixtureCache) -> torch.Tensor:
         """Member log-probabilities (B, K, V) of the next token (see GPT.forward_step)."""
-        return torch.stack([torch.log_softmax(m.forward_step(idx, c).float(), -1)
-                            for m, c in zip(self.members, cache.caches)], dim=1)
+        return torch.stack(
+            [torch.log_softmax(m.forward_step(idx, c).float(), -1) for m, c in zip(self.members, cache.caches)], dim=1
+        )
 
-    def mix_batch(self, member_lp: torch.Tensor, targets: torch.Tensor, present: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix_batch(
+        self, member_lp: torch.Tensor, targets: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Alice's pass: mixture log-probabilities (B, T, V) of every position of a batch whose
         tokens are all known, with weights from the tokens coded before each one; and the log
         weights after the batch. member_lp (B, T, K, V); targets (B, T); present (B, T) bool."""

@@ -43,8 +43,9 @@ class NGramPrior(nn.Module):
             destination[f"{prefix}{name}_index"] = index.to(torch.int32)  # < 2**23 entries per table
             destination[f"{prefix}{name}_value"] = flat[index]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         ours = set()
         for name, counts in self._tables():
             keys = f"{prefix}{name}_index", f"{prefix}{name}_value"
@@ -53,8 +54,12 @@ class NGramPrior(nn.Module):
                 missing_keys.extend(key for key in keys if key not in state_dict)
                 continue
             index, value = state_dict[keys[0]], state_dict[keys[1]]
-            if index.dim() != 1 or index.shape != value.shape or index.is_floating_point() \
-                    or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < counts.numel()):
+            if (
+                index.dim() != 1
+                or index.shape != value.shape
+                or index.is_floating_point()
+                or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < counts.numel())
+            ):
                 error_msgs.append(f"{prefix}{name}: sparse counts do not fit a {tuple(counts.shape)} table")
                 continue
             counts.zero_()

@@ -15,10 +15,25 @@ functions here give the same values through ATen's own vectorised kernels, which
 import torch
 
 # Measured with bench/vml_ops.py on torch 2.13.0 (MKL 2024.2): these change under MKL_CBWR=COMPATIBLE.
-VML_OPS = frozenset({
-    "sqrt", "exp", "log", "log2", "log10", "pow", "tan", "tanh", "asin", "acos", "atan", "erf", "erfc", "erfinv",
-    "logsumexp",
-})
+VML_OPS = frozenset(
+    {
+        "sqrt",
+        "exp",
+        "log",
+        "log2",
+        "log10",
+        "pow",
+        "tan",
+        "tanh",
+        "asin",
+        "acos",
+        "atan",
+        "erf",
+        "erfc",
+        "erfinv",
+        "logsumexp",
+    }
+)
 
 
 def log(x: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,10 @@ def pins() -> bytes:
     try:
         required = requires(DISTRIBUTION) or []
     except PackageNotFoundError:
-        raise RuntimeError("prequel is not installed (pip install .): its dependency pins, part of f, "
-                           "are read from the installed package's metadata") from None
+        raise RuntimeError(
+            "prequel is not installed (pip install .): its dependency pins, part of f, "
+            "are read from the installed package's metadata"
+        ) from None
     return "\n".join(r for r in required if "extra ==" not in r).encode()
 
 
@@ -82,9 +84,13 @@ def strip_python(source: str) -> str:
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
@@ -110,7 +116,11 @@ def code_hash() -> str:
 def xz_bits(data: bytes) -> int:
     if not data:
         return 0
-    return 8 * len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]))
+    return 8 * len(
+        lzma.compress(
+            data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+        )
+    )
 
 
 def packed_bits(data: bytes) -> int:

@@ -17,9 +17,18 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def tiny_config(data_path: Path, run_dir: Path, *overrides: str):
-    return load_config(TINY, [
-        "--data.path", str(data_path), "--run_dir", str(run_dir), "--logging.progress_bar", "false", *overrides,
-    ])
+    return load_config(
+        TINY,
+        [
+            "--data.path",
+            str(data_path),
+            "--run_dir",
+            str(run_dir),
+            "--logging.progress_bar",
+            "false",
+            *overrides,
+        ],
+    )
 
 
 def assert_refused(r: subprocess.CompletedProcess, code: int, *messages: str, nothing_at: Path) -> None:
@@ -46,8 +55,9 @@ def trained_tiny_model(tmp: Path) -> Path:
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """train.py in a separate process, as a user runs it."""
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def wandb_offline_summary(run_dir: Path) -> dict:
@@ -70,8 +80,9 @@ def wandb_offline_summary(run_dir: Path) -> dict:
             if record.WhichOneof("record_type") == "run":
                 summary["_group"] = record.run.run_group
             if record.WhichOneof("record_type") == "history":  # logged keys, under "_history"
-                summary.setdefault("_history", set()).update(item.key or item.nested_key[0]
-                                                             for item in record.history.item)
+                summary.setdefault("_history", set()).update(
+                    item.key or item.nested_key[0] for item in record.history.item
+                )
             if record.WhichOneof("record_type") == "summary":
                 summary.update({item.key: json.loads(item.value_json) for item in record.summary.update})
     return summary

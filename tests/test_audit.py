@@ -19,8 +19,22 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
     text = tmp / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:20_000])
-    r = run_cli("--config", TINY, "--data.path", text, "--run_dir", tmp / "run", "--model.ngram_order", "3",
-                "--data.replay_steps", "1", "--trainer.checkpoint_every_n_steps", "80", "--logging.progress_bar", "false")
+    r = run_cli(
+        "--config",
+        TINY,
+        "--data.path",
+        text,
+        "--run_dir",
+        tmp / "run",
+        "--model.ngram_order",
+        "3",
+        "--data.replay_steps",
+        "1",
+        "--trainer.checkpoint_every_n_steps",
+        "80",
+        "--logging.progress_bar",
+        "false",
+    )
     assert r.returncode == 0, r.stderr
     return tmp / "run", text
 
@@ -50,8 +64,13 @@ def test_parallel_audit_names_the_stretch_whose_stream_segment_was_altered(run, 
     write_stream(run_dir / "stream.prequel", stream)
 
     shutil.copy(run[1], tmp_path / "notes.txt")  # run from elsewhere, with relative paths, as a user may
-    r = subprocess.run([sys.executable, ROOT / "train.py", "verify", "run", "--jobs", "2", "--data", "notes.txt"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, ROOT / "train.py", "verify", "run", "--jobs", "2", "--data", "notes.txt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("stretch 0 (steps 0..80): OK, 40 batches")

@@ -9,15 +9,37 @@ from tests.helpers import ROOT, TINY
 
 SCRIPTS = {
     "step_overhead.py": (["--steps", "3", "--warmup", "1", "--repeats", "1"], "ratio"),
-    "stream_speed.py": (["--tokens", "1500", "--warmup", "2", "--repeats", "1", "--decode-tokens", "800",
-                         "--vocab", "256", "--rows", "2", "--cols", "4"], "decode / train time"),
+    "stream_speed.py": (
+        [
+            "--tokens",
+            "1500",
+            "--warmup",
+            "2",
+            "--repeats",
+            "1",
+            "--decode-tokens",
+            "800",
+            "--vocab",
+            "256",
+            "--rows",
+            "2",
+            "--cols",
+            "4",
+        ],
+        "decode / train time",
+    ),
 }
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_bench_script_runs_on_the_tiny_config(script, text_file):
     args, expected = SCRIPTS[script]
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--config", str(TINY), *args,
-                             "--data.path", str(text_file)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--config", str(TINY), *args, "--data.path", str(text_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected in result.stdout and "nan" not in result.stdout.lower()

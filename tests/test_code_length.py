@@ -45,8 +45,9 @@ def hand_written_code_length(config, accumulate: int = 1) -> float:
 
 @pytest.mark.parametrize("accumulate", [1, 4])
 def test_sum_equals_an_independent_prequential_loop(text_file, tmp_path, accumulate):
-    config = tiny_config(text_file, tmp_path / "run", "--stream.enabled", "false",
-                         "--trainer.accumulate_grad_batches", str(accumulate))
+    config = tiny_config(
+        text_file, tmp_path / "run", "--stream.enabled", "false", "--trainer.accumulate_grad_batches", str(accumulate)
+    )
     summary = train(config)
     expected = hand_written_code_length(config, accumulate)
     assert summary["code/data_bits"] == pytest.approx(expected, rel=1e-6)
@@ -57,7 +58,9 @@ def test_sum_equals_an_independent_prequential_loop(text_file, tmp_path, accumul
 
 def test_accumulation_changes_learning_not_the_accounting(text_file, tmp_path):
     one = train(tiny_config(text_file, tmp_path / "a", "--stream.enabled", "false"))
-    four = train(tiny_config(text_file, tmp_path / "b", "--stream.enabled", "false", "--trainer.accumulate_grad_batches", "4"))
+    four = train(
+        tiny_config(text_file, tmp_path / "b", "--stream.enabled", "false", "--trainer.accumulate_grad_batches", "4")
+    )
     # Same tokens, each counted once; per-token bits stay in a sane range (not 4x or 1/4x).
     assert four["data/tokens"] == one["data/tokens"]
     assert 0.8 < four["code/data_bits"] / one["code/data_bits"] < 1.25
@@ -80,9 +83,23 @@ def test_partial_pass_says_so(text_file, tmp_path):
 # State beyond weights and optimizer: compress.yaml's n-gram counts (updated from each coded
 # batch, stored sparsely) and replay steps; a mixture's weights (updated from each coded token).
 RECIPES = {  # (bytes of text, arguments); a plain GPT: tests/test_reliability.py (SIGKILL at random steps)
-    "compress.yaml": (12_000, ["--config", ROOT / "configs" / "compress.yaml", "--trainer.num_threads", "1",
-                               "--logging.wandb", "false", "--logging.plot", "false"]),
-    "mixture": (40_000, ["--config", TINY, "--mixture.members", "1x2x16@3e-3, 1x2x32@3e-3", "--mixture.weights", "switch"]),
+    "compress.yaml": (
+        12_000,
+        [
+            "--config",
+            ROOT / "configs" / "compress.yaml",
+            "--trainer.num_threads",
+            "1",
+            "--logging.wandb",
+            "false",
+            "--logging.plot",
+            "false",
+        ],
+    ),
+    "mixture": (
+        40_000,
+        ["--config", TINY, "--mixture.members", "1x2x16@3e-3, 1x2x32@3e-3", "--mixture.weights", "switch"],
+    ),
 }
 
 
@@ -93,8 +110,15 @@ def test_sigkill_and_resume_gives_the_same_code_length_and_a_decodable_stream(tm
     size, recipe_args = RECIPES[recipe]
     text = tmp_path / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:size])
-    args = [*recipe_args, "--data.path", text, "--trainer.checkpoint_every_n_steps", "40",
-            "--logging.progress_bar", "false"]
+    args = [
+        *recipe_args,
+        "--data.path",
+        text,
+        "--trainer.checkpoint_every_n_steps",
+        "40",
+        "--logging.progress_bar",
+        "false",
+    ]
     reference = run_cli(*args, "--run_dir", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
 
@@ -131,8 +155,18 @@ def test_ddp_two_processes_stream_count_globally_and_verify_in_two_processes(tmp
     processes again, in a separate command) decodes the same bytes and ends in the same weights."""
     text = tmp_path / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:12_000])
-    common = ["--config", TINY, "--data.path", text, "--model.ngram_order", "3", "--data.replay_steps", "1",
-              "--logging.progress_bar", "false"]
+    common = [
+        "--config",
+        TINY,
+        "--data.path",
+        text,
+        "--model.ngram_order",
+        "3",
+        "--data.replay_steps",
+        "1",
+        "--logging.progress_bar",
+        "false",
+    ]
     single = run_cli(*common, "--run_dir", tmp_path / "single")
     assert single.returncode == 0, single.stderr
     ddp = run_cli(*common, "--run_dir", tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")

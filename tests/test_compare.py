@@ -10,8 +10,16 @@ from prequel.reports.sweep import Budget, Sweep, parse_sweep, run_sweep, size_co
 from prequel.checks.settings import ConfigError
 from prequel.reports.prefix import FRACTIONS, catch_up, prefix_rows
 
-FAST = ["--stream.enabled", "false", "--logging.wandb", "false", "--logging.progress_bar", "false",
-        "--trainer.num_threads", "1"]
+FAST = [
+    "--stream.enabled",
+    "false",
+    "--logging.wandb",
+    "false",
+    "--logging.progress_bar",
+    "false",
+    "--trainer.num_threads",
+    "1",
+]
 
 
 def _rows(path):
@@ -43,28 +51,45 @@ def test_two_size_sweep_end_to_end(text_file, tmp_path):
 
     # Prefix code lengths: each is the partial sum of that run's own curve up to its prefix.
     prefixes = _rows(sweep_dir / "prefixes.csv")
-    assert [(r["size"], float(r["fraction"])) for r in prefixes] == [(s, f) for f in FRACTIONS for s in ("nano", "micro")]
+    assert [(r["size"], float(r["fraction"])) for r in prefixes] == [
+        (s, f) for f in FRACTIONS for s in ("nano", "micro")
+    ]
     for size, summary in zip(("nano", "micro"), summaries):
         curve = [(int(r["tokens_seen"]), float(r["bits"])) for r in _rows(sweep_dir / size / "curve.csv")]
         for r in (r for r in prefixes if r["size"] == size):
-            assert float(r["sigma_bits"]) == pytest.approx(sum(b for seen, b in curve if seen <= int(r["tokens"])), rel=1e-12)
+            assert float(r["sigma_bits"]) == pytest.approx(
+                sum(b for seen, b in curve if seen <= int(r["tokens"])), rel=1e-12
+            )
             assert int(r["tokens"]) in {seen for seen, _ in curve}  # whole steps: a prefix the code really has
-        assert float(prefixes[-2 if size == "nano" else -1]["sigma_bits"]) == pytest.approx(summary["code/data_bits"], rel=1e-12)
+        assert float(prefixes[-2 if size == "nano" else -1]["sigma_bits"]) == pytest.approx(
+            summary["code/data_bits"], rel=1e-12
+        )
     assert sum(r["shortest"] == "True" for r in prefixes) == len(FRACTIONS)  # one per prefix
-    assert "Σ bits of each prefix" in md and "Catch-up points:" in md and ("micro catches up" in md or "micro never" in md
-                                                                           or "micro is ahead" in md)
+    assert (
+        "Σ bits of each prefix" in md
+        and "Catch-up points:" in md
+        and ("micro catches up" in md or "micro never" in md or "micro is ahead" in md)
+    )
     assert (sweep_dir / "cumulative_code.png").stat().st_size > 500
 
     # Reading the finished runs gives the same table, without training (the flag's old spelling works too).
     again = tmp_path / "again"
-    assert cli.main(["compare", "--from_runs", str(sweep_dir / "nano"), str(sweep_dir / "micro"),
-                     "--sweep_dir", str(again)]) == 0
+    assert (
+        cli.main(
+            ["compare", "--from_runs", str(sweep_dir / "nano"), str(sweep_dir / "micro"), "--sweep_dir", str(again)]
+        )
+        == 0
+    )
     assert _rows(again / "comparison.csv") == rows
 
 
 def test_wall_clock_budget_stops_runs_and_says_so(text_file, tmp_path):
-    overrides = {"data": {"path": str(text_file)}, "stream": {"enabled": False}, "logging": {"wandb": False,
-                 "progress_bar": False, "plot": False}, "trainer": {"num_threads": 1}}
+    overrides = {
+        "data": {"path": str(text_file)},
+        "stream": {"enabled": False},
+        "logging": {"wandb": False, "progress_bar": False, "plot": False},
+        "trainer": {"num_threads": 1},
+    }
     sweep = Sweep(base=str(TINY), sizes=("nano",), budget=Budget(seconds=1e-6), sweep_dir=str(tmp_path / "sweep"))
     sweep_dir = run_sweep(sweep, overrides)
     (row, *_) = _rows(sweep_dir / "comparison.csv")
@@ -108,7 +133,11 @@ def test_catch_up_is_where_the_bigger_models_cumulative_code_drops_below_for_goo
     assert catch_up(small, _run("better", 100, [299] * 10))["tokens"] == 0
     rows = prefix_rows([small, big], fractions=(0.3, 1.0))
     assert [(r["size"], r["tokens"], r["sigma_bits"], r["shortest"]) for r in rows] == [
-        ("small", 300, 900.0, True), ("big", 300, 1500.0, False), ("small", 1000, 3000.0, False), ("big", 1000, 2900.0, True)]
+        ("small", 300, 900.0, True),
+        ("big", 300, 1500.0, False),
+        ("small", 1000, 3000.0, False),
+        ("big", 1000, 2900.0, True),
+    ]
     assert rows[0]["total_bits"] == 1000 + 300 + 900.0  # |f| + n + Σ of the prefix
 
 
@@ -117,10 +146,20 @@ def test_sweep_with_a_mixture_logs_the_comparison_to_its_wandb_group(text_file, 
     and the comparison share one W&B group, offline, with the prefix table and plots logged."""
     from tests.helpers import wandb_offline_summary
 
-    overrides = {"data": {"path": str(text_file)}, "stream": {"enabled": False},
-                 "logging": {"wandb": True, "progress_bar": False, "plot": False}, "trainer": {"num_threads": 1}}
-    sweep = Sweep(base=str(TINY), sizes=("nano", "micro"), mixture="bayes", budget=Budget(bytes=2000),
-                  group="g1", sweep_dir=str(tmp_path / "sweep"))
+    overrides = {
+        "data": {"path": str(text_file)},
+        "stream": {"enabled": False},
+        "logging": {"wandb": True, "progress_bar": False, "plot": False},
+        "trainer": {"num_threads": 1},
+    }
+    sweep = Sweep(
+        base=str(TINY),
+        sizes=("nano", "micro"),
+        mixture="bayes",
+        budget=Budget(bytes=2000),
+        group="g1",
+        sweep_dir=str(tmp_path / "sweep"),
+    )
     sweep_dir = run_sweep(sweep, overrides)
     rows = _rows(sweep_dir / "comparison.csv")
     assert [r["size"] for r in rows[:3]] == ["nano", "micro", "mixture-bayes"]

@@ -36,8 +36,9 @@ def round_trip(run_dir: Path, tmp_path: Path, data: bytes, **options) -> dict:
 @pytest.mark.parametrize("positions", ["learned", "rope"])
 def test_kv_cache_steps_match_the_full_forward(positions):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, head="norm",
-                          positions=positions)).eval()
+    model = GPT(
+        GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, head="norm", positions=positions)
+    ).eval()
     idx = torch.randint(0, 51, (3, 16))
     cache = KVCache(model.config, batch=3)
     steps = torch.stack([model.forward_step(idx[:, t], cache) for t in range(16)], dim=1)
@@ -46,12 +47,15 @@ def test_kv_cache_steps_match_the_full_forward(positions):
         model.forward_step(idx[:, 0], cache)
 
 
-@pytest.mark.parametrize("name, data", [
-    ("empty", b""),
-    ("one byte", b"\x00"),
-    ("random bytes", os.urandom(3000)),
-    ("not a multiple of the chunk size", b"To be, or not to be: " * 10 + b"xyz"),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("empty", b""),
+        ("one byte", b"\x00"),
+        ("random bytes", os.urandom(3000)),
+        ("not a multiple of the chunk size", b"To be, or not to be: " * 10 + b"xyz"),
+    ],
+)
 def test_round_trip_exact(run_dir, tmp_path, name, data):
     report = round_trip(run_dir, tmp_path, data)
     assert report["original_bytes"] == len(data)
@@ -75,8 +79,7 @@ def test_round_trip_shared_corpus_file(run_dir, tmp_path):
     data = alice.read_bytes()[:30_000]
     report = round_trip(run_dir, tmp_path, data)
     assert report["raw_rate"] < 1.0, "a model trained on English compresses English a little"
-    assert report["adjusted_rate"] == pytest.approx(
-        (report["compressed_bytes"] + report["param_bytes"]) / len(data))
+    assert report["adjusted_rate"] == pytest.approx((report["compressed_bytes"] + report["param_bytes"]) / len(data))
     assert report["param_bytes"] == 4 * load_frozen(run_dir).gpt.num_params()  # fp32, tied matrix once
     assert {"gzip_rate", "bzip2_rate", "xz_rate", "compress_MBps", "bits_per_byte"} <= report.keys()
 
@@ -144,8 +147,20 @@ def test_bpe_model_round_trip_with_top_k(tmp_path):
     """A BPE checkpoint without a stream: its tokenizer is retrained from the run's corpus."""
     text = tmp_path / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:6000])
-    train(tiny_config(text, tmp_path / "run", "--trainer.max_steps", "3", "--stream.enabled", "false",
-                      "--data.tokenizer", "bpe", "--data.vocab_size", "300"))
+    train(
+        tiny_config(
+            text,
+            tmp_path / "run",
+            "--trainer.max_steps",
+            "3",
+            "--stream.enabled",
+            "false",
+            "--data.tokenizer",
+            "bpe",
+            "--data.vocab_size",
+            "300",
+        )
+    )
     data = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[9000:10000] + bytes(range(256))
     for k in (0, 4):
         report = round_trip(tmp_path / "run", tmp_path, data, top_k=k)

@@ -36,14 +36,21 @@ PER_BATCH = 32 * 256  # tiny.yaml's block_size (the default chunk) times the def
 def limited_cli(*args, env: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
     """train.py as a user runs it, in a process that cannot map more than 4 GB (nor, with
     `fsize`, write a file larger than that many bytes)."""
+
     def limits():
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=None if env is None else {**os.environ, **env}, preexec_fn=limits)
-
+    return subprocess.run(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
+        preexec_fn=limits,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +83,7 @@ def forge(packed: Path, tmp_path: Path, batches: int | None = None, words=None, 
 
 # --- item 4: decompress does no more work than the file's own sizes justify ------------------------
 
+
 def payload_words(packed: Path) -> int:
     return len(read_stream(packed).segments[0].words)
 
@@ -86,8 +94,13 @@ def test_a_token_count_the_payload_cannot_hold_is_refused_before_decoding(run_di
     out = tmp_path / "out.txt"
     started = time.perf_counter()
     r = limited_cli("decompress", "--ckpt", run_dir, forged, out)
-    assert_refused(r, 3, f"stream error: {forged}: header corrupted: tokens = {tokens:,}, but its payload of "
-                         f"{payload_words(packed):,} words can hold at most", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        f"stream error: {forged}: header corrupted: tokens = {tokens:,}, but its payload of "
+        f"{payload_words(packed):,} words can hold at most",
+        nothing_at=out,
+    )
     assert time.perf_counter() - started < 60
 
 
@@ -95,21 +108,39 @@ def test_a_token_count_beyond_the_memory_limit_is_refused(run_dir, packed, tmp_p
     forged = forge(packed, tmp_path, tokens=10**12, original_bytes=10**12)
     out = tmp_path / "out.txt"
     r = limited_cli("decompress", "--ckpt", run_dir, forged, out)
-    assert_refused(r, 3, "the file's header asks for more memory than allowed: tokens = 1,000,000,000,000",
-                   f"raise the limit: {MEMORY_ENV}=", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        "the file's header asks for more memory than allowed: tokens = 1,000,000,000,000",
+        f"raise the limit: {MEMORY_ENV}=",
+        nothing_at=out,
+    )
 
 
-@pytest.mark.parametrize("edits, message", [
-    ({"tokens": 2**28}, "header corrupted: tokens = 268,435,456 for original_bytes = 1,000 (every token stands for "
-                        "at least one byte)"),
-    ({"original_bytes": 1001}, "header corrupted: original_bytes = 1,001 from tokens = 1,000 (a bytes token stands "
-                               "for at most 1 byte(s))"),
-    ({"tokens": 10**6, "original_bytes": 10**6}, "header corrupted: tokens = 1,000,000 in batches of 8,192 make 123 "
-                                                 "batches, but the payload codes 1"),
-    ({"tokens": 0, "original_bytes": 0},
-     "header corrupted: tokens = 0 (an empty original), but the file carries a payload"),
-    ({"chunk_size": 64, "batches": 1}, "header corrupted: chunk_size = 64, more than the model's block_size 32"),
-], ids=["tokens>bytes", "bytes>tokens", "batches", "empty", "chunk_size"])
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        (
+            {"tokens": 2**28},
+            "header corrupted: tokens = 268,435,456 for original_bytes = 1,000 (every token stands for "
+            "at least one byte)",
+        ),
+        (
+            {"original_bytes": 1001},
+            "header corrupted: original_bytes = 1,001 from tokens = 1,000 (a bytes token stands for at most 1 byte(s))",
+        ),
+        (
+            {"tokens": 10**6, "original_bytes": 10**6},
+            "header corrupted: tokens = 1,000,000 in batches of 8,192 make 123 batches, but the payload codes 1",
+        ),
+        (
+            {"tokens": 0, "original_bytes": 0},
+            "header corrupted: tokens = 0 (an empty original), but the file carries a payload",
+        ),
+        ({"chunk_size": 64, "batches": 1}, "header corrupted: chunk_size = 64, more than the model's block_size 32"),
+    ],
+    ids=["tokens>bytes", "bytes>tokens", "batches", "empty", "chunk_size"],
+)
 def test_sizes_that_disagree_are_refused_before_decoding(run_dir, packed, tmp_path, edits, message):
     forged = forge(packed, tmp_path, **edits)
     with pytest.raises(CompressError) as e:
@@ -118,22 +149,39 @@ def test_sizes_that_disagree_are_refused_before_decoding(run_dir, packed, tmp_pa
     assert not (tmp_path / "out.txt").exists()
 
 
-@pytest.mark.parametrize("edits, message", [
-    ({"original_bytes": 2**40},
-     "original_bytes = 1,099,511,627,776 need about 17.6 TB, more than the limit of 16 GB"),
-    ({"batch_chunks": 2**21, "tokens": 2**26, "original_bytes": 2**26, "batches": 1},
-     "batch_chunks = 2,097,152 (chunks decoded at once) need about"),
-], ids=["original_bytes", "batch_chunks"])
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        (
+            {"original_bytes": 2**40},
+            "original_bytes = 1,099,511,627,776 need about 17.6 TB, more than the limit of 16 GB",
+        ),
+        (
+            {"batch_chunks": 2**21, "tokens": 2**26, "original_bytes": 2**26, "batches": 1},
+            "batch_chunks = 2,097,152 (chunks decoded at once) need about",
+        ),
+    ],
+    ids=["original_bytes", "batch_chunks"],
+)
 def test_sizes_beyond_the_memory_limit_are_refused_before_decoding(run_dir, packed, tmp_path, edits, message):
     forged = forge(packed, tmp_path, **edits)
     out = tmp_path / "out.txt"
     r = limited_cli("decompress", "--ckpt", run_dir, forged, out)
-    assert_refused(r, 3, f"stream error: {forged}: the file's header asks for more memory than allowed: " + message,
-                   f"raise the limit: {MEMORY_ENV}=", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        f"stream error: {forged}: the file's header asks for more memory than allowed: " + message,
+        f"raise the limit: {MEMORY_ENV}=",
+        nothing_at=out,
+    )
 
 
-CORRUPTED = ("the payload ran out", "the range coder met words that do not decode", "words left over",
-             "decoded bytes do not match")  # what decoding a forged payload can meet first
+CORRUPTED = (
+    "the payload ran out",
+    "the range coder met words that do not decode",
+    "words left over",
+    "decoded bytes do not match",
+)  # what decoding a forged payload can meet first
 
 
 @pytest.mark.parametrize("tokens", [8192, 10**6])
@@ -144,8 +192,7 @@ def test_a_token_count_the_bound_allows_stops_within_the_first_batch(run_dir, pa
     out = tmp_path / "out.txt"
     started = time.perf_counter()
     r = limited_cli("decompress", "--ckpt", run_dir, forged, out)
-    assert_refused(r, 3, f"stream error: {forged}: batch 1 (tokens 0..8,192): ", "(no output written)",
-                   nothing_at=out)
+    assert_refused(r, 3, f"stream error: {forged}: batch 1 (tokens 0..8,192): ", "(no output written)", nothing_at=out)
     assert any(what in r.stderr for what in CORRUPTED), r.stderr
     assert time.perf_counter() - started < 60
 
@@ -158,9 +205,14 @@ def test_more_batches_than_the_payload_codes_stop_when_its_words_run_out(run_dir
     forged = forge(tmp_path / "in.prq", tmp_path, tokens=3 * PER_BATCH, original_bytes=3 * PER_BATCH, batches=3)
     out = tmp_path / "out.txt"
     r = limited_cli("decompress", "--ckpt", run_dir, forged, out)
-    assert_refused(r, 3, f"stream error: {forged}: batch 2 (tokens 8,192..16,384): the payload ran out: its "
-                         f"{payload_words(tmp_path / 'in.prq'):,} words", "the header claims more tokens than the "
-                         "file holds, or the payload is corrupted (no output written)", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        f"stream error: {forged}: batch 2 (tokens 8,192..16,384): the payload ran out: its "
+        f"{payload_words(tmp_path / 'in.prq'):,} words",
+        "the header claims more tokens than the file holds, or the payload is corrupted (no output written)",
+        nothing_at=out,
+    )
 
 
 def test_a_payload_word_altered_with_its_crc_recomputed_is_reported(run_dir, packed, tmp_path):
@@ -211,6 +263,7 @@ def test_decoding_past_the_last_word_runs_out():
 
 # --- item 6: an output never replaces what the command reads, nor an existing file unasked --------
 
+
 def test_an_existing_output_is_kept_unless_forced(run_dir, packed, tmp_path):
     (tmp_path / "in.txt").write_bytes(ORIGINAL)
     out = tmp_path / "out.prq"
@@ -238,11 +291,13 @@ def test_the_checkpoint_and_the_input_are_never_written_even_when_forced(run_dir
     before = {p: p.read_bytes() for p in (ckpt, run_dir / "config.yaml", source)}
     (tmp_path / "link").symlink_to(ckpt)
     os.link(source, tmp_path / "hard")
-    cases = [(ckpt, f"output {ckpt} is the checkpoint: refusing to write onto it, even with --force"),
-             (tmp_path / "link", f"output {tmp_path / 'link'} is the checkpoint, {ckpt}: refusing"),
-             (run_dir / "config.yaml", f"output {run_dir / 'config.yaml'} is the run's config: refusing"),
-             (source, f"output {source} is the input: refusing to write onto it, even with --force"),
-             (tmp_path / "hard", f"output {tmp_path / 'hard'} is the input, {source}: refusing")]
+    cases = [
+        (ckpt, f"output {ckpt} is the checkpoint: refusing to write onto it, even with --force"),
+        (tmp_path / "link", f"output {tmp_path / 'link'} is the checkpoint, {ckpt}: refusing"),
+        (run_dir / "config.yaml", f"output {run_dir / 'config.yaml'} is the run's config: refusing"),
+        (source, f"output {source} is the input: refusing to write onto it, even with --force"),
+        (tmp_path / "hard", f"output {tmp_path / 'hard'} is the input, {source}: refusing"),
+    ]
     for out, message in cases:
         for ckpt_arg in (run_dir, ckpt):
             with pytest.raises(ConfigError, match=re.escape(message)):
@@ -256,11 +311,14 @@ def test_compress_onto_its_own_checkpoint_is_refused(run_dir, packed, tmp_path):
     (tmp_path / "x.txt").write_bytes(ORIGINAL)
     r = limited_cli("compress", "--ckpt", run_dir, tmp_path / "x.txt", ckpt)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip() == (f"error: output {ckpt} is the checkpoint: refusing to write onto it, even with "
-                                "--force; give another output path")
+    assert r.stderr.strip() == (
+        f"error: output {ckpt} is the checkpoint: refusing to write onto it, even with "
+        "--force; give another output path"
+    )
     r = limited_cli("decompress", "--ckpt", run_dir, packed, packed, "--force")
-    assert r.returncode == 2 and r.stderr.strip() == (f"error: output {packed} is the input: refusing to write onto "
-                                                      "it, even with --force; give another output path"), r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: output {packed} is the input: refusing to write onto it, even with --force; give another output path"
+    ), r.stderr
     assert ckpt.read_bytes() == before and read_stream(packed).header["tokens"] == len(ORIGINAL)
 
 
@@ -274,6 +332,7 @@ def test_an_output_that_is_not_a_file_is_refused_even_when_forced(run_dir, tmp_p
 
 
 # --- item 9: unwritable places, devices as input, chunk sizes --------------------------------------
+
 
 @pytest.mark.parametrize("command", ["compress", "decompress"])
 def test_an_unwritable_output_is_named_and_nothing_is_resumed(run_dir, packed, tmp_path, command):
@@ -290,8 +349,7 @@ def test_an_unwritable_output_is_named_and_nothing_is_resumed(run_dir, packed, t
 def test_a_full_disk_is_named_and_leaves_nothing(run_dir, packed, tmp_path):
     out = tmp_path / "out.txt"
     r = limited_cli("decompress", "--ckpt", run_dir, packed, out, fsize=len(ORIGINAL) // 2)
-    assert_refused(r, 4, f"error: cannot write the output {out}: File too large (nothing was written;",
-                   nothing_at=out)
+    assert_refused(r, 4, f"error: cannot write the output {out}: File too large (nothing was written;", nothing_at=out)
     assert "resume" not in r.stderr
 
 
@@ -302,8 +360,15 @@ def fifo(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("command", [compress, decompress], ids=["compress", "decompress"])
-@pytest.mark.parametrize("source, kind", [("/dev/zero", "a character device"), ("/dev/urandom", "a character device"),
-                                          ("fifo", "a named pipe (FIFO)"), ("dir", "a directory")])
+@pytest.mark.parametrize(
+    "source, kind",
+    [
+        ("/dev/zero", "a character device"),
+        ("/dev/urandom", "a character device"),
+        ("fifo", "a named pipe (FIFO)"),
+        ("dir", "a directory"),
+    ],
+)
 def test_a_device_as_input_is_refused_before_reading(request, run_dir, tmp_path, command, source, kind):
     path = request.getfixturevalue("fifo") if source == "fifo" else tmp_path if source == "dir" else Path(source)
     message = f"input: {path} is {kind}, not a regular file; give a regular file"
@@ -326,24 +391,34 @@ def test_an_input_larger_than_the_limit_allows_is_refused_unread(run_dir, tmp_pa
     with open(huge, "wb") as f:
         f.truncate(8 << 30)  # sparse: 8 GB that cost no disk
     r = limited_cli("compress", "--ckpt", run_dir, huge, out)
-    assert_refused(r, 2, f"error: input: {huge} is 8.6 GB, more than the 1 GB allowed (compress holds about 16 bytes "
-                         f"per byte of input, and the memory limit is 16 GB: raise it with {MEMORY_ENV}",
-                   nothing_at=out)
+    assert_refused(
+        r,
+        2,
+        f"error: input: {huge} is 8.6 GB, more than the 1 GB allowed (compress holds about 16 bytes "
+        f"per byte of input, and the memory limit is 16 GB: raise it with {MEMORY_ENV}",
+        nothing_at=out,
+    )
     r = limited_cli("decompress", "--ckpt", run_dir, huge, out)
-    assert_refused(r, 2, f"error: input: {huge} is 8.6 GB, more than the 4 GB allowed (decompress holds its input",
-                   nothing_at=out)
+    assert_refused(
+        r, 2, f"error: input: {huge} is 8.6 GB, more than the 4 GB allowed (decompress holds its input", nothing_at=out
+    )
     assert limited_cli("compress", "--ckpt", run_dir, "missing.txt", out).stderr.strip() == (
-        "error: input: file not found: missing.txt")
+        "error: input: file not found: missing.txt"
+    )
 
 
-@pytest.mark.parametrize("option, message", [
-    ({"chunk_size": 0}, "--chunk-size must be in 1..32 (the model's block_size), got 0"),
-    ({"chunk_size": 33}, "--chunk-size must be in 1..32 (the model's block_size), got 33"),
-    ({"batch_chunks": 0}, "--batch-chunks must be >= 1, got 0"),
-    ({"threads": 0}, "--threads must be >= 1, got 0"),
-    ({"threads": 10**6}, "--threads must be in 1..1024, got 1000000"),
-    ({"top_k": -1}, "--top-k must be >= 0, got -1"),
-], ids=lambda v: str(v) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"chunk_size": 0}, "--chunk-size must be in 1..32 (the model's block_size), got 0"),
+        ({"chunk_size": 33}, "--chunk-size must be in 1..32 (the model's block_size), got 33"),
+        ({"batch_chunks": 0}, "--batch-chunks must be >= 1, got 0"),
+        ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"threads": 10**6}, "--threads must be in 1..1024, got 1000000"),
+        ({"top_k": -1}, "--top-k must be >= 0, got -1"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else None,
+)
 def test_option_values_out_of_range_are_refused(run_dir, tmp_path, option, message):
     (tmp_path / "in.txt").write_bytes(ORIGINAL)
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -352,13 +427,16 @@ def test_option_values_out_of_range_are_refused(run_dir, tmp_path, option, messa
 
 
 def test_a_batch_beyond_the_memory_limit_is_refused(run_dir, tmp_path, monkeypatch):
-    (tmp_path / "in.txt").write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4 * PER_BATCH])
+    (tmp_path / "in.txt").write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[: 4 * PER_BATCH])
     monkeypatch.setenv(MEMORY_ENV, "0.002")  # 2 MB: the model's run config fits, 256 chunks at once do not
-    with pytest.raises(ConfigError, match=re.escape("--batch-chunks 256 (chunks coded at once) and the 32,768-byte "
-                                                    "input need about ")) as e:
+    with pytest.raises(
+        ConfigError, match=re.escape("--batch-chunks 256 (chunks coded at once) and the 32,768-byte input need about ")
+    ) as e:
         compress(run_dir, tmp_path / "in.txt", tmp_path / "out.prq")
-    assert str(e.value).endswith(f"more than the limit of 2 MB; if this machine has the memory, raise the limit: "
-                                 f"{MEMORY_ENV}=1, or lower --batch-chunks")
+    assert str(e.value).endswith(
+        f"more than the limit of 2 MB; if this machine has the memory, raise the limit: "
+        f"{MEMORY_ENV}=1, or lower --batch-chunks"
+    )
     compress(run_dir, tmp_path / "in.txt", tmp_path / "out.prq", batch_chunks=8)  # 8 chunks at a time fit
     assert read_stream(tmp_path / "out.prq").header["batch_chunks"] == 8
 

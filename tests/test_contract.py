@@ -41,9 +41,16 @@ class LossBits(L.Callback):
 
 def fit(module, callbacks, tmp_path, max_epochs=1):
     torch.manual_seed(0)
-    trainer = L.Trainer(max_epochs=max_epochs, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""),
-                        callbacks=callbacks, log_every_n_steps=5, enable_checkpointing=False, accelerator="cpu",
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=callbacks,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     own = example()
     trainer.fit(module, DataLoader(own.byte_chunks(TEXT, 32), batch_size=8, shuffle=False))
     return trainer

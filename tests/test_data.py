@@ -30,6 +30,7 @@ def bpe() -> BPETokenizer:
 
 # --- corpora ---------------------------------------------------------------------------------
 
+
 def test_file_is_read_byte_exact(tmp_path):
     raw = b"line one\r\nline two\n\xff\xfe not utf-8 \x00\x80"
     (tmp_path / "f.bin").write_bytes(raw)
@@ -105,6 +106,7 @@ def test_named_dataset_offline_error_and_cache(tmp_path, monkeypatch):
 
 # --- tokenizers ------------------------------------------------------------------------------
 
+
 def test_bytes_tokenizer_round_trips_and_costs_nothing():
     raw = os.urandom(4096)
     tok = build_tokenizer("bytes")
@@ -147,7 +149,9 @@ def test_bpe_part_of_f_is_its_compressed_serialisation(bpe):
     import lzma
 
     blob = bpe.serialize()
-    xz = lzma.compress(blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    xz = lzma.compress(
+        blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+    )
     smaller = min(8 * len(xz), 8 * len(bz2.compress(blob, 9)))
     assert f_parts(None, "", blob)["tokenizer"] == packed_bits(blob) == 1 + smaller
     assert 0 < packed_bits(blob) < 8 * len(blob)
@@ -158,8 +162,10 @@ def test_pretrained_tokenizer_file(tmp_path, bpe):
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.train_from_iterator([TEXT.decode()], trainers.BpeTrainer(
-        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        [TEXT.decode()],
+        trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = build_tokenizer("bpe", vocab_size=256, pretrained=str(tmp_path / "tokenizer.json"))
     raw = TEXT + os.urandom(1000)
@@ -190,10 +196,13 @@ def test_impossible_vocabularies_fail_clearly():
 
 # --- curriculum ------------------------------------------------------------------------------
 
+
 def _labels(n_tokens: int, seq_len: int, levels: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    chunks = [bytes(torch.randint(0, 1 + 255 * (i % 3 == 0), (seq_len,), generator=g).tolist())
-              for i in range(len(chunk_spans(n_tokens, seq_len)))]
+    chunks = [
+        bytes(torch.randint(0, 1 + 255 * (i % 3 == 0), (seq_len,), generator=g).tolist())
+        for i in range(len(chunk_spans(n_tokens, seq_len)))
+    ]
     return difficulty_labels(chunks, "zlib", levels)
 
 
@@ -297,8 +306,19 @@ def test_difficulty_scores():
 
 
 def test_curriculum_keys_from_the_command_line():
-    config = load_config(TINY, ["--data.curriculum", "length_warmup", "--data.pacing", "root",
-                                "--data.warmup_tokens", "1000", "--data.pacing_start", "0.25"])
+    config = load_config(
+        TINY,
+        [
+            "--data.curriculum",
+            "length_warmup",
+            "--data.pacing",
+            "root",
+            "--data.warmup_tokens",
+            "1000",
+            "--data.pacing_start",
+            "0.25",
+        ],
+    )
     assert (config.data.curriculum, config.data.pacing, config.data.warmup_tokens) == ("length_warmup", "root", 1000)
     with pytest.raises(ConfigError, match="data.curriculum: 'easy_first' is not one of"):
         load_config(TINY, ["--data.curriculum", "easy_first"])
@@ -310,6 +330,7 @@ def test_curriculum_keys_from_the_command_line():
 
 # --- end to end: Bob rebuilds the tokenizer and the order from the stream alone ---------------
 
+
 def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
     from prequel.alice.corpus import order_labels
     from prequel.alice.encoder import write_stream
@@ -318,8 +339,18 @@ def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
     from prequel.training.stream import StreamError, read_stream
 
     (tmp_path / "text.txt").write_bytes(TEXT[:4000])
-    config = tiny_config(tmp_path / "text.txt", tmp_path / "run", "--data.tokenizer", "bpe", "--data.vocab_size",
-                         "300", "--data.curriculum", "difficulty", "--data.difficulty_levels", "8")
+    config = tiny_config(
+        tmp_path / "text.txt",
+        tmp_path / "run",
+        "--data.tokenizer",
+        "bpe",
+        "--data.vocab_size",
+        "300",
+        "--data.curriculum",
+        "difficulty",
+        "--data.difficulty_levels",
+        "8",
+    )
     summary = train(config)
     assert summary["data/complete"] and summary["data/bytes"] == 4000
     stream = read_stream(tmp_path / "run" / "stream.prequel")
@@ -346,8 +377,11 @@ def test_length_warmup_trains_and_verifies(tmp_path):
     from prequel.verify.verifier import verify
 
     (tmp_path / "text.txt").write_bytes(TEXT[:3000])
-    summary = train(tiny_config(tmp_path / "text.txt", tmp_path / "run", "--data.curriculum", "length_warmup",
-                                "--data.pacing", "step"))
+    summary = train(
+        tiny_config(
+            tmp_path / "text.txt", tmp_path / "run", "--data.curriculum", "length_warmup", "--data.pacing", "step"
+        )
+    )
     assert summary["data/complete"] and summary["code/f_bits/order"] == 0
     report = verify(tmp_path / "run")
     assert report["complete"] and Path(report["output"]).read_bytes() == TEXT[:3000]

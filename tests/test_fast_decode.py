@@ -24,11 +24,15 @@ def _model(config: GPTConfig) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("config, batch, faithful", [
-    (GPTConfig(block_size=64, n_embd=64, n_head=4), 8, False),  # 64 positions: two flash blocks
-    (GPTConfig(block_size=40, n_embd=64, n_head=2, positions="rope", ngram_order=3, ngram_hash_bits=10), 4, False),
-    (GPTConfig(block_size=40, n_embd=64, n_head=2, head="norm", ngram_order=2, ngram_hash_bits=10), 3, True),
-], ids=["learned", "rope-ngram", "flash-block"])
+@pytest.mark.parametrize(
+    "config, batch, faithful",
+    [
+        (GPTConfig(block_size=64, n_embd=64, n_head=4), 8, False),  # 64 positions: two flash blocks
+        (GPTConfig(block_size=40, n_embd=64, n_head=2, positions="rope", ngram_order=3, ngram_hash_bits=10), 4, False),
+        (GPTConfig(block_size=40, n_embd=64, n_head=2, head="norm", ngram_order=2, ngram_hash_bits=10), 3, True),
+    ],
+    ids=["learned", "rope-ngram", "flash-block"],
+)
 def test_steps_give_the_full_forwards_bits(config, batch, faithful):
     """Every position's logits, stepped one at a time after a known context, equal the full forward's."""
     model = _model(config)
@@ -50,8 +54,11 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fast")
     text = root / "text.txt"
     text.write_bytes(open("data/tinyshakespeare.txt", "rb").read()[:3000])
-    summary = train(tiny_config(text, root / "run", "--model.ngram_order", "2", "--data.context", "3",
-                                "--data.curriculum", "strided"))
+    summary = train(
+        tiny_config(
+            text, root / "run", "--model.ngram_order", "2", "--data.context", "3", "--data.curriculum", "strided"
+        )
+    )
     return root / "run", text, summary
 
 
@@ -64,10 +71,14 @@ def test_verify_decodes_every_batch_by_steps_and_f_alone_decodes_the_same(run):
     assert (run_dir / "fast.txt").read_bytes() == (run_dir / "slow.txt").read_bytes() == text.read_bytes()
 
 
-@pytest.mark.parametrize("wrong", [
-    lambda out: torch.nextafter(out, torch.full_like(out, float("inf"))),  # one ulp: the same symbols, mostly
-    torch.zeros_like,  # uniform: other symbols, or words that do not decode at all
-], ids=["ulp", "uniform"])
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        lambda out: torch.nextafter(out, torch.full_like(out, float("inf"))),  # one ulp: the same symbols, mostly
+        torch.zeros_like,  # uniform: other symbols, or words that do not decode at all
+    ],
+    ids=["ulp", "uniform"],
+)
 def test_a_batch_whose_steps_round_differently_is_decoded_again_by_f(run, monkeypatch, wrong):
     """Steps that miss the full forward's bits in every other batch: the check (or the range decoder) catches
     each such batch, the range decoder goes back to where the batch began, and f's procedure decodes it."""

@@ -36,8 +36,18 @@ def through_a_file(header: dict, tmp_path) -> dict:
 def bpe_difficulty(tmp_path_factory):
     """A real training header with every field, the transmitted order included."""
     tmp = tmp_path_factory.mktemp("header")
-    config = tiny_config(tmp / "text.txt", tmp / "run", "--data.tokenizer", "bpe", "--data.vocab_size", "300",
-                         "--data.curriculum", "difficulty", "--data.difficulty_levels", "8")
+    config = tiny_config(
+        tmp / "text.txt",
+        tmp / "run",
+        "--data.tokenizer",
+        "bpe",
+        "--data.vocab_size",
+        "300",
+        "--data.curriculum",
+        "difficulty",
+        "--data.difficulty_levels",
+        "8",
+    )
     tokenizer = build_tokenizer("bpe", data=TEXT, vocab_size=300)
     tokens = tokenizer.encode(TEXT)
     labels = order_labels(config.data, config.model.block_size, tokenizer, tokens)
@@ -73,25 +83,28 @@ def test_the_committed_stream_header_round_trips():
     assert headers.checked_header(d).to_dict() == d
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("data_tokens", "4000", "header corrupted: data_tokens must be a count of tokens, got '4000'"),
-    ("data_tokens", 0, "header corrupted: data_tokens must be a count of tokens, got 0"),
-    ("data_tokens", True, "header corrupted: data_tokens must be a count of tokens, got True"),
-    ("environment", [1], "header corrupted: environment and tokenizer must be JSON objects"),
-    ("tokenizer", "bytes", "header corrupted: environment and tokenizer must be JSON objects"),
-    ("tokenizer", {"name": "bytes", "blob": 7}, "header corrupted: tokenizer: blob: must be a hex string, got 7"),
-    ("tokenizer", {"name": "bytes", "blob": "zz"}, "header corrupted: tokenizer: blob: not hex"),
-    ("tokenizer", {"blob": ""}, "header corrupted: tokenizer: name: missing"),
-    ("code_hash", None, "header corrupted: code_hash: missing"),  # (None: the key deleted)
-    ("code_hash", "ABC", "header corrupted: code_hash: must be a sha256 hex digest, got 'ABC'"),
-    ("precision", 32, "header corrupted: precision: must be a string, got 32"),
-    ("compile", "no", "header corrupted: compile: must be true or false, got 'no'"),
-    ("config", [], "header corrupted: config: must be a JSON object, got []"),
-    ("config", {"model": {"n_layer": -1}}, "header corrupted: model.n_layer: must be > 0, got -1"),
-    ("order", 5, "header corrupted: order: must be a base64 string, got 5"),
-    ("order", "AAAA", "header corrupted: order: transmitted order is not valid"),
-    ("order", None, "header corrupted: a difficulty order needs its transmitted levels (header['order'])"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("data_tokens", "4000", "header corrupted: data_tokens must be a count of tokens, got '4000'"),
+        ("data_tokens", 0, "header corrupted: data_tokens must be a count of tokens, got 0"),
+        ("data_tokens", True, "header corrupted: data_tokens must be a count of tokens, got True"),
+        ("environment", [1], "header corrupted: environment and tokenizer must be JSON objects"),
+        ("tokenizer", "bytes", "header corrupted: environment and tokenizer must be JSON objects"),
+        ("tokenizer", {"name": "bytes", "blob": 7}, "header corrupted: tokenizer: blob: must be a hex string, got 7"),
+        ("tokenizer", {"name": "bytes", "blob": "zz"}, "header corrupted: tokenizer: blob: not hex"),
+        ("tokenizer", {"blob": ""}, "header corrupted: tokenizer: name: missing"),
+        ("code_hash", None, "header corrupted: code_hash: missing"),  # (None: the key deleted)
+        ("code_hash", "ABC", "header corrupted: code_hash: must be a sha256 hex digest, got 'ABC'"),
+        ("precision", 32, "header corrupted: precision: must be a string, got 32"),
+        ("compile", "no", "header corrupted: compile: must be true or false, got 'no'"),
+        ("config", [], "header corrupted: config: must be a JSON object, got []"),
+        ("config", {"model": {"n_layer": -1}}, "header corrupted: model.n_layer: must be > 0, got -1"),
+        ("order", 5, "header corrupted: order: must be a base64 string, got 5"),
+        ("order", "AAAA", "header corrupted: order: transmitted order is not valid"),
+        ("order", None, "header corrupted: a difficulty order needs its transmitted levels (header['order'])"),
+    ],
+)
 def test_a_forged_training_header_is_refused_naming_the_field(bpe_difficulty, field, value, message):
     d = stream_header(*bpe_difficulty)
     if value is None:
@@ -126,8 +139,19 @@ def compressed(tmp_path_factory) -> dict:
 
 
 def test_compress_header_keeps_the_file_layout(compressed):
-    assert set(compressed) == {"kind", "format", "original_bytes", "tokens", "chunk_size", "batch_chunks", "top_k",
-                               "model", "tokenizer", "environment", "dtype"}
+    assert set(compressed) == {
+        "kind",
+        "format",
+        "original_bytes",
+        "tokens",
+        "chunk_size",
+        "batch_chunks",
+        "top_k",
+        "model",
+        "tokenizer",
+        "environment",
+        "dtype",
+    }
     assert set(compressed["model"]) == {"checkpoint", "sha256"} and set(compressed["tokenizer"]) == {"name", "sha256"}
     header = CompressHeader.from_dict(compressed)
     assert header.to_dict() == compressed
@@ -135,18 +159,25 @@ def test_compress_header_keeps_the_file_layout(compressed):
     assert (header.batch_chunks, header.top_k, header.model_checkpoint, header.dtype) == (3, 5, "model.ckpt", "float32")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("kind", None, "not a compressed file (a training stream? use prequel verify)"),
-    ("tokens", -1, "header corrupted: tokens: must be in 0..2**48 - 1, got -1"),
-    ("original_bytes", 2**60, "header corrupted: original_bytes: must be in 0..2**48 - 1, got 1152921504606846976"),
-    ("chunk_size", 0, "header corrupted: chunk_size: must be in 1..2**48 - 1, got 0"),
-    ("top_k", "5", "header corrupted: top_k: must be an integer, got '5'"),
-    ("format", 1.0, "header corrupted: format: must be an integer, got 1.0"),
-    ("model", {"checkpoint": "model.ckpt"}, "header corrupted: model: sha256: missing"),
-    ("tokenizer", {"name": "bytes", "sha256": "0" * 63}, "header corrupted: tokenizer: sha256: must be a sha256 hex"),
-    ("environment", [1], "header corrupted: environment: must be a JSON object, got [1]"),
-    ("dtype", None, "header corrupted: dtype: missing"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kind", None, "not a compressed file (a training stream? use prequel verify)"),
+        ("tokens", -1, "header corrupted: tokens: must be in 0..2**48 - 1, got -1"),
+        ("original_bytes", 2**60, "header corrupted: original_bytes: must be in 0..2**48 - 1, got 1152921504606846976"),
+        ("chunk_size", 0, "header corrupted: chunk_size: must be in 1..2**48 - 1, got 0"),
+        ("top_k", "5", "header corrupted: top_k: must be an integer, got '5'"),
+        ("format", 1.0, "header corrupted: format: must be an integer, got 1.0"),
+        ("model", {"checkpoint": "model.ckpt"}, "header corrupted: model: sha256: missing"),
+        (
+            "tokenizer",
+            {"name": "bytes", "sha256": "0" * 63},
+            "header corrupted: tokenizer: sha256: must be a sha256 hex",
+        ),
+        ("environment", [1], "header corrupted: environment: must be a JSON object, got [1]"),
+        ("dtype", None, "header corrupted: dtype: missing"),
+    ],
+)
 def test_a_forged_compress_header_is_refused_naming_the_field(compressed, field, value, message):
     d = {**compressed, field: value}
     if value is None:

@@ -35,11 +35,14 @@ ADDRESS_SPACE = 4 << 30
 def limited_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     """train.py as a user runs it, in a process that cannot map more than 4 GB."""
     return subprocess.run(
-        [sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=None if env is None else {**os.environ, **env},
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE)),
     )
-
 
 
 def forge(tmp_path: Path, **edits) -> Path:
@@ -63,6 +66,7 @@ def verify_forged(tmp_path: Path, env: dict | None = None, **edits) -> tuple[sub
 
 
 # --- item 2: the transmitted order is decompressed only as far as the header's sizes allow -------
+
 
 def zlib_bomb(gib: int) -> str:
     """A valid zlib stream of `gib` GiB of zeros (~1 MB per GiB), base64 as in a header. Built from
@@ -93,22 +97,39 @@ def test_the_bomb_is_what_it_claims():
 
 def test_an_order_for_a_curriculum_without_one_is_refused_unread(bomb, tmp_path):
     r, out = verify_forged(tmp_path, order=bomb)
-    assert_refused(r, 3, "header corrupted: order: the sequential curriculum transmits no order "
-                         "(only data.curriculum: difficulty does)", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        "header corrupted: order: the sequential curriculum transmits no order (only data.curriculum: difficulty does)",
+        nothing_at=out,
+    )
 
 
 def test_a_difficulty_order_is_expanded_only_to_its_chunk_count(bomb, tmp_path):
     r, out = verify_forged(tmp_path, order=bomb, config__data__curriculum="difficulty")
-    assert_refused(r, 3, "header corrupted: order: transmitted order is not valid: it decompresses to more than "
-                         f"the {4 * FIXTURE_CHUNKS} bytes of 4-byte levels for {FIXTURE_CHUNKS} chunks", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        "header corrupted: order: transmitted order is not valid: it decompresses to more than "
+        f"the {4 * FIXTURE_CHUNKS} bytes of 4-byte levels for {FIXTURE_CHUNKS} chunks",
+        nothing_at=out,
+    )
 
 
-@pytest.mark.parametrize("labels, message", [
-    (torch.zeros(FIXTURE_CHUNKS - 1, dtype=torch.long), f"{4 * (FIXTURE_CHUNKS - 1)} bytes of levels, expected "
-                                                        f"{4 * FIXTURE_CHUNKS} ({FIXTURE_CHUNKS} chunks × 4)"),
-    # a level of 2**32 - 1 would make order_bits' bincount allocate 32 GB
-    (torch.tensor([2**32 - 1] + [0] * (FIXTURE_CHUNKS - 1)), "a chunk has level 4294967295, but there are only 4 levels"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (
+            torch.zeros(FIXTURE_CHUNKS - 1, dtype=torch.long),
+            f"{4 * (FIXTURE_CHUNKS - 1)} bytes of levels, expected {4 * FIXTURE_CHUNKS} ({FIXTURE_CHUNKS} chunks × 4)",
+        ),
+        # a level of 2**32 - 1 would make order_bits' bincount allocate 32 GB
+        (
+            torch.tensor([2**32 - 1] + [0] * (FIXTURE_CHUNKS - 1)),
+            "a chunk has level 4294967295, but there are only 4 levels",
+        ),
+    ],
+)
 def test_a_difficulty_order_must_fit_the_chunks_and_levels(tmp_path, labels, message):
     r, out = verify_forged(tmp_path, order=labels_to_header(labels), config__data__curriculum="difficulty")
     assert_refused(r, 3, "header corrupted: order: transmitted order is not valid: " + message, nothing_at=out)
@@ -130,72 +151,109 @@ TOO_BIG = [  # (header edits, the setting the refusal names)
     ({"config__model__n_embd": 2**22}, "model.n_embd = 4194304: training would need about "),
     ({"config__model__block_size": 2**31}, "model.block_size = 2147483648: training would need about "),
     ({"config__data__replay_steps": 10**12}, "data.replay_steps = 1000000000000: training would need about "),
-    ({"config__data__tokenizer": "bpe", "config__data__vocab_size": 65536, "config__model__ngram_order": 6},
-     "model.ngram_order = 6: training would need about "),
+    (
+        {"config__data__tokenizer": "bpe", "config__data__vocab_size": 65536, "config__model__ngram_order": 6},
+        "model.ngram_order = 6: training would need about ",
+    ),
 ]
 
 
 @pytest.mark.parametrize("edits, message", TOO_BIG, ids=lambda v: "+".join(v) if isinstance(v, dict) else None)
 def test_a_header_beyond_the_memory_limit_is_refused_naming_the_setting(tmp_path, edits, message):
     r, out = verify_forged(tmp_path, **edits)
-    assert_refused(r, 3, "stream error: the stream's header asks for more memory than allowed: " + message,
-                   f"more than the limit of {DEFAULT_MAX_MEMORY_GB:g} GB", f"raise the limit: {MEMORY_ENV}=",
-                   nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        "stream error: the stream's header asks for more memory than allowed: " + message,
+        f"more than the limit of {DEFAULT_MAX_MEMORY_GB:g} GB",
+        f"raise the limit: {MEMORY_ENV}=",
+        nothing_at=out,
+    )
 
 
 def test_a_header_claiming_more_tokens_than_the_limit_allows_is_refused(tmp_path):
     r, out = verify_forged(tmp_path, data_tokens=2**47)
-    assert_refused(r, 3, "stream error: the header claims 140,737,488,355,328 tokens: more than this machine can hold: "
-                         "data_tokens = 140,737,488,355,328: training would need about ",
-                   f"more than the limit of {DEFAULT_MAX_MEMORY_GB:g} GB; if this machine has the memory, raise the limit: "
-                   f"{MEMORY_ENV}=", nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        "stream error: the header claims 140,737,488,355,328 tokens: more than this machine can hold: "
+        "data_tokens = 140,737,488,355,328: training would need about ",
+        f"more than the limit of {DEFAULT_MAX_MEMORY_GB:g} GB; if this machine has the memory, raise the limit: "
+        f"{MEMORY_ENV}=",
+        nothing_at=out,
+    )
 
 
-@pytest.mark.parametrize("edits, message", [
-    ({"config__trainer__num_threads": 100000}, "header corrupted: trainer.num_threads: must be in 0..1024"),
-    ({"environment__num_threads": 100000}, "header corrupted: environment: num_threads: must be an integer in 1..1024"),
-])
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        ({"config__trainer__num_threads": 100000}, "header corrupted: trainer.num_threads: must be in 0..1024"),
+        (
+            {"environment__num_threads": 100000},
+            "header corrupted: environment: num_threads: must be an integer in 1..1024",
+        ),
+    ],
+)
 def test_a_header_thread_count_is_bounded(tmp_path, edits, message):
     r, out = verify_forged(tmp_path, **edits)
     assert_refused(r, 3, message, nothing_at=out)
 
 
 def test_a_compressed_files_token_count_is_held_to_the_limit(tmp_path):
-    header = {"kind": "compress", "format": 1, "original_bytes": 2**46, "tokens": 2**46, "chunk_size": 64,
-              "batch_chunks": 256, "top_k": 0, "model": {"checkpoint": "last.ckpt", "sha256": "0" * 64},
-              "tokenizer": {"name": "bytes", "sha256": "0" * 64}, "environment": {"num_threads": 1}, "dtype": "float32"}
+    header = {
+        "kind": "compress",
+        "format": 1,
+        "original_bytes": 2**46,
+        "tokens": 2**46,
+        "chunk_size": 64,
+        "batch_chunks": 256,
+        "top_k": 0,
+        "model": {"checkpoint": "last.ckpt", "sha256": "0" * 64},
+        "tokenizer": {"name": "bytes", "sha256": "0" * 64},
+        "environment": {"num_threads": 1},
+        "dtype": "float32",
+    }
     packed, out = tmp_path / "forged.pqz", tmp_path / "out.bin"
     packed.write_bytes(encode_stream(Stream(header, [], {"data_sha256": "0" * 64})))
     r = limited_cli("decompress", "--ckpt", tmp_path / "none.ckpt", packed, out)
-    assert_refused(r, 3, "the file's header asks for more memory than allowed: tokens = 70,368,744,177,664 need about",
-                   nothing_at=out)
+    assert_refused(
+        r,
+        3,
+        "the file's header asks for more memory than allowed: tokens = 70,368,744,177,664 need about",
+        nothing_at=out,
+    )
 
 
 def test_the_limit_is_the_users_to_raise(monkeypatch, text_file, tmp_path):
     check_memory(load_config(TINY), 10**6)  # every shipped config is far below the default limit
     monkeypatch.setenv(MEMORY_ENV, "0.001")  # 1 MB
-    with pytest.raises(MemoryLimitError, match="more than the limit of 1 MB; .* raise the limit: PREQUEL_MAX_MEMORY_GB=1"):
+    with pytest.raises(
+        MemoryLimitError, match="more than the limit of 1 MB; .* raise the limit: PREQUEL_MAX_MEMORY_GB=1"
+    ):
         load_config(TINY)
     monkeypatch.setenv(MEMORY_ENV, "200")
     assert load_config(TINY, ["--model.n_layer", "100000"]).model.n_layer == 100000  # nothing was allocated
     monkeypatch.setenv(MEMORY_ENV, "lots")
     with pytest.raises(ConfigError, match="PREQUEL_MAX_MEMORY_GB: expected a number of gigabytes > 0, got 'lots'"):
         load_config(TINY)
-    r = limited_cli("--config", TINY, "--data.path", text_file, "--run_dir", tmp_path / "r",
-                    env={MEMORY_ENV: "0.001"})
+    r = limited_cli("--config", TINY, "--data.path", text_file, "--run_dir", tmp_path / "r", env={MEMORY_ENV: "0.001"})
     assert_refused(r, 2, "training would need about", "more than the limit of 1 MB", nothing_at=tmp_path / "r")
 
 
-@pytest.mark.parametrize("model", [
-    GPTConfig(vocab_size=300, block_size=16, n_layer=3, n_head=2, n_embd=24),
-    GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True, tie_embeddings=False),
-    GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, positions="rope", ngram_order=3),
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        GPTConfig(vocab_size=300, block_size=16, n_layer=3, n_head=2, n_embd=24),
+        GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True, tie_embeddings=False),
+        GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, positions="rope", ngram_order=3),
+    ],
+)
 def test_the_estimate_counts_the_parameters_the_model_has(model):
     assert parameter_count(model, model.vocab_size) == GPT(model).num_params()
 
 
 # --- item 5: only regular files are read, and only as much as the limit allows --------------------
+
 
 @pytest.fixture
 def fifo(tmp_path) -> Path:
@@ -211,10 +269,15 @@ def unix_socket(tmp_path):
         yield path
 
 
-@pytest.mark.parametrize("source, kind", [
-    ("/dev/zero", "a character device"), ("/dev/urandom", "a character device"),
-    ("fifo", "a named pipe (FIFO)"), ("unix_socket", "a socket"),
-])
+@pytest.mark.parametrize(
+    "source, kind",
+    [
+        ("/dev/zero", "a character device"),
+        ("/dev/urandom", "a character device"),
+        ("fifo", "a named pipe (FIFO)"),
+        ("unix_socket", "a socket"),
+    ],
+)
 def test_a_device_as_data_is_refused_before_reading(request, tmp_path, source, kind):
     path = Path(source) if source.startswith("/") else request.getfixturevalue(source)
     r = limited_cli("--config", TINY, "--data.path", path, "--run_dir", tmp_path / "r")
@@ -233,9 +296,13 @@ def test_a_corpus_larger_than_the_limit_allows_is_refused_unread(tmp_path, monke
     with open(huge, "wb") as f:
         f.truncate(8 << 30)  # sparse: 8 GB that cost no disk
     r = limited_cli("--config", TINY, "--data.path", huge, "--run_dir", tmp_path / "r")
-    assert_refused(r, 2, f"error: data.path: {huge} is 8.6 GB, more than the 1 GB allowed (training holds about "
-                         f"16 bytes per byte of data, and the memory limit is 16 GB: raise it with {MEMORY_ENV}",
-                   nothing_at=tmp_path / "r")
+    assert_refused(
+        r,
+        2,
+        f"error: data.path: {huge} is 8.6 GB, more than the 1 GB allowed (training holds about "
+        f"16 bytes per byte of data, and the memory limit is 16 GB: raise it with {MEMORY_ENV}",
+        nothing_at=tmp_path / "r",
+    )
     (tmp_path / "docs").mkdir()
     for name in "ab":
         (tmp_path / "docs" / name).write_bytes(bytes(600_000))
@@ -247,8 +314,11 @@ def test_a_corpus_larger_than_the_limit_allows_is_refused_unread(tmp_path, monke
 
 # --- item 7: float spellings, thread counts, strategies and devices -------------------------------
 
-@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E-3", 1e-3), ("1e+3", 1e3), (".5", 0.5), ("2", 2.0),
-                                         ("3.0e-4", 3e-4), ("+1.5E2", 150.0)])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1e-3", 1e-3), ("1E-3", 1e-3), ("1e+3", 1e3), (".5", 0.5), ("2", 2.0), ("3.0e-4", 3e-4), ("+1.5E2", 150.0)],
+)
 def test_every_float_spelling_is_a_float(text, value, tmp_path):
     assert load_config(TINY, ["--optim.lr", text]).optim.lr == value
     (tmp_path / "c.yaml").write_text(f"optim:\n  lr: {text}\n  eps: {text}\n")
@@ -256,14 +326,17 @@ def test_every_float_spelling_is_a_float(text, value, tmp_path):
     assert (config.optim.lr, config.optim.eps) == (value, value)
 
 
-@pytest.mark.parametrize("key, text, message", [
-    ("optim.lr", "inf", "optim.lr: expected a finite number, got 'inf'"),
-    ("optim.lr", "-inf", "optim.lr: expected a finite number, got '-inf'"),
-    ("optim.lr", ".nan", "optim.lr: expected a finite number, got nan"),
-    ("optim.lr", "1e-3x", "optim.lr: expected a number, got '1e-3x'"),
-    ("optim.lr", "-1e-3", "optim.lr: must be > 0, got '-1e-3'"),
-    ("data.batch_size", "1e3", "data.batch_size: expected an integer, got '1e3'"),  # floats only
-])
+@pytest.mark.parametrize(
+    "key, text, message",
+    [
+        ("optim.lr", "inf", "optim.lr: expected a finite number, got 'inf'"),
+        ("optim.lr", "-inf", "optim.lr: expected a finite number, got '-inf'"),
+        ("optim.lr", ".nan", "optim.lr: expected a finite number, got nan"),
+        ("optim.lr", "1e-3x", "optim.lr: expected a number, got '1e-3x'"),
+        ("optim.lr", "-1e-3", "optim.lr: must be > 0, got '-1e-3'"),
+        ("data.batch_size", "1e3", "data.batch_size: expected an integer, got '1e3'"),  # floats only
+    ],
+)
 def test_what_is_not_a_finite_float_is_still_refused(key, text, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [f"--{key}", text])
@@ -277,26 +350,45 @@ def test_a_string_field_keeps_a_float_spelling():
 
 def test_thread_counts_are_bounded(tmp_path, text_file):
     assert load_config(TINY, ["--trainer.num_threads", "1024"]).trainer.num_threads == 1024
-    r = limited_cli("--config", TINY, "--data.path", text_file, "--trainer.num_threads", "100000",
-                    "--run_dir", tmp_path / "r")
-    assert_refused(r, 2, "error: trainer.num_threads: must be in 0..1024 (one OS thread each), got 100000",
-                   nothing_at=tmp_path / "r")
+    r = limited_cli(
+        "--config", TINY, "--data.path", text_file, "--trainer.num_threads", "100000", "--run_dir", tmp_path / "r"
+    )
+    assert_refused(
+        r,
+        2,
+        "error: trainer.num_threads: must be in 0..1024 (one OS thread each), got 100000",
+        nothing_at=tmp_path / "r",
+    )
 
 
 def test_ddp_spawn_with_a_stream_is_refused_before_the_run_directory(tmp_path, text_file):
-    r = limited_cli("--config", TINY, "--data.path", text_file, "--trainer.strategy", "ddp_spawn",
-                    "--run_dir", tmp_path / "r")
-    assert_refused(r, 2, "error: trainer.strategy: ddp_spawn cannot write a stream", "use trainer.strategy: ddp",
-                   nothing_at=tmp_path / "r")
-    assert load_config(TINY, ["--trainer.strategy", "ddp_spawn", "--stream.enabled", "false"]).trainer.strategy == "ddp_spawn"
+    r = limited_cli(
+        "--config", TINY, "--data.path", text_file, "--trainer.strategy", "ddp_spawn", "--run_dir", tmp_path / "r"
+    )
+    assert_refused(
+        r,
+        2,
+        "error: trainer.strategy: ddp_spawn cannot write a stream",
+        "use trainer.strategy: ddp",
+        nothing_at=tmp_path / "r",
+    )
+    assert (
+        load_config(TINY, ["--trainer.strategy", "ddp_spawn", "--stream.enabled", "false"]).trainer.strategy
+        == "ddp_spawn"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_gpu_run_without_a_gpu_is_refused_before_the_run_directory(tmp_path, text_file):
-    r = limited_cli("--config", TINY, "--data.path", text_file, "--trainer.accelerator", "gpu",
-                    "--run_dir", tmp_path / "r")
-    assert_refused(r, 2, "error: trainer.accelerator: gpu, but torch sees no CUDA device on this machine "
-                         "(use trainer.accelerator: cpu)", nothing_at=tmp_path / "r")
+    r = limited_cli(
+        "--config", TINY, "--data.path", text_file, "--trainer.accelerator", "gpu", "--run_dir", tmp_path / "r"
+    )
+    assert_refused(
+        r,
+        2,
+        "error: trainer.accelerator: gpu, but torch sees no CUDA device on this machine (use trainer.accelerator: cpu)",
+        nothing_at=tmp_path / "r",
+    )
 
 
 def test_a_header_cannot_make_verify_replay_without_bound(tmp_path):

@@ -32,8 +32,17 @@ def test_no_module_is_over_400_lines():
 
 def test_the_package_installs_one_import_name(tmp_path):
     """pyproject maps f's folders into `prequel`: from any other directory, nothing else of ours imports."""
-    names = ["prequel", "prequel.models", "prequel.training", "prequel.callbacks", "models", "training", "callbacks",
-             "tools", "train"]
+    names = [
+        "prequel",
+        "prequel.models",
+        "prequel.training",
+        "prequel.callbacks",
+        "models",
+        "training",
+        "callbacks",
+        "tools",
+        "train",
+    ]
     code = f"import importlib.util, json; print(json.dumps([importlib.util.find_spec(n) is not None for n in {names}]))"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert dict(zip(names, json.loads(r.stdout))) == {n: n.startswith("prequel") for n in names}

@@ -24,8 +24,19 @@ def text_path(tmp_path_factory):
 
 @pytest.mark.parametrize("weights,procedure", [("bayes", "full"), ("switch", "incremental")])
 def test_a_mixture_stream_verifies_in_a_separate_process(text_path, tmp_path, weights, procedure):
-    summary = train(tiny_config(text_path, tmp_path / "run", *MEMBERS, "--mixture.weights", weights,
-                                "--stream.procedure", procedure, "--logging.csv", "false"))
+    summary = train(
+        tiny_config(
+            text_path,
+            tmp_path / "run",
+            *MEMBERS,
+            "--mixture.weights",
+            weights,
+            "--stream.procedure",
+            procedure,
+            "--logging.csv",
+            "false",
+        )
+    )
     assert summary["model/params"] == sum(summary["mixture/member_params"])
     r = run_cli("verify", tmp_path / "run", "--out", tmp_path / "decoded.txt")
     assert r.returncode == 0 and "OK" in r.stdout.split(), r.stdout + r.stderr
@@ -40,23 +51,42 @@ def test_bayes_codes_within_log2_k_of_its_best_member_and_members_train_as_alone
     assert mix["code/data_bits"] <= min(members) + math.log2(len(members)) + 1e-3  # float32 rounding of ~1e-7/token
     assert mix["code/data_bits"] > min(members) - 50  # a mixture, not a cheat: close to the best member
     for width, bits in zip((16, 32), members):  # each member alone, same seed, same batches: the same bits
-        alone = train(tiny_config(text_path, tmp_path / f"alone{width}", "--model.n_embd", str(width),
-                                  "--stream.enabled", "false"))
+        alone = train(
+            tiny_config(
+                text_path, tmp_path / f"alone{width}", "--model.n_embd", str(width), "--stream.enabled", "false"
+            )
+        )
         assert alone["code/data_bits"] == bits
 
 
 def test_switching_beats_every_member_here(text_path, tmp_path):
     """Fixed share lets the weight move to whichever member predicts best now (at 1,500 bytes the
     small member leads early, the big one later)."""
-    mix = train(tiny_config(text_path, tmp_path / "run", *MEMBERS, "--mixture.weights", "switch",
-                            "--mixture.switch_rate", "0.05", "--stream.enabled", "false"))
+    mix = train(
+        tiny_config(
+            text_path,
+            tmp_path / "run",
+            *MEMBERS,
+            "--mixture.weights",
+            "switch",
+            "--mixture.switch_rate",
+            "0.05",
+            "--stream.enabled",
+            "false",
+        )
+    )
     assert mix["code/data_bits"] < min(mix["mixture/member_bits"])
 
 
-@pytest.mark.parametrize("members,message", [
-    ("2x4x64", "needs 2..8 members"), ("2x4x64, 3by4", "'3by4' is not LAYERSxHEADSxWIDTH[@LR]"),
-    ("2x3x64, 1x2x32", "width divisible by heads"), ("1x2x32@fast, 1x2x16", "is not LAYERSxHEADSxWIDTH[@LR]"),
-])
+@pytest.mark.parametrize(
+    "members,message",
+    [
+        ("2x4x64", "needs 2..8 members"),
+        ("2x4x64, 3by4", "'3by4' is not LAYERSxHEADSxWIDTH[@LR]"),
+        ("2x3x64, 1x2x32", "width divisible by heads"),
+        ("1x2x32@fast, 1x2x16", "is not LAYERSxHEADSxWIDTH[@LR]"),
+    ],
+)
 def test_bad_members_are_refused_by_name(text_path, tmp_path, members, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         tiny_config(text_path, tmp_path / "run", "--mixture.members", members)

@@ -67,10 +67,22 @@ def test_tied_weights_stay_tied_through_training_and_checkpoint(text_file, tmp_p
 
 
 def test_ngram_prior_counts_only_coded_first_pass_tokens(text_file, tmp_path):
-    config = tiny_config(text_file, tmp_path / "run", "--model.ngram_order", "3", "--stream.enabled", "false",
-                         "--trainer.max_epochs", "2", "--data.replay_steps", "1")
+    config = tiny_config(
+        text_file,
+        tmp_path / "run",
+        "--model.ngram_order",
+        "3",
+        "--stream.enabled",
+        "false",
+        "--trainer.max_epochs",
+        "2",
+        "--data.replay_steps",
+        "1",
+    )
     summary = train(config)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
     prior = NGramPrior(vocab_size=256, max_order=3, hash_bits=HASH_BITS)  # the checkpoint holds the counts sparsely
     prior.load_state_dict({k.removeprefix("model.ngram."): v for k, v in state.items() if k.startswith("model.ngram.")})
     for k in (1, 2, 3):  # each coded token counted once per order: not per epoch, not per replay
@@ -78,7 +90,8 @@ def test_ngram_prior_counts_only_coded_first_pass_tokens(text_file, tmp_path):
     # the order-1 counts are exactly the bigram table of the text (with BOS at chunk starts)
     data = text_file.read_bytes()
     assert prior.counts1[ord("e"), ord(" ")] == sum(
-        1 for i in range(1, len(data)) if data[i - 1 : i + 1] == b"e " and i % 32 != 0)
+        1 for i in range(1, len(data)) if data[i - 1 : i + 1] == b"e " and i % 32 != 0
+    )
 
 
 def test_ngram_counts_round_trip_sparsely_and_refuse_what_does_not_fit():

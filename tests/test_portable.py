@@ -30,16 +30,19 @@ def unpinned(**extra: str) -> dict:
 
 
 def cli(*args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_the_committed_fixture_verifies_on_this_machine(tmp_path):
     """Written on another machine (see tests/fixtures/make_portable_stream.py): if this fails with
     anything but a code-hash message, the kernel pins are incomplete. Do not regenerate it."""
     if read_stream(FIXTURE).header["code_hash"] != code_hash():
-        pytest.fail("the program f changed since tests/fixtures/portable.prequel was written: regenerate it with "
-                    "`python tests/fixtures/make_portable_stream.py` and commit it")
+        pytest.fail(
+            "the program f changed since tests/fixtures/portable.prequel was written: regenerate it with "
+            "`python tests/fixtures/make_portable_stream.py` and commit it"
+        )
     out = tmp_path / "decoded.txt"
     r = cli("verify", FIXTURE, "--out", out, env=unpinned(**HOSTILE))  # verify re-executes with the pins itself
     assert r.returncode == 0, r.stderr
@@ -61,8 +64,19 @@ def native_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("native")
     text = root / "text.txt"
     text.write_bytes(FIXTURE_BYTES)
-    r = cli("--config", "configs/tiny.yaml", "--trainer.kernels", "native", "--data.path", text,
-            "--run_dir", root / "run", "--logging.progress_bar", "false", env=unpinned())
+    r = cli(
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.kernels",
+        "native",
+        "--data.path",
+        text,
+        "--run_dir",
+        root / "run",
+        "--logging.progress_bar",
+        "false",
+        env=unpinned(),
+    )
     assert r.returncode == 0, r.stderr
     capability = read_stream(root / "run" / "stream.prequel").header["environment"]["cpu_capability"]
     other = "avx2" if capability == "DEFAULT" else "default"  # kernels this machine can run, but not the encoder's
@@ -111,9 +125,11 @@ def test_a_gpu_stream_on_a_machine_without_one_is_refused(tmp_path):
 
 def test_a_library_caller_without_the_pins_gets_a_clear_error(tmp_path):
     """No re-exec outside the CLI: a process whose torch started unpinned cannot compute portable bits."""
-    code = ("import torch; from training import environment\n"
-            "try:\n    environment.ensure_kernels('portable')\n"
-            "except environment.KernelError as e:\n    print('refused:', e)\n")
+    code = (
+        "import torch; from training import environment\n"
+        "try:\n    environment.ensure_kernels('portable')\n"
+        "except environment.KernelError as e:\n    print('refused:', e)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=unpinned())
     assert "refused: portable kernels must be chosen before torch starts" in r.stdout, r.stderr
 
@@ -157,9 +173,26 @@ def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
 
     text = tmp_path / "text.txt"
     text.write_bytes(FIXTURE_BYTES[:1200])
-    config = tiny_config(text, tmp_path / "run", "--model.positions", "rope", "--model.ngram_order", "3",
-                         "--model.z_loss", "1e-4", "--optim.grad_clip", "1.0", "--optim.warmup_steps", "2",
-                         "--data.replay_steps", "1", "--stream.procedure", procedure, "--logging.csv", "false")
+    config = tiny_config(
+        text,
+        tmp_path / "run",
+        "--model.positions",
+        "rope",
+        "--model.ngram_order",
+        "3",
+        "--model.z_loss",
+        "1e-4",
+        "--optim.grad_clip",
+        "1.0",
+        "--optim.warmup_steps",
+        "2",
+        "--data.replay_steps",
+        "1",
+        "--stream.procedure",
+        procedure,
+        "--logging.csv",
+        "false",
+    )
     with AtenOps() as ops:
         train(config)
         report = verify(tmp_path / "run", tmp_path / "decoded.txt")  # raises if a bit differs
@@ -171,6 +204,5 @@ def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
 def test_vml_ops_lists_every_op_mkl_compatible_changes():
     """models/portable_math.VML_OPS is measured, not guessed: bench/vml_ops.py runs each candidate
     op with and without MKL_CBWR=COMPATIBLE and every op whose bits change must be listed."""
-    r = subprocess.run([sys.executable, "bench/vml_ops.py"], cwd=ROOT, capture_output=True, text=True,
-                       env=unpinned())
+    r = subprocess.run([sys.executable, "bench/vml_ops.py"], cwd=ROOT, capture_output=True, text=True, env=unpinned())
     assert r.returncode == 0 and "lists them all" in r.stdout, r.stdout + r.stderr

@@ -44,8 +44,14 @@ def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
         target = bob / "prequel" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(strip_python(path.read_text()))
-    r = subprocess.run([sys.executable, "-c", DECODE_AND_LIST, str(stream_path)], cwd=bob, env=portable_environ(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", DECODE_AND_LIST, str(stream_path)],
+        cwd=bob,
+        env=portable_environ(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     data = bytes.fromhex(out["data"])
@@ -53,7 +59,7 @@ def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
     ours = {p for p in out["files"] if p.startswith(ROOT.as_posix() + "/")}
     assert not ours, f"decoding needed files outside f: {sorted(ours)}"
     package = (bob / "prequel").resolve().as_posix()
-    loaded = {p[len(package) + 1:] for p in out["files"] if p.startswith(package + "/")}
+    loaded = {p[len(package) + 1 :] for p in out["files"] if p.startswith(package + "/")}
     counted = set(source_files(config))
     assert loaded == counted, f"in f but not needed: {sorted(counted - loaded)}; loaded: {sorted(loaded)}"
 
@@ -65,12 +71,26 @@ def test_f_alone_as_counted_decodes_the_fixture_and_imports_exactly_its_modules(
     assert_f_alone_decodes(FIXTURE, tmp_path)
 
 
-@pytest.mark.parametrize("settings", [
-    # every module FEATURES lists (and leaves out), in two runs: a mixture refuses the n-gram prior
-    ("--model.ngram_order", "2", "--data.tokenizer", "bpe", "--data.vocab_size", "300",
-     "--data.curriculum", "difficulty", "--data.context", "4"),
-    ("--mixture.members", "1x2x16, 1x2x32", "--data.curriculum", "shuffle", "--trainer.kernels", "native"),
-], ids=["ngram-bpe-difficulty-portable", "mixture-shuffle-native"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # every module FEATURES lists (and leaves out), in two runs: a mixture refuses the n-gram prior
+        (
+            "--model.ngram_order",
+            "2",
+            "--data.tokenizer",
+            "bpe",
+            "--data.vocab_size",
+            "300",
+            "--data.curriculum",
+            "difficulty",
+            "--data.context",
+            "4",
+        ),
+        ("--mixture.members", "1x2x16, 1x2x32", "--data.curriculum", "shuffle", "--trainer.kernels", "native"),
+    ],
+    ids=["ngram-bpe-difficulty-portable", "mixture-shuffle-native"],
+)
 def test_a_runs_f_holds_the_modules_its_settings_need_and_decodes_it_alone(tmp_path, settings):
     text = tmp_path / "text.txt"
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000])
@@ -102,8 +122,11 @@ def test_a_comment_or_docstring_edit_of_f_leaves_the_code_hash_unchanged_and_cod
     original = code_hash()
     edited = tmp_path / "module.py"
     source = files["training/module.py"].read_text()
-    edited.write_text(source.replace('"""The LightningModule', '"""A reworded docstring. The LightningModule', 1)
-                      .replace("\nclass CodedBatch", "\n# a new comment line\n\n\nclass CodedBatch", 1))
+    edited.write_text(
+        source.replace('"""The LightningModule', '"""A reworded docstring. The LightningModule', 1).replace(
+            "\nclass CodedBatch", "\n# a new comment line\n\n\nclass CodedBatch", 1
+        )
+    )
     assert edited.read_text() != source
 
     def with_edit(config=None):

@@ -35,8 +35,18 @@ from prequel.training.stream import Stream, decode_stream
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()
 CHECKPOINT_EVERY = "4"
 # The code length, and every number it is made of, must come out the same after a fault.
-TOTALS = ("code/data_bits", "code/total_bits", "code/f_bits", "code/n_bits", "code/stream_bits",
-          "data/tokens", "data/bytes", "data/complete", "stream/segments", "stream/file_bytes")
+TOTALS = (
+    "code/data_bits",
+    "code/total_bits",
+    "code/f_bits",
+    "code/n_bits",
+    "code/stream_bits",
+    "data/tokens",
+    "data/bytes",
+    "data/complete",
+    "stream/segments",
+    "stream/file_bytes",
+)
 
 
 def totals(run_dir: Path) -> dict:
@@ -45,6 +55,7 @@ def totals(run_dir: Path) -> dict:
 
 
 # --- faults: SIGKILL at random steps, resume, verify ---------------------------------------------
+
 
 def _checkpoint_id(ckpt: Path):
     try:
@@ -87,8 +98,16 @@ def test_sigkill_at_three_random_steps_resume_and_verify(tmp_path):
     rng = random.Random(seed)
     text = tmp_path / "text.txt"
     text.write_bytes(SHAKESPEARE[:6000])  # 47 steps of 4 x 32 tokens, a checkpoint every 3
-    args = ["--config", TINY, "--data.path", text, "--trainer.checkpoint_every_n_steps", "3",
-            "--logging.progress_bar", "false"]
+    args = [
+        "--config",
+        TINY,
+        "--data.path",
+        text,
+        "--trainer.checkpoint_every_n_steps",
+        "3",
+        "--logging.progress_bar",
+        "false",
+    ]
     train(tiny_config(text, tmp_path / "uninterrupted", "--trainer.checkpoint_every_n_steps", "3"))
     want, want_stream = totals(tmp_path / "uninterrupted"), (tmp_path / "uninterrupted" / STREAM_NAME).read_bytes()
 
@@ -105,8 +124,11 @@ def test_sigkill_at_three_random_steps_resume_and_verify(tmp_path):
         report.append((n, step))
         # Bob, in a separate process, while the next fault runs.
         with open(tmp_path / f"verify{i}.log", "w") as log:
-            verifying.append(subprocess.Popen([sys.executable, "train.py", "verify", str(run_dir)], cwd=ROOT,
-                                              stdout=log, stderr=subprocess.STDOUT))
+            verifying.append(
+                subprocess.Popen(
+                    [sys.executable, "train.py", "verify", str(run_dir)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
     survived, bytes_lost = 0, 0
     original = text.read_bytes()
     for i, ((n, step), proc) in enumerate(zip(report, verifying)):
@@ -115,13 +137,19 @@ def test_sigkill_at_three_random_steps_resume_and_verify(tmp_path):
         decoded = (run_dir / "stream.decoded").read_bytes() if proc.returncode == 0 else b""
         same = sum(a == b for a, b in zip(decoded, original))
         bytes_lost += len(original) - same
-        ok = (proc.returncode == 0 and decoded == original and totals(run_dir) == want
-              and (run_dir / STREAM_NAME).read_bytes() == want_stream)
+        ok = (
+            proc.returncode == 0
+            and decoded == original
+            and totals(run_dir) == want
+            and (run_dir / STREAM_NAME).read_bytes() == want_stream
+        )
         survived += ok
         where = "before the first checkpoint" if n == 0 else f"after checkpoint {n}"
-        print(f"fault {i + 1}: SIGKILL {where}, resumed from step {step}: verify rc {proc.returncode}, "
-              f"decoded {len(decoded):,} of {len(original):,} bytes, code length "
-              f"{'equal' if totals(run_dir) == want else 'DIFFERENT'} ({totals(run_dir)['code/total_bits']:,.1f} bits)")
+        print(
+            f"fault {i + 1}: SIGKILL {where}, resumed from step {step}: verify rc {proc.returncode}, "
+            f"decoded {len(decoded):,} of {len(original):,} bytes, code length "
+            f"{'equal' if totals(run_dir) == want else 'DIFFERENT'} ({totals(run_dir)['code/total_bits']:,.1f} bits)"
+        )
         assert proc.returncode == 0, (tmp_path / f"verify{i}.log").read_text()[-2000:]
     print(f"faults injected: {len(report)}, survived: {survived}, bytes lost: {bytes_lost} (seed {seed})")
     assert len(report) == survived == 3 and bytes_lost == 0
@@ -133,7 +161,7 @@ def test_kill_before_the_first_checkpoint_starts_cleanly_from_scratch(real, tmp_
     (run_dir / "csv").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("half a con")
     (run_dir / "csv" / "metrics.csv").write_text("step,train/lo")
-    (run_dir / f".{SUMMARY_NAME}.k1ll3d.tmp").write_bytes(b"{\"code/")  # write_atomic's temp files
+    (run_dir / f".{SUMMARY_NAME}.k1ll3d.tmp").write_bytes(b'{"code/')  # write_atomic's temp files
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / ".last.ckpt.k1ll3d.tmp").write_bytes(b"PK\x03\x04")
     train(tiny_config(real["text"], run_dir, "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY))
@@ -179,6 +207,7 @@ def _umask() -> int:
 
 # --- environment mismatch at decode ------------------------------------------------------------
 
+
 def forge_environment(real, directory: Path, **environment) -> Stream:
     """The real stream, as if written where `environment` held (only the header changes)."""
     stream = decode_stream(real["stream"])
@@ -219,8 +248,14 @@ def test_real_thread_count_change_decodes_or_names_the_drift(real, tmp_path):
     bit; it keeps the 2 threads from spinning for minutes where other processes hold the cores.)"""
     run_dir = tmp_path / "short"
     train(tiny_config(real["text"], run_dir, "--trainer.max_steps", "8"))
-    r = subprocess.run([sys.executable, "train.py", "verify", str(run_dir), "--threads", "2", "--allow-env-mismatch"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    r = subprocess.run(
+        [sys.executable, "train.py", "verify", str(run_dir), "--threads", "2", "--allow-env-mismatch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     if r.returncode == 0:  # 2 threads replayed this tiny model bit for bit, and every checksum says so
         assert "warning: environment differs (num_threads: stream has 1, here 2)" in r.stdout
     else:  # or the checks name the drift and its likely cause; nothing is written
@@ -243,6 +278,7 @@ def test_torch_version_mismatch_is_refused_then_allowed(real, tmp_path):
 
 
 # --- config and data: clear errors before anything is created ----------------------------------
+
 
 def leaf_fields(cls=Config, prefix=""):
     hints = typing.get_type_hints(cls)
@@ -291,10 +327,14 @@ YAML_CASES = {
     "infinite number": ("optim:\n  lr: .inf\n", "optim.lr: expected a finite number, got inf"),
     "derived key": ("model:\n  vocab_size: 300\n", "model.vocab_size cannot be set: it is set by the tokenizer"),
     "heads do not divide width": ("model:\n  n_head: 3\n", "model.n_embd (128) must be divisible by model.n_head (3)"),
-    "context as long as a block": ("model:\n  block_size: 16\ndata:\n  context: 16\n",
-                                   "data.context (16) must be less than model.block_size (16)"),
-    "context with the incremental coder": ("data:\n  context: 4\nstream:\n  enabled: true\n  procedure: incremental\n",
-                                           "data.context needs stream.procedure: full"),
+    "context as long as a block": (
+        "model:\n  block_size: 16\ndata:\n  context: 16\n",
+        "data.context (16) must be less than model.block_size (16)",
+    ),
+    "context with the incremental coder": (
+        "data:\n  context: 4\nstream:\n  enabled: true\n  procedure: incremental\n",
+        "data.context needs stream.procedure: full",
+    ),
 }
 
 
@@ -345,6 +385,7 @@ def test_unreadable_data_file(tmp_path):
 
 # --- an unwritable run directory, a full disk --------------------------------------------------
 
+
 def test_run_dir_under_a_file_or_on_a_file_is_refused(text_file, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     rc, _, err = run_main("--config", TINY, "--data.path", text_file, "--run_dir", tmp_path / "file" / "run")
@@ -363,15 +404,32 @@ def _disk_of(limit: int):
     def limit_file_size():  # a full disk, as the process sees it: writes past `limit` bytes fail
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return limit_file_size
 
 
 def test_full_disk_stops_with_a_clear_error_then_the_same_command_finishes(real, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["--config", TINY, "--data.path", real["text"], "--run_dir", run_dir, "--logging.progress_bar", "false",
-            "--trainer.checkpoint_every_n_steps", CHECKPOINT_EVERY]
-    r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, preexec_fn=_disk_of(100_000))  # a checkpoint is ~280 kB
+    args = [
+        "--config",
+        TINY,
+        "--data.path",
+        real["text"],
+        "--run_dir",
+        run_dir,
+        "--logging.progress_bar",
+        "false",
+        "--trainer.checkpoint_every_n_steps",
+        CHECKPOINT_EVERY,
+    ]
+    r = subprocess.run(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_disk_of(100_000),
+    )  # a checkpoint is ~280 kB
     assert r.returncode == 4, r.stderr
     assert "error: File too large: " in r.stderr and "checkpoints/step=" in r.stderr and "Traceback" not in r.stderr
     assert "re-run the same command" in r.stderr

@@ -82,8 +82,13 @@ def test_sigterm_exits_non_zero_with_a_resumable_checkpoint(tmp_path):
     text.write_bytes((ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:300_000])
     args = ["--config", TINY, "--data.path", text, "--logging.progress_bar", "false", "--trainer.max_steps", "1500"]
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args), "--run_dir", str(run_dir)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *map(str, args), "--run_dir", str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:  # the banner is printed just before training starts (1,500 steps: ~10 s)
         if line.startswith("prequel:"):
             break

@@ -106,13 +106,16 @@ def _first_payload_byte(data: bytearray) -> int:
     return 14 + header_len + 4 + 4 + 16  # header, its crc, segment count, segment framing
 
 
-@pytest.mark.parametrize("name, edit, message", [
-    ("truncated", lambda d: d[: len(d) // 2], "stream truncated"),
-    ("payload_flip", lambda d: _flip(d, _first_payload_byte(d) + 9), "payload corrupted"),
-    ("header_flip", lambda d: _flip(d, 40), "header corrupted"),
-    ("version", lambda d: d[:8] + b"\x09\x00" + d[10:], "stream format version 9"),
-    ("not_a_stream", lambda d: b"hello world" + d, "not a prequel stream"),
-])
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("truncated", lambda d: d[: len(d) // 2], "stream truncated"),
+        ("payload_flip", lambda d: _flip(d, _first_payload_byte(d) + 9), "payload corrupted"),
+        ("header_flip", lambda d: _flip(d, 40), "header corrupted"),
+        ("version", lambda d: d[:8] + b"\x09\x00" + d[10:], "stream format version 9"),
+        ("not_a_stream", lambda d: b"hello world" + d, "not a prequel stream"),
+    ],
+)
 def test_bad_streams_fail_with_their_own_error_and_no_output(trained, name, edit, message):
     r, out = corrupt(trained, name, edit)
     assert r.returncode == 3, r.stdout + r.stderr
@@ -166,8 +169,20 @@ def test_probabilities_are_a_pure_function_of_the_logits():
 @pytest.mark.parametrize("procedure", ["full", "incremental"])
 def test_ngram_replay_and_both_procedures_decode_in_another_process(text_file, tmp_path, procedure):
     run_dir = tmp_path / procedure
-    summary = train(tiny_config(text_file, run_dir, "--model.ngram_order", "3", "--data.replay_steps", "1",
-                                "--stream.procedure", procedure, "--trainer.checkpoint_every_n_steps", "20"))
+    summary = train(
+        tiny_config(
+            text_file,
+            run_dir,
+            "--model.ngram_order",
+            "3",
+            "--data.replay_steps",
+            "1",
+            "--stream.procedure",
+            procedure,
+            "--trainer.checkpoint_every_n_steps",
+            "20",
+        )
+    )
     out = tmp_path / "out.txt"
     r = run_cli("verify", run_dir, "--out", out)
     assert r.returncode == 0, r.stderr
@@ -177,9 +192,22 @@ def test_ngram_replay_and_both_procedures_decode_in_another_process(text_file, t
 
 def test_context_before_each_chunk_with_ngram_and_replay_decodes_in_another_process(text_file, tmp_path):
     run_dir = tmp_path / "context"
-    summary = train(tiny_config(text_file, run_dir, "--model.ngram_order", "3", "--data.replay_steps", "1",
-                                "--data.context", "4", "--data.curriculum", "strided",
-                                "--trainer.checkpoint_every_n_steps", "20"))
+    summary = train(
+        tiny_config(
+            text_file,
+            run_dir,
+            "--model.ngram_order",
+            "3",
+            "--data.replay_steps",
+            "1",
+            "--data.context",
+            "4",
+            "--data.curriculum",
+            "strided",
+            "--trainer.checkpoint_every_n_steps",
+            "20",
+        )
+    )
     out = tmp_path / "out.txt"
     r = run_cli("verify", run_dir, "--out", out)
     assert r.returncode == 0, r.stderr

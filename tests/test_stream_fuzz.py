@@ -22,8 +22,12 @@ from prequel.training.stream import MAGIC, MAX_JSON_BYTES, VERSION, StreamError,
 
 # --- the stream reader under fuzzing ---------------------------------------------------------
 
-FUZZ = settings(max_examples=300, deadline=2000, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=300,
+    deadline=2000,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def rejected(data: bytes) -> str:
@@ -60,10 +64,22 @@ def test_every_truncation_is_refused_and_names_what_is_missing(real):
     text = " | ".join({rejected(data[:n]) for n in range(len(data))})
     at = sections(data)
     assert len(at) > 12 and all(0 < v < len(data) for v in at.values())
-    for what in ("magic needs", "version needs", "header length needs", "header needs", "header checksum needs",
-                 "segment count needs", "segments cannot fit", r"segment \d+ batches needs", r"segment \d+ length needs",
-                 r"segment \d+ claims \d+ words", "payload checksum needs", "trailer length needs", "trailer needs",
-                 "trailer checksum needs"):
+    for what in (
+        "magic needs",
+        "version needs",
+        "header length needs",
+        "header needs",
+        "header checksum needs",
+        "segment count needs",
+        "segments cannot fit",
+        r"segment \d+ batches needs",
+        r"segment \d+ length needs",
+        r"segment \d+ claims \d+ words",
+        "payload checksum needs",
+        "trailer length needs",
+        "trailer needs",
+        "trailer checksum needs",
+    ):
         assert re.search(what, text), f"no truncation was refused at '{what}'"
     print(f"{len(data):,} truncations refused, {len(at)} section boundaries")
 
@@ -110,7 +126,9 @@ def test_bit_flips_truncations_and_splices_of_a_real_stream_are_refused(real, da
     rejected(mutated)
 
 
-def forged(header: bytes, table: list[tuple[int, int, bytes]], count: int | None, trailer: bytes, crc_ok: bool) -> bytes:
+def forged(
+    header: bytes, table: list[tuple[int, int, bytes]], count: int | None, trailer: bytes, crc_ok: bool
+) -> bytes:
     """A stream with any framing numbers, its checksums recomputed so only the framing can fail."""
     payload = struct.pack("<I", len(table) if count is None else count)
     payload += b"".join(struct.pack("<QQ", b, n) + words for b, n, words in table)
@@ -120,13 +138,26 @@ def forged(header: bytes, table: list[tuple[int, int, bytes]], count: int | None
 
 
 U32, U64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
-JSONISH = st.one_of(st.just(b"{}"), st.just(b'{"a":1}'), st.just(b"[]"), st.just(b"null"), st.just(b"\xff\xfe"),
-                    st.just(b"[" * 50_000 + b"]" * 50_000), st.just(b'{"a":' * 50_000), st.binary(max_size=64))
+JSONISH = st.one_of(
+    st.just(b"{}"),
+    st.just(b'{"a":1}'),
+    st.just(b"[]"),
+    st.just(b"null"),
+    st.just(b"\xff\xfe"),
+    st.just(b"[" * 50_000 + b"]" * 50_000),
+    st.just(b'{"a":' * 50_000),
+    st.binary(max_size=64),
+)
 
 
 @FUZZ
-@given(JSONISH, st.lists(st.tuples(U64, U64, st.binary(max_size=64)), max_size=6), st.one_of(st.none(), U32),
-       JSONISH, st.booleans())
+@given(
+    JSONISH,
+    st.lists(st.tuples(U64, U64, st.binary(max_size=64)), max_size=6),
+    st.one_of(st.none(), U32),
+    JSONISH,
+    st.booleans(),
+)
 def test_forged_counts_and_lengths_with_valid_checksums_fail_cleanly(header, table, count, trailer, crc_ok):
     data = forged(header, table, count, trailer, crc_ok)
     tracemalloc.start()
@@ -141,21 +172,49 @@ def test_forged_counts_and_lengths_with_valid_checksums_fail_cleanly(header, tab
     # Accepted: then it was a consistent file, and it round-trips.
     again = decode_stream(encode_stream(stream))
     assert again.header == stream.header and again.trailer == stream.trailer
-    assert [(s.batches, s.words.tolist()) for s in again.segments] == [(s.batches, s.words.tolist()) for s in stream.segments]
+    assert [(s.batches, s.words.tolist()) for s in again.segments] == [
+        (s.batches, s.words.tolist()) for s in stream.segments
+    ]
 
 
-@pytest.mark.parametrize("name, data, message", [
-    ("empty file", b"", "stream truncated: magic needs 8 bytes but only 0 remain"),
-    ("u32 max segment count", lambda: forged(b"{}", [], 2**32 - 1, b"{}", True), "4,294,967,295 segments cannot fit"),
-    ("u64 max segment length", lambda: forged(b"{}", [(1, 2**64 - 1, b"abcd")], None, b"{}", True),
-     "segment 0 claims 18,446,744,073,709,551,615 words"),
-    ("segment of 0 batches", lambda: forged(b"{}", [(0, 1, b"abcd")], None, b"{}", True), "segment 0 codes 0 batches"),
-    ("header length 4 GiB", MAGIC + struct.pack("<HI", VERSION, 2**32 - 1), f"claims 4294967295 bytes (limit {MAX_JSON_BYTES})"),
-    ("JSON nested 100,000 deep", lambda: forged(b"[" * 100_000 + b"]" * 100_000, [], None, b"{}", True), "header corrupted: not valid JSON"),
-    ("header a JSON list", lambda: forged(b"[1]", [], None, b"{}", True), "header corrupted: not a JSON object"),
-    ("header not UTF-8", lambda: forged(b"\xff\xfe", [], None, b"{}", True), "header corrupted: not valid JSON"),
-    ("bytes after the trailer", lambda: forged(b"{}", [], None, b"{}", True) + b"\0", "1 unexpected bytes after the trailer"),
-])
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("empty file", b"", "stream truncated: magic needs 8 bytes but only 0 remain"),
+        (
+            "u32 max segment count",
+            lambda: forged(b"{}", [], 2**32 - 1, b"{}", True),
+            "4,294,967,295 segments cannot fit",
+        ),
+        (
+            "u64 max segment length",
+            lambda: forged(b"{}", [(1, 2**64 - 1, b"abcd")], None, b"{}", True),
+            "segment 0 claims 18,446,744,073,709,551,615 words",
+        ),
+        (
+            "segment of 0 batches",
+            lambda: forged(b"{}", [(0, 1, b"abcd")], None, b"{}", True),
+            "segment 0 codes 0 batches",
+        ),
+        (
+            "header length 4 GiB",
+            MAGIC + struct.pack("<HI", VERSION, 2**32 - 1),
+            f"claims 4294967295 bytes (limit {MAX_JSON_BYTES})",
+        ),
+        (
+            "JSON nested 100,000 deep",
+            lambda: forged(b"[" * 100_000 + b"]" * 100_000, [], None, b"{}", True),
+            "header corrupted: not valid JSON",
+        ),
+        ("header a JSON list", lambda: forged(b"[1]", [], None, b"{}", True), "header corrupted: not a JSON object"),
+        ("header not UTF-8", lambda: forged(b"\xff\xfe", [], None, b"{}", True), "header corrupted: not valid JSON"),
+        (
+            "bytes after the trailer",
+            lambda: forged(b"{}", [], None, b"{}", True) + b"\0",
+            "1 unexpected bytes after the trailer",
+        ),
+    ],
+)
 def test_forged_framing_is_refused_by_name(name, data, message):
     data = data() if callable(data) else data
     assert message in rejected(data)
@@ -205,15 +264,22 @@ def test_verify_of_a_stream_whose_trailer_lies_decodes_but_writes_nothing(real, 
     assert files_under(tmp_path) == {STREAM_NAME}
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("data_tokens", "4000", "header corrupted: data_tokens must be a count of tokens, got '4000'"),
-    ("data_tokens", 10**30, "header corrupted: data_tokens must be a count of tokens, got 1000000000000000000000000000000"),
-    ("data_tokens", 2**47, "the header claims 140,737,488,355,328 tokens: more than this machine can hold"),
-    ("environment", [1], "header corrupted: environment and tokenizer must be JSON objects"),
-    ("tokenizer", {"name": "bytes", "blob": 7}, "header corrupted: tokenizer: "),
-    ("tokenizer", {"name": "bpe", "blob": "00ff"}, "header corrupted: tokenizer: "),
-    ("config", {"model": {"n_layer": -1}}, "header corrupted: model.n_layer: must be > 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("data_tokens", "4000", "header corrupted: data_tokens must be a count of tokens, got '4000'"),
+        (
+            "data_tokens",
+            10**30,
+            "header corrupted: data_tokens must be a count of tokens, got 1000000000000000000000000000000",
+        ),
+        ("data_tokens", 2**47, "the header claims 140,737,488,355,328 tokens: more than this machine can hold"),
+        ("environment", [1], "header corrupted: environment and tokenizer must be JSON objects"),
+        ("tokenizer", {"name": "bytes", "blob": 7}, "header corrupted: tokenizer: "),
+        ("tokenizer", {"name": "bpe", "blob": "00ff"}, "header corrupted: tokenizer: "),
+        ("config", {"model": {"n_layer": -1}}, "header corrupted: model.n_layer: must be > 0, got -1"),
+    ],
+)
 def test_a_header_forged_with_valid_checksums_is_refused_before_decoding(real, tmp_path, field, value, message):
     """The checksums only catch accidents; a consistent-looking header must still be checked."""
     stream = decode_stream(real["stream"])
@@ -222,5 +288,3 @@ def test_a_header_forged_with_valid_checksums_is_refused_before_decoding(real, t
     rc, _, err = run_main("verify", tmp_path)
     assert rc == 3 and message in err, err
     assert files_under(tmp_path) == {STREAM_NAME}
-
-

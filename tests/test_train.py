@@ -22,8 +22,20 @@ def test_tiny_model_overfits_tiny_text(tmp_path):
 
 def test_train_cli_logs_wandb_csv_and_summary(text_file, tmp_path):
     run_dir = tmp_path / "run"
-    r = run_cli("--config", TINY, "--data.path", text_file, "--run_dir", run_dir,
-                "--logging.wandb", "true", "--logging.plot", "true", "--logging.progress_bar", "false")
+    r = run_cli(
+        "--config",
+        TINY,
+        "--data.path",
+        text_file,
+        "--run_dir",
+        run_dir,
+        "--logging.wandb",
+        "true",
+        "--logging.plot",
+        "true",
+        "--logging.progress_bar",
+        "false",
+    )
     assert r.returncode == 0, r.stderr
     assert "final train/loss" in r.stdout and "train/bpb" in r.stdout
     assert f"run directory: {run_dir}" in r.stdout
@@ -63,7 +75,9 @@ def test_missing_and_empty_data_files_fail_clearly(tmp_path):
     assert r.returncode == 2 and "is empty" in r.stderr
 
 
-TRAINING_CONFIGS = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if p.name != "compare.yaml"]  # that one is a sweep
+TRAINING_CONFIGS = [
+    p for p in sorted((ROOT / "configs").rglob("*.yaml")) if p.name != "compare.yaml"
+]  # that one is a sweep
 
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
@@ -72,6 +86,7 @@ def test_every_shipped_config_loads_and_validates(path):
 
 
 # --- the command line: one table of commands, every config key in --help ----------------------
+
 
 def _help(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as e:
@@ -90,8 +105,9 @@ def test_help_lists_the_commands_and_every_config_key(capsys):
         assert re.sub(r"-\s+", "-", " ".join(f"--{key} {type_text} {meaning}".split())) in unbroken, key
         assert f"default: {default}" in text, key
         assert meaning, f"{key} has no comment in training/config.py or models/gpt.py for --help"
-    assert ("--data.batch_size int > 0 sequences per optimizer micro-step (global, across processes) (default: 8)"
-            in text)
+    assert (
+        "--data.batch_size int > 0 sequences per optimizer micro-step (global, across processes) (default: 8)" in text
+    )
     assert "--trainer.kernels {native, portable} native = the CPU's fastest kernels" in text  # a comment above
     assert "--model.vocab_size" not in text  # derived from the tokenizer, not settable
     assert _help(capsys, "train", "--help") == text
@@ -99,8 +115,24 @@ def test_help_lists_the_commands_and_every_config_key(capsys):
 
 
 def test_flags_take_dashes_and_their_old_underscore_spellings():
-    compress = cli.COMMANDS["compress"].parser().parse_args(
-        ["--ckpt", "run", "in", "out", "--chunk_size", "16", "--batch-chunks=4", "--top_k=3", "--kernels", "portable"])
+    compress = (
+        cli.COMMANDS["compress"]
+        .parser()
+        .parse_args(
+            [
+                "--ckpt",
+                "run",
+                "in",
+                "out",
+                "--chunk_size",
+                "16",
+                "--batch-chunks=4",
+                "--top_k=3",
+                "--kernels",
+                "portable",
+            ]
+        )
+    )
     assert (compress.chunk_size, compress.batch_chunks, compress.top_k, compress.kernels) == (16, 4, 3, "portable")
     for spelling in ("--allow-env-mismatch", "--allow_env_mismatch"):
         assert cli.COMMANDS["verify"].parser().parse_args(["run", spelling]).allow_env_mismatch
@@ -114,13 +146,16 @@ def test_a_misspelt_command_is_named(capsys):
     assert e.value.code == 2 and "unknown command 'verfy' (did you mean verify?)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("model.ngram_order", "7", "model.ngram_order: must be in 0..6 (0 = off), got 7"),
-    ("model.dropout", "1.0", "model.dropout: must be in [0, 1), got 1.0"),
-    ("trainer.max_steps", "0", "trainer.max_steps: must be -1 or > 0, got 0"),
-    ("data.batch_size", "0", "data.batch_size: must be > 0, got 0"),
-    ("optim.weight_decay", "-1", "optim.weight_decay: must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.ngram_order", "7", "model.ngram_order: must be in 0..6 (0 = off), got 7"),
+        ("model.dropout", "1.0", "model.dropout: must be in [0, 1), got 1.0"),
+        ("trainer.max_steps", "0", "trainer.max_steps: must be -1 or > 0, got 0"),
+        ("data.batch_size", "0", "data.batch_size: must be > 0, got 0"),
+        ("optim.weight_decay", "-1", "optim.weight_decay: must be >= 0, got -1"),
+    ],
+)
 def test_each_limit_is_checked_with_its_field(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(TINY, [f"--{key}", value])

@@ -50,8 +50,10 @@ class Decoder:
         try:
             decoded = self._coder.decode(MODEL, probs)
         except (AssertionError, ValueError, RuntimeError, IndexError) as e:  # constriction's word check
-            raise StreamError(f"the range coder met words that do not decode ({e}): the payload is corrupted, or "
-                              "this machine's arithmetic differs from the encoder's") from None
+            raise StreamError(
+                f"the range coder met words that do not decode ({e}): the payload is corrupted, or "
+                "this machine's arithmetic differs from the encoder's"
+            ) from None
         return torch.from_numpy(decoded.astype(np.int64))
 
     def flush(self) -> None:
@@ -62,8 +64,13 @@ class Decoder:
         return bool(self._coder.maybe_exhausted())
 
 
-def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, coder: "Encoder | Decoder",
-               code_rows: Callable | None = None, mixer: "ColumnMixer | None" = None) -> None:
+def code_batch(
+    logits_at: Callable[[int], torch.Tensor],
+    targets: torch.Tensor,
+    coder: "Encoder | Decoder",
+    code_rows: Callable | None = None,
+    mixer: "ColumnMixer | None" = None,
+) -> None:
     """Code `targets` (B, L) column by column (positions != IGNORE): encode them, or decode
     into them (the decoder's are placeholders until then).
 
@@ -91,6 +98,3 @@ def code_batch(logits_at: Callable[[int], torch.Tensor], targets: torch.Tensor, 
             symbols = coder.code(targets[rows, t], coding_probabilities(logits_at(t))[rows.numpy()])
         targets[rows, t] = symbols
     coder.flush()
-
-
-

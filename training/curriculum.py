@@ -39,7 +39,9 @@ def strided(n_tokens: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
     return [spans[i::per_part] for i in range(per_part)]
 
 
-def with_replay(batches: list[torch.Tensor], replay_steps: int, window: int, seed: int) -> list[tuple[torch.Tensor, bool]]:
+def with_replay(
+    batches: list[torch.Tensor], replay_steps: int, window: int, seed: int
+) -> list[tuple[torch.Tensor, bool]]:
     """NNCP-style replay: after each fresh batch, `replay_steps` extra optimizer steps on
     batches drawn (seeded) from chunks already coded, the last `window` fresh batches' worth
     (0 = all of them). Free in bits: Bob has decoded those chunks by then, so he draws and
@@ -61,9 +63,18 @@ def with_replay(batches: list[torch.Tensor], replay_steps: int, window: int, see
     return steps
 
 
-def plan_batches(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, seed: int, *,
-                 pacing: str = "linear", pacing_start: float = 0.125, warmup_tokens: int = 0,
-                 labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+def plan_batches(
+    n_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    curriculum: str,
+    seed: int,
+    *,
+    pacing: str = "linear",
+    pacing_start: float = 0.125,
+    warmup_tokens: int = 0,
+    labels: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """The first pass as a list of (B, 2) span batches; every token in exactly one span.
 
     `warmup_tokens` = 0 means the whole first pass. `labels` are the transmitted difficulty

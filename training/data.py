@@ -24,8 +24,7 @@ class DataError(ValueError):
 class Tape:
     """The corpus as one row of token ids, plus how many bytes each token id stands for."""
 
-    def __init__(self, tokens: torch.Tensor, bos_id: int, nbytes_per_id: torch.Tensor | None = None,
-                 context: int = 0):
+    def __init__(self, tokens: torch.Tensor, bos_id: int, nbytes_per_id: torch.Tensor | None = None, context: int = 0):
         self.tokens = tokens
         self.bos_id = bos_id
         self.nbytes_per_id = nbytes_per_id  # None: one byte per token
@@ -92,8 +91,13 @@ def context_known(steps: list[tuple[torch.Tensor, bool]], n_tokens: int, context
 
 
 class _Steps(Dataset):
-    def __init__(self, steps: list[tuple[torch.Tensor, bool]], rank: int, world_size: int,
-                 known: list[torch.Tensor] | None = None):
+    def __init__(
+        self,
+        steps: list[tuple[torch.Tensor, bool]],
+        rank: int,
+        world_size: int,
+        known: list[torch.Tensor] | None = None,
+    ):
         self.steps, self.rank, self.world_size, self.known = steps, rank, world_size, known
 
     def __len__(self) -> int:
@@ -105,8 +109,7 @@ class _Steps(Dataset):
         # A short last batch may leave a process no row; it still steps (DDP syncs every
         # backward), on an empty span that contributes no token and no gradient. What is learnt
         # by counting (the n-gram counts) and the stream's checks see the whole batch: "all_spans".
-        item = {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "all_spans": spans,
-                "fresh": fresh}
+        item = {"spans": rows if len(rows) else torch.zeros(1, 2, dtype=torch.long), "all_spans": spans, "fresh": fresh}
         if self.known is not None:  # data.context: how much of it each row has ("known", "all_known")
             known = self.known[i]
             rows = known[self.rank :: self.world_size]
@@ -130,8 +133,13 @@ class _ResumableSampler(Sampler[int]):
 
 def plan_options(data) -> dict:
     """The `plan_batches` keywords that a `DataConfig` sets."""
-    return {"pacing": data.pacing, "pacing_start": data.pacing_start, "warmup_tokens": data.warmup_tokens,
-            "replay_steps": data.replay_steps, "replay_window": data.replay_window}
+    return {
+        "pacing": data.pacing,
+        "pacing_start": data.pacing_start,
+        "warmup_tokens": data.warmup_tokens,
+        "replay_steps": data.replay_steps,
+        "replay_window": data.replay_window,
+    }
 
 
 class PrequelDataModule(L.LightningDataModule):
@@ -140,8 +148,17 @@ class PrequelDataModule(L.LightningDataModule):
     batches are the first pass (coded), the others replay already-coded chunks (see
     `curriculum.with_replay`)."""
 
-    def __init__(self, tape: Tape, seq_len: int, batch_size: int, curriculum: str, seed: int,
-                 replay_steps: int = 0, replay_window: int = 0, **plan_options):
+    def __init__(
+        self,
+        tape: Tape,
+        seq_len: int,
+        batch_size: int,
+        curriculum: str,
+        seed: int,
+        replay_steps: int = 0,
+        replay_window: int = 0,
+        **plan_options,
+    ):
         super().__init__()
         self.tape = tape
         self.batches = plan_batches(len(tape), seq_len, batch_size, curriculum, seed, **plan_options)

@@ -42,8 +42,14 @@ PORTABLE_PINS = {
 }
 PORTABLE_CAPABILITY = "AVX2"  # what torch.backends.cpu.get_cpu_capability() reports under the pins
 # Other variables that change which kernels run: portable mode removes them.
-KERNEL_VARIABLES = (*PORTABLE_PINS, "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE",
-                    "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")
+KERNEL_VARIABLES = (
+    *PORTABLE_PINS,
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_DEBUG_CPU_TYPE",
+    "ONEDNN_DEFAULT_FPMATH_MODE",
+    "DNNL_DEFAULT_FPMATH_MODE",
+)
 _REEXEC_MARK = "PREQUEL_KERNELS_REEXEC"  # set in the re-executed process: never loop
 
 _may_reexec = False
@@ -79,10 +85,13 @@ def ensure_portable() -> None:
         raise KernelError(
             "portable kernels must be chosen before torch starts, and this process started without them "
             f"(kernel variables set: {kernel_env() or 'none'}); run it through the prequel command, which sets them, or start "
-            f"Python with {' '.join(f'{k}={v}' for k, v in PORTABLE_PINS.items())}")
+            f"Python with {' '.join(f'{k}={v}' for k, v in PORTABLE_PINS.items())}"
+        )
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != PORTABLE_CAPABILITY:
-        raise KernelError(f"portable kernels need a CPU with AVX2; torch runs {capability} kernels here, "
-                          "so this machine cannot compute portable bits")
+        raise KernelError(
+            f"portable kernels need a CPU with AVX2; torch runs {capability} kernels here, "
+            "so this machine cannot compute portable bits"
+        )

@@ -24,9 +24,13 @@ class TrainingHeader:
 
     def to_dict(self) -> dict:
         d = {
-            "config": self.config, "tokenizer": {"name": self.tokenizer_name, "blob": self.tokenizer_blob.hex()},
-            "data_tokens": self.data_tokens, "code_hash": self.code_hash, "environment": self.environment,
-            "precision": self.precision, "compile": self.compile,
+            "config": self.config,
+            "tokenizer": {"name": self.tokenizer_name, "blob": self.tokenizer_blob.hex()},
+            "data_tokens": self.data_tokens,
+            "code_hash": self.code_hash,
+            "environment": self.environment,
+            "precision": self.precision,
+            "compile": self.compile,
         }
         if self.order is not None:  # absent, not null, when the order follows from the settings
             d["order"] = self.order
@@ -36,8 +40,17 @@ class TrainingHeader:
     def from_dict(cls, d: dict) -> "TrainingHeader":
         """The header as stored (prequel/checks/stream_header.py `checked_header` checks it first)."""
         tokenizer = d["tokenizer"]
-        return cls(d["config"], tokenizer["name"], bytes.fromhex(tokenizer["blob"]), d["data_tokens"], d["code_hash"],
-                   d["environment"], d["precision"], d["compile"], d.get("order"))
+        return cls(
+            d["config"],
+            tokenizer["name"],
+            bytes.fromhex(tokenizer["blob"]),
+            d["data_tokens"],
+            d["code_hash"],
+            d["environment"],
+            d["precision"],
+            d["compile"],
+            d.get("order"),
+        )
 
     def program(self):
         """The run's settings (a `training.config.Config`)."""

@@ -27,6 +27,7 @@ def device_of(accelerator: str) -> str:
     import torch
 
     if accelerator == "gpu" and not torch.cuda.is_available():
-        raise KernelError("trainer.accelerator: gpu, but torch sees no CUDA device on this machine "
-                          "(use trainer.accelerator: cpu)")
+        raise KernelError(
+            "trainer.accelerator: gpu, but torch sees no CUDA device on this machine (use trainer.accelerator: cpu)"
+        )
     return "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"

@@ -49,8 +49,12 @@ class PrequelModule(L.LightningModule):
         if members:  # every member initialised as it would be alone (same seed), so it trains as alone
             from prequel.models.mixture import Mixture  # (only a mixture run needs it in f: prequel/program.py)
 
-            self.model = Mixture([replace(m, vocab_size=vocab_size) for m, _ in members], config.mixture.weights,
-                                 config.mixture.switch_rate, seed=config.seed)
+            self.model = Mixture(
+                [replace(m, vocab_size=vocab_size) for m, _ in members],
+                config.mixture.weights,
+                config.mixture.switch_rate,
+                seed=config.seed,
+            )
         else:
             self.model = GPT(replace(config.model, vocab_size=vocab_size))
         self.member_lrs = [lr for _, lr in members]
@@ -58,8 +62,9 @@ class PrequelModule(L.LightningModule):
         self.coded: CodedBatch | None = None
         # The GPT and run settings travel in every checkpoint, so a checkpoint alone rebuilds its model
         # (prequel compress/decompress); plain data, loadable with torch.load(weights_only=True).
-        self.save_hyperparameters({"vocab_size": vocab_size, "model": asdict(self.model.config),
-                                   "config": program_dict(config)})
+        self.save_hyperparameters(
+            {"vocab_size": vocab_size, "model": asdict(self.model.config), "config": program_dict(config)}
+        )
 
     def attach(self, tape: Tape) -> None:
         self.tape = tape
@@ -96,8 +101,17 @@ class PrequelModule(L.LightningModule):
         nll = nll.view_as(y)
         if member_nll is None:
             loss = nll.sum() / tokens.clamp(min=1)
-        self.coded = CodedBatch(spans, batch["fresh"], first_pass, logits.detach(), y, nll.detach(),
-                                self.tape.nbytes(spans), log_w, member_nll)
+        self.coded = CodedBatch(
+            spans,
+            batch["fresh"],
+            first_pass,
+            logits.detach(),
+            y,
+            nll.detach(),
+            self.tape.nbytes(spans),
+            log_w,
+            member_nll,
+        )
         if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call
             bits = nll.detach().sum() / math.log(2)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
@@ -106,8 +120,11 @@ class PrequelModule(L.LightningModule):
             z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
             loss = loss + self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
         if first_pass:  # every process counts the whole batch (its rows and the others', on the tape by now)
-            self._count_coded(*(t.to(self.device) for t in self.tape.batch(batch["all_spans"], batch.get("all_known")))
-                              if self.trainer.world_size > 1 else (x, y))
+            self._count_coded(
+                *(t.to(self.device) for t in self.tape.batch(batch["all_spans"], batch.get("all_known")))
+                if self.trainer.world_size > 1
+                else (x, y)
+            )
         return loss
 
     def _count_coded(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -124,10 +141,15 @@ class PrequelModule(L.LightningModule):
         o = self.config.optim
         groups = []  # per member of a mixture, with its own learning rate
         for model, lr in zip(self.model.members, self.member_lrs) if self.member_lrs else [(self.model, o.lr)]:
-            groups += [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": o.weight_decay, "lr": lr},
-                       {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+            groups += [
+                {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": o.weight_decay, "lr": lr},
+                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
+            ]
         optimizer = torch.optim.AdamW(
-            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            groups,
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
             fused=True,  # one ATen kernel, same bits on every CPU; the loop version's sqrt is MKL VML's (portable_math)
         )
         total = max(1, self.trainer.estimated_stepping_batches) if o.schedule == "cosine" else 0

@@ -13,7 +13,9 @@ import torch
 from prequel.training.curriculum import chunk_spans
 
 STEP_STAGES = 4  # `step` pacing: this many equal jumps
-LEVEL_BYTES = 4  # a transmitted level is stored as a little-endian u32 (see prequel/alice/difficulty.py labels_to_header)
+LEVEL_BYTES = (
+    4  # a transmitted level is stored as a little-endian u32 (see prequel/alice/difficulty.py labels_to_header)
+)
 MAX_UNSIZED_LEVELS = 1 << 24  # labels_from_header without a chunk count reads at most this many levels
 
 
@@ -31,8 +33,9 @@ def shuffle(n_tokens: int, seq_len: int, batch_size: int, seed: int) -> list[tor
     return list(torch.split(spans, batch_size))
 
 
-def length_warmup(n_tokens: int, seq_len: int, batch_size: int, pacing: str, start: float,
-                  warmup_tokens: int) -> list[torch.Tensor]:
+def length_warmup(
+    n_tokens: int, seq_len: int, batch_size: int, pacing: str, start: float, warmup_tokens: int
+) -> list[torch.Tensor]:
     """Short contexts first: batch k holds `batch_size` consecutive chunks of one length that
     grows from ``start * seq_len`` to `seq_len` as the first `warmup_tokens` tokens go by, then
     stays there. Tokens are read in natural order. Free: a function of config and data length.
@@ -48,8 +51,16 @@ def length_warmup(n_tokens: int, seq_len: int, batch_size: int, pacing: str, sta
     return batches
 
 
-def difficulty(n_tokens: int, seq_len: int, batch_size: int, seed: int, labels: torch.Tensor,
-               pacing: str, start: float, warmup_tokens: int) -> list[torch.Tensor]:
+def difficulty(
+    n_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    labels: torch.Tensor,
+    pacing: str,
+    start: float,
+    warmup_tokens: int,
+) -> list[torch.Tensor]:
     """Easy → hard by transmitted difficulty levels, with pacing as in CurriculumDataset: each
     batch is drawn (seeded) from the not-yet-seen chunks among the easiest ``pace(progress)``
     fraction of all chunks, so the pool opens from ``start`` to everything over `warmup_tokens`.
@@ -96,18 +107,28 @@ def labels_from_header(text: str | None, n_chunks: int | None = None, levels: in
     except (zlib.error, ValueError) as e:  # (binascii.Error is a ValueError)
         raise ValueError(f"transmitted order is not valid: {e}") from None
     if len(raw) > limit:
-        what = f"{n_chunks:,} chunks (data_tokens / block_size)" if n_chunks is not None else \
-            f"at most {MAX_UNSIZED_LEVELS:,} chunks"
-        raise ValueError(f"transmitted order is not valid: it decompresses to more than the {limit:,} bytes "
-                         f"of {LEVEL_BYTES}-byte levels for {what}; not expanding it further")
+        what = (
+            f"{n_chunks:,} chunks (data_tokens / block_size)"
+            if n_chunks is not None
+            else f"at most {MAX_UNSIZED_LEVELS:,} chunks"
+        )
+        raise ValueError(
+            f"transmitted order is not valid: it decompresses to more than the {limit:,} bytes "
+            f"of {LEVEL_BYTES}-byte levels for {what}; not expanding it further"
+        )
     if not inflater.eof or inflater.unused_data:
         raise ValueError("transmitted order is not valid: its zlib data is truncated or has bytes after its end")
     if len(raw) % LEVEL_BYTES or (n_chunks is not None and len(raw) != limit):
-        expected = f"{limit:,} ({n_chunks:,} chunks × {LEVEL_BYTES})" if n_chunks is not None else \
-            f"a multiple of {LEVEL_BYTES}"
+        expected = (
+            f"{limit:,} ({n_chunks:,} chunks × {LEVEL_BYTES})"
+            if n_chunks is not None
+            else f"a multiple of {LEVEL_BYTES}"
+        )
         raise ValueError(f"transmitted order is not valid: {len(raw):,} bytes of levels, expected {expected}")
     labels = np.frombuffer(raw, dtype="<u4")
     if levels is not None and len(labels) and int(labels.max()) >= levels:
-        raise ValueError(f"transmitted order is not valid: a chunk has level {int(labels.max())}, "
-                         f"but there are only {levels} levels (data.difficulty_levels, at most one per chunk)")
+        raise ValueError(
+            f"transmitted order is not valid: a chunk has level {int(labels.max())}, "
+            f"but there are only {levels} levels (data.difficulty_levels, at most one per chunk)"
+        )
     return torch.from_numpy(labels.astype(np.int64))

@@ -41,8 +41,17 @@ def set_determinism(config: Config) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def build_trainer(config: Config, tape: Tape, vocab_size: int, callbacks: list, loggers, run_dir: Path,
-                  labels: torch.Tensor | None = None, checkpointing: bool = False, plugins: list | None = None):
+def build_trainer(
+    config: Config,
+    tape: Tape,
+    vocab_size: int,
+    callbacks: list,
+    loggers,
+    run_dir: Path,
+    labels: torch.Tensor | None = None,
+    checkpointing: bool = False,
+    plugins: list | None = None,
+):
     """The module, data and Trainer both sides run. Alice adds her checkpoint callback and
     writer (`checkpointing`, `plugins`: prequel/alice/fit.py); Bob writes nothing."""
     module = PrequelModule(config, vocab_size)
@@ -50,17 +59,36 @@ def build_trainer(config: Config, tape: Tape, vocab_size: int, callbacks: list, 
     module.attach(tape)
     if config.trainer.compile:
         module.model.compile()
-    data = PrequelDataModule(tape, config.chunk_len, config.data.batch_size, config.data.curriculum, config.seed,
-                             labels=labels, **plan_options(config.data))
+    data = PrequelDataModule(
+        tape,
+        config.chunk_len,
+        config.data.batch_size,
+        config.data.curriculum,
+        config.seed,
+        labels=labels,
+        **plan_options(config.data),
+    )
     t = config.trainer
     trainer = L.Trainer(
-        default_root_dir=run_dir, max_epochs=t.max_epochs, max_steps=t.max_steps,
-        accumulate_grad_batches=t.accumulate_grad_batches, precision=t.precision,
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        gradient_clip_val=config.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
-        callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing, plugins=plugins,
-        enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        precision=t.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        gradient_clip_val=config.optim.grad_clip or None,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_checkpointing=checkpointing,
+        plugins=plugins,
+        enable_progress_bar=config.logging.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
     )
     return module, data, trainer
 
@@ -76,8 +104,11 @@ class Receiver:
 
     def tape(self) -> Tape:
         """The tape Bob decodes onto: data_tokens long, filled as batches are decoded."""
-        return Tape(torch.zeros(self.header.data_tokens, dtype=torch.long), bos_id=self.tokenizer.vocab_size,
-                    nbytes_per_id=self.tokenizer.nbytes_per_id())
+        return Tape(
+            torch.zeros(self.header.data_tokens, dtype=torch.long),
+            bos_id=self.tokenizer.vocab_size,
+            nbytes_per_id=self.tokenizer.nbytes_per_id(),
+        )
 
     def trainer(self, tape: Tape, callbacks: list, run_dir: Path):
         return build_trainer(self.config, tape, self.tokenizer.vocab_size, callbacks, [], run_dir, labels=self.labels)
@@ -87,7 +118,8 @@ def receiver(header: TrainingHeader, threads: int | None = None) -> Receiver:
     """f from the stream header, set up to replay: the run's settings (writing nothing), kernels pinned."""
     config = header.program()
     config = replace(
-        config, run_dir=None,
+        config,
+        run_dir=None,
         trainer=replace(config.trainer, num_threads=threads or config.trainer.num_threads),
         logging=replace(config.logging, wandb=False, csv=False, plot=False),
     )

@@ -98,10 +98,16 @@ def encode_stream(stream: Stream) -> bytes:
         payload.append(struct.pack("<QQ", seg.batches, len(seg.words)))
         payload.append(np.ascontiguousarray(seg.words, dtype="<u4").tobytes())
     payload = b"".join(payload)
-    return b"".join([
-        MAGIC, struct.pack("<H", VERSION), _json_section(stream.header),
-        payload, struct.pack("<I", zlib.crc32(payload)), _json_section(stream.trailer),
-    ])
+    return b"".join(
+        [
+            MAGIC,
+            struct.pack("<H", VERSION),
+            _json_section(stream.header),
+            payload,
+            struct.pack("<I", zlib.crc32(payload)),
+            _json_section(stream.trailer),
+        ]
+    )
 
 
 def decode_stream(data: bytes) -> Stream:
@@ -114,15 +120,20 @@ def decode_stream(data: bytes) -> Stream:
     # a forged count or length costs neither memory nor time beyond the file's own size.
     count = r.unpack("<I", "segment count")
     if count * _SEGMENT_FRAMING > len(r.data) - r.pos:
-        raise StreamError(f"stream corrupted: {count:,} segments cannot fit in the {len(r.data) - r.pos:,} bytes that remain")
+        raise StreamError(
+            f"stream corrupted: {count:,} segments cannot fit in the {len(r.data) - r.pos:,} bytes that remain"
+        )
     table = []
     for i in range(count):
         batches, n_words = r.unpack("<Q", f"segment {i} batches"), r.unpack("<Q", f"segment {i} length")
         if batches == 0 or n_words == 0:
-            raise StreamError(f"stream corrupted: segment {i} codes {batches} batches in {n_words} words (both must be > 0)")
+            raise StreamError(
+                f"stream corrupted: segment {i} codes {batches} batches in {n_words} words (both must be > 0)"
+            )
         if n_words > (len(r.data) - r.pos) // 4:
-            raise StreamError(f"stream truncated: segment {i} claims {n_words:,} words but only "
-                              f"{len(r.data) - r.pos:,} bytes remain")
+            raise StreamError(
+                f"stream truncated: segment {i} claims {n_words:,} words but only {len(r.data) - r.pos:,} bytes remain"
+            )
         table.append((batches, r.pos, n_words))
         r.pos += 4 * n_words
     if zlib.crc32(memoryview(r.data)[start : r.pos]) != r.unpack("<I", "payload checksum"):
@@ -130,8 +141,10 @@ def decode_stream(data: bytes) -> Stream:
     trailer = r.json_section("trailer")
     if r.pos != len(r.data):
         raise StreamError(f"stream corrupted: {len(r.data) - r.pos} unexpected bytes after the trailer")
-    segments = [Segment(batches, np.frombuffer(r.data, dtype="<u4", count=n, offset=at).astype(np.uint32))
-                for batches, at, n in table]
+    segments = [
+        Segment(batches, np.frombuffer(r.data, dtype="<u4", count=n, offset=at).astype(np.uint32))
+        for batches, at, n in table
+    ]
     return Stream(header, segments, trailer)
 
 

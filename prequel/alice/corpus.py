@@ -31,18 +31,35 @@ IGNORE = -100  # target id of padding positions
 # so the bytes (and the sha256) never change; provenance in ../shared/corpora/README.md.
 _CANTERBURY = "https://raw.githubusercontent.com/pfalcon/canterbury-corpus/c380ef9dc1dc62691757fdfeebdc2f85710e1e46"
 DATASETS = {
-    "tinyshakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/"
-                        "data/tinyshakespeare/input.txt", BUNDLED_SHA256),
-    "alice29": (f"{_CANTERBURY}/canterbury/alice29.txt", "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0"),
-    "asyoulik": (f"{_CANTERBURY}/canterbury/asyoulik.txt", "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc"),
-    "lcet10": (f"{_CANTERBURY}/canterbury/lcet10.txt", "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f"),
-    "plrabn12": (f"{_CANTERBURY}/canterbury/plrabn12.txt", "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c"),
+    "tinyshakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/"
+        "data/tinyshakespeare/input.txt",
+        BUNDLED_SHA256,
+    ),
+    "alice29": (
+        f"{_CANTERBURY}/canterbury/alice29.txt",
+        "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",
+    ),
+    "asyoulik": (
+        f"{_CANTERBURY}/canterbury/asyoulik.txt",
+        "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc",
+    ),
+    "lcet10": (
+        f"{_CANTERBURY}/canterbury/lcet10.txt",
+        "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f",
+    ),
+    "plrabn12": (
+        f"{_CANTERBURY}/canterbury/plrabn12.txt",
+        "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c",
+    ),
     "book1": (f"{_CANTERBURY}/calgary/book1", "9ffa47cd93bccd732f20e0c304203cfbc1b8a91bedac536e2d8f6051003d9951"),
     "bible": (f"{_CANTERBURY}/large/bible.txt", "4e0a7e8dff7d9c82dbded57305c0ca3cdd3c4ca014db27121782fe9710f4723f"),
-    "world192": (f"{_CANTERBURY}/large/world192.txt", "1aebdc97d29904b25791da9aa32be90b69d7da6dc0ac9b95512ed27ed40d2112"),
+    "world192": (
+        f"{_CANTERBURY}/large/world192.txt",
+        "1aebdc97d29904b25791da9aa32be90b69d7da6dc0ac9b95512ed27ed40d2112",
+    ),
 }
 DATASET_PREFIX = "dataset:"
-
 
 
 @dataclass(frozen=True)
@@ -89,8 +106,10 @@ def _read_file(path: Path) -> bytes:
     except OSError as e:
         raise DataError(f"data.path: cannot read {path}: {e.strerror}") from None
     if len(data) > limit:  # it grew between the check and the read
-        raise DataError(f"data.path: {path} grew to {format_bytes(len(data))} while being read, more than the "
-                        f"{format_bytes(limit)} allowed ({corpus_limit_text()})")
+        raise DataError(
+            f"data.path: {path} grew to {format_bytes(len(data))} while being read, more than the "
+            f"{format_bytes(limit)} allowed ({corpus_limit_text()})"
+        )
     return data
 
 
@@ -104,7 +123,7 @@ def read_documents(path: str | None) -> list[Document]:
             raise DataError(f"bundled corpus {BUNDLED_CORPUS} does not match its sha256; reinstall prequel")
         return [Document(BUNDLED_CORPUS.name, data)]
     if path.startswith(DATASET_PREFIX):
-        return [Document(path, _read_file(fetch_dataset(path[len(DATASET_PREFIX):])))]
+        return [Document(path, _read_file(fetch_dataset(path[len(DATASET_PREFIX) :])))]
     if glob.has_magic(path):
         files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if Path(p).is_file()]
         if not files:
@@ -115,19 +134,28 @@ def read_documents(path: str | None) -> list[Document]:
         if not p.exists():
             raise DataError(f"data.path: file not found: {p}")
         if p.is_dir():
-            files = sorted((f for f in p.rglob("*") if f.is_file()
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts)),
-                           key=lambda f: f.relative_to(p).as_posix())
+            files = sorted(
+                (
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                ),
+                key=lambda f: f.relative_to(p).as_posix(),
+            )
             if not files:
                 raise DataError(f"data.path: directory {p} has no files")
             names = [f.relative_to(p).as_posix() for f in files]
         else:
             files, names = [p], [str(p)]
     limit = max_corpus_bytes()
-    total = sum(regular_file_size(f, "data.path", limit, corpus_limit_text(), error=DataError) for f in files)  # before reading
+    total = sum(
+        regular_file_size(f, "data.path", limit, corpus_limit_text(), error=DataError) for f in files
+    )  # before reading
     if total > limit:
-        raise DataError(f"data.path: the {len(files):,} files of {path} are {format_bytes(total)} in all, more than "
-                        f"the {format_bytes(limit)} allowed ({corpus_limit_text()})")
+        raise DataError(
+            f"data.path: the {len(files):,} files of {path} are {format_bytes(total)} in all, more than "
+            f"the {format_bytes(limit)} allowed ({corpus_limit_text()})"
+        )
     return [Document(name, _read_file(f)) for name, f in zip(names, files)]
 
 

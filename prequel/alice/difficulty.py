@@ -43,8 +43,9 @@ def labels_to_header(labels: torch.Tensor) -> str:
     return base64.b64encode(zlib.compress(labels.numpy().astype("<u4").tobytes(), 9)).decode()
 
 
-def plan_size(n_tokens: int, seq_len: int, batch_size: int, curriculum: str, pacing_start: float = 0.125,
-              replay_steps: int = 0) -> tuple[int, int]:
+def plan_size(
+    n_tokens: int, seq_len: int, batch_size: int, curriculum: str, pacing_start: float = 0.125, replay_steps: int = 0
+) -> tuple[int, int]:
     """(chunks, steps) that `plan_batches` and `with_replay` would build, bounded without building
     them: what a header's sizes commit the decoder to, checked before it plans (config.check_memory).
     Only `length_warmup` cuts chunks shorter than `seq_len`, never below ``pacing_start * seq_len``."""

@@ -68,8 +68,6 @@ class Encoder:
         return int(self._coder.num_bits())
 
 
-
-
 def encode_known(logits: torch.Tensor, targets: torch.Tensor, encoder: Encoder) -> None:
     """Encode `targets` (B, L) when all the logits (B, L, V) are known before coding (Alice with
     the training forward): the same rows through the same `coding_probabilities` (row-wise, so
@@ -97,14 +95,14 @@ def state_sha256(trainer: L.Trainer, pl_module: L.LightningModule, tokens_hash: 
         for index in sorted(state["state"]):
             for key, value in sorted(state["state"][index].items()):
                 h.update(f"{index}.{key}".encode())
-                h.update(torch.as_tensor(value).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(
+                    torch.as_tensor(value).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                )
         h.update(json.dumps(state["param_groups"], sort_keys=True, default=repr).encode())
     for config in trainer.lr_scheduler_configs:
         h.update(json.dumps(config.scheduler.state_dict(), sort_keys=True, default=repr).encode())
     h.update(str(trainer.global_step).encode())
     return h.hexdigest()
-
-
 
 
 class StreamEncoder(StreamCallback):
@@ -120,9 +118,11 @@ class StreamEncoder(StreamCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         require(pl_module, StreamModule, "StreamEncoder")
         if not isinstance(pl_module, PrequelModule):  # Bob rebuilds f's module from the header, no other
-            raise ContractError(f"StreamEncoder: {type(pl_module).__name__} is not prequel's PrequelModule, and "
-                                "`verify` decodes a stream by rebuilding that module from the header: f does not "
-                                "hold another module's code. Measure it with CodeLength alone (no stream).")
+            raise ContractError(
+                f"StreamEncoder: {type(pl_module).__name__} is not prequel's PrequelModule, and "
+                "`verify` decodes a stream by rebuilding that module from the header: f does not "
+                "hold another module's code. Measure it with CodeLength alone (no stream)."
+            )
         self._coded_checked = False
         super().setup(trainer, pl_module, stage)
 
@@ -145,8 +145,9 @@ class StreamEncoder(StreamCallback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._seal()
         super().on_train_end(trainer, pl_module)
-        self.stream.trailer.update(coded_tokens=self.coded_tokens, coded_batches=self.coded_batches,
-                                   checksums=self.checksums)
+        self.stream.trailer.update(
+            coded_tokens=self.coded_tokens, coded_batches=self.coded_batches, checksums=self.checksums
+        )
 
     def _seal(self) -> None:
         """Close the open segment: one sub-stream per process (in rank order), the same on all."""
@@ -168,8 +169,13 @@ class StreamEncoder(StreamCallback):
         self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
         trainer = self._trainer
         if trainer is not None and not (self.boundaries and self.boundaries[-1]["step"] == trainer.global_step):
-            self.boundaries.append({"step": trainer.global_step, "batches": self.coded_batches,
-                                    "state": state_sha256(trainer, trainer.lightning_module, self.tokens_hash)})
+            self.boundaries.append(
+                {
+                    "step": trainer.global_step,
+                    "batches": self.coded_batches,
+                    "state": state_sha256(trainer, trainer.lightning_module, self.tokens_hash),
+                }
+            )
         return {**super().state_dict(), "boundaries": list(self.boundaries)}
 
     def load_state_dict(self, state: dict) -> None:

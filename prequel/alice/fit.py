@@ -65,16 +65,17 @@ class _TrainStarted(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.ran = True
 
+
 def tokenize(config: Config, data: bytes):
-    tokenizer = build_tokenizer(config.data.tokenizer, data=data, vocab_size=config.data.vocab_size,
-                                pretrained=config.data.tokenizer_file)
+    tokenizer = build_tokenizer(
+        config.data.tokenizer, data=data, vocab_size=config.data.vocab_size, pretrained=config.data.tokenizer_file
+    )
     tokens = tokenizer.encode(data)
     if len(tokens) < config.model.block_size:
         raise DataError(
             f"corpus too short: {len(tokens)} tokens, less than one sequence (model.block_size = {config.model.block_size})"
         )
     return tokenizer, tokens
-
 
 
 def _identity(config: Config, data: bytes) -> dict:
@@ -98,16 +99,23 @@ def check_run_dir(run_dir: Path, config: Config, data: bytes) -> None:
         theirs = json.loads(path.read_text())
         theirs_config, theirs_sha = _flat(theirs["config"]), theirs["data_sha256"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise ConfigError(f"run_dir: {path} is damaged; use another --run_dir (or delete {run_dir} to start over)") from None
+        raise ConfigError(
+            f"run_dir: {path} is damaged; use another --run_dir (or delete {run_dir} to start over)"
+        ) from None
     ours = _identity(config, data)
     ours_config = _flat(ours["config"])
-    diffs = [f"{k}: the run has {theirs_config.get(k)!r}, this command {ours_config.get(k)!r}"
-             for k in sorted(set(theirs_config) | set(ours_config)) if theirs_config.get(k) != ours_config.get(k)]
+    diffs = [
+        f"{k}: the run has {theirs_config.get(k)!r}, this command {ours_config.get(k)!r}"
+        for k in sorted(set(theirs_config) | set(ours_config))
+        if theirs_config.get(k) != ours_config.get(k)
+    ]
     if theirs_sha != ours["data_sha256"]:
         diffs.append(f"data: the run's sha256 is {theirs_sha[:16]}…, this command's {ours['data_sha256'][:16]}…")
     if diffs:
-        raise ConfigError(f"run_dir {run_dir} holds a run of other settings or data ({'; '.join(diffs)}); "
-                          "use another --run_dir, or delete it to start over")
+        raise ConfigError(
+            f"run_dir {run_dir} holds a run of other settings or data ({'; '.join(diffs)}); "
+            "use another --run_dir, or delete it to start over"
+        )
 
 
 def _lock(run_dir: Path) -> None:
@@ -121,8 +129,9 @@ def _lock(run_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"run_dir {run_dir} is in use by another training process; wait for it, or use "
-                          "another --run_dir") from None
+        raise ConfigError(
+            f"run_dir {run_dir} is in use by another training process; wait for it, or use another --run_dir"
+        ) from None
     _LOCKS[run_dir.resolve()] = fd
 
 
@@ -131,9 +140,14 @@ _LOCKS: dict[Path, int] = {}
 
 def stream_header(config: Config, tokenizer, n_tokens: int, labels: torch.Tensor | None = None) -> dict:
     return TrainingHeader(
-        config=program_dict(config), tokenizer_name=tokenizer.name, tokenizer_blob=tokenizer.serialize(),
-        data_tokens=n_tokens, code_hash=code_hash(), environment=environment(config),
-        precision=config.trainer.precision, compile=config.trainer.compile,
+        config=program_dict(config),
+        tokenizer_name=tokenizer.name,
+        tokenizer_blob=tokenizer.serialize(),
+        data_tokens=n_tokens,
+        code_hash=code_hash(),
+        environment=environment(config),
+        precision=config.trainer.precision,
+        compile=config.trainer.compile,
         # a content-dependent order: the decoder plans batches before it has data
         order=None if labels is None else labels_to_header(labels),
     ).to_dict()
@@ -176,33 +190,53 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
     labels = order_labels(config.data, config.chunk_len, tokenizer, tokens)
-    code_length = CodeLength(f_parts(config, counted_yaml(config), tokenizer.serialize(), order_bits(labels)), len(tokens))
+    code_length = CodeLength(
+        f_parts(config, counted_yaml(config), tokenizer.serialize(), order_bits(labels)), len(tokens)
+    )
     started = _TrainStarted()
     callbacks: list = [code_length]
     stream = None
     if config.stream.enabled:
-        stream = StreamEncoder(tape, config.stream.checksum_every, config.stream.procedure,
-                               header=stream_header(config, tokenizer, len(tokens), labels))
+        stream = StreamEncoder(
+            tape,
+            config.stream.checksum_every,
+            config.stream.procedure,
+            header=stream_header(config, tokenizer, len(tokens), labels),
+        )
         callbacks.append(stream)
     keep = config.trainer.keep_checkpoints
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="{step}", save_last="link" if keep else True,
-        save_top_k=-1 if keep else 0, enable_version_counter=False,
+        dirpath=run_dir / "checkpoints",
+        filename="{step}",
+        save_last="link" if keep else True,
+        save_top_k=-1 if keep else 0,
+        enable_version_counter=False,
         every_n_train_steps=config.trainer.checkpoint_every_n_steps or None,
     )
-    module, datamodule, trainer = build_trainer(config, tape, tokenizer.vocab_size,
-                                                callbacks + [started, checkpoints] + (extra_callbacks or []),
-                                                loggers or [], run_dir, labels=labels, checkpointing=True,
-                                                plugins=[AtomicCheckpointIO()])
+    module, datamodule, trainer = build_trainer(
+        config,
+        tape,
+        tokenizer.vocab_size,
+        callbacks + [started, checkpoints] + (extra_callbacks or []),
+        loggers or [],
+        run_dir,
+        labels=labels,
+        checkpointing=True,
+        plugins=[AtomicCheckpointIO()],
+    )
     if trainer.is_global_zero:
-        print(f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
-              f"{len(tokens):,} tokens, run directory {run_dir}")
+        print(
+            f"prequel: {module.model.num_params():,} parameters (a tied embedding counted once), "
+            f"{len(tokens):,} tokens, run directory {run_dir}"
+        )
     try:
         trainer.fit(module, datamodule, ckpt_path=resume_point(run_dir), weights_only=True)
     except SIGTERMException:  # (Lightning stops at the end of a batch and would exit 0)
         last = save_checkpoint(trainer, run_dir, config.trainer.keep_checkpoints)
-        raise Interrupted(f"stopped by SIGTERM after {trainer.global_step} steps; {last} holds everything so far: "
-                          "re-run the same command to resume") from None
+        raise Interrupted(
+            f"stopped by SIGTERM after {trainer.global_step} steps; {last} holds everything so far: "
+            "re-run the same command to resume"
+        ) from None
     if not started.ran:  # killed after the final checkpoint, before the summary: Lightning skips the
         for callback in callbacks:  # finished loop and the hooks that restore the sums and close the stream
             callback.on_train_start(trainer, module)
@@ -214,10 +248,13 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     stream_path = None
     if stream is not None and trainer.is_global_zero:
         stream_path = run_dir / STREAM_NAME
-        stream.save(stream_path, {
-            "data_sha256": hashlib.sha256(data).hexdigest() if totals["complete"] else None,
-            "ideal_bits": totals["data_bits"],
-        })
+        stream.save(
+            stream_path,
+            {
+                "data_sha256": hashlib.sha256(data).hexdigest() if totals["complete"] else None,
+                "ideal_bits": totals["data_bits"],
+            },
+        )
     return Fitted(config, run_dir, tokenizer, tape, datamodule, module, trainer, code_length, stream, stream_path)
 
 

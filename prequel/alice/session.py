@@ -42,10 +42,16 @@ def _loggers(config: Config, run_dir: Path) -> list:
     if config.logging.csv:
         loggers.append(L.pytorch.loggers.CSVLogger(run_dir, name="csv", version=""))
     if config.logging.wandb and config.logging.wandb_mode != "disabled":
-        loggers.append(L.pytorch.loggers.WandbLogger(
-            project=config.logging.wandb_project, name=run_dir.name, save_dir=str(run_dir),
-            mode=config.logging.wandb_mode, config=to_dict(config), group=config.logging.wandb_group,
-        ))
+        loggers.append(
+            L.pytorch.loggers.WandbLogger(
+                project=config.logging.wandb_project,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                mode=config.logging.wandb_mode,
+                config=to_dict(config),
+                group=config.logging.wandb_group,
+            )
+        )
     return loggers
 
 
@@ -61,13 +67,16 @@ def report(run: Fitted, loggers: list) -> dict:
         summary["mixture/member_params"] = [m.num_params() for m in run.module.model.members]
     if run.stream is not None:
         payload = run.stream.stream.payload_bits
-        summary.update({
-            "code/stream_bits": payload,
-            "code/stream_total_bits": summary["code/f_bits"] + payload,
-            "code/stream_total_bpb": (summary["code/f_bits"] + payload) / max(summary["data/bytes"], 1),
-            "stream/segments": len(run.stream.stream.segments), "stream/path": str(run.stream_path),
-            "stream/file_bytes": run.stream_path.stat().st_size,
-        })
+        summary.update(
+            {
+                "code/stream_bits": payload,
+                "code/stream_total_bits": summary["code/f_bits"] + payload,
+                "code/stream_total_bpb": (summary["code/f_bits"] + payload) / max(summary["data/bytes"], 1),
+                "stream/segments": len(run.stream.stream.segments),
+                "stream/path": str(run.stream_path),
+                "stream/file_bytes": run.stream_path.stat().st_size,
+            }
+        )
     # The per-step first-pass curve, for plots across runs (a size sweep) without W&B.
     curve = "".join(f"{seen},{bits!r},{n}\n" for seen, bits, n in run.code_length.curve)
     write_atomic(run_dir / "curve.csv", ("tokens_seen,bits,tokens\n" + curve).encode())
@@ -77,8 +86,10 @@ def report(run: Fitted, loggers: list) -> dict:
     _log_summary(loggers, summary)
     write_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
     print(format_table(summary))
-    print(f"final train/loss {summary['train/loss']:.4f} nats/token, train/bpb {summary['train/bpb']:.4f}; "
-          f"code length {summary['code/bpb']:.4f} bpb")
+    print(
+        f"final train/loss {summary['train/loss']:.4f} nats/token, train/bpb {summary['train/bpb']:.4f}; "
+        f"code length {summary['code/bpb']:.4f} bpb"
+    )
     print(f"run directory: {run_dir}")
     return summary
 

@@ -32,6 +32,7 @@ def train_bpe(data: bytes, vocab_size: int) -> BPETokenizer:
         )
     return tokenizer
 
+
 def bpe_from_file(path: str) -> BPETokenizer:
     """A pretrained HF tokenizer.json whose model is a byte-level BPE (GPT-2 style). Only its
     merges are kept: our splitter and byte table make the round trip exact for any bytes."""
@@ -43,8 +44,10 @@ def bpe_from_file(path: str) -> BPETokenizer:
         raise TokenizerError(f"data.tokenizer_file: {path} is not a tokenizer JSON file: {e}") from None
     model = spec.get("model", {}) if isinstance(spec, dict) else {}
     if model.get("type") != "BPE" or not all(c in model.get("vocab", {}) for c in ALPHABET):
-        raise TokenizerError(f"data.tokenizer_file: {path} is not a byte-level BPE tokenizer "
-                             "(need model.type BPE with all 256 byte-level characters in its vocab)")
+        raise TokenizerError(
+            f"data.tokenizer_file: {path} is not a byte-level BPE tokenizer "
+            "(need model.type BPE with all 256 byte-level characters in its vocab)"
+        )
     return BPETokenizer([tuple(m) for m in _merges_of(spec)])
 
 
@@ -53,8 +56,14 @@ def _merges_of(spec: dict) -> list:
     return [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
 
 
-def build_tokenizer(name: str, data: bytes | None = None, serialized: bytes | None = None, *,
-                    vocab_size: int = 256, pretrained: str | None = None) -> ByteTokenizer | BPETokenizer:
+def build_tokenizer(
+    name: str,
+    data: bytes | None = None,
+    serialized: bytes | None = None,
+    *,
+    vocab_size: int = 256,
+    pretrained: str | None = None,
+) -> ByteTokenizer | BPETokenizer:
     """The tokenizer named in the config: restored from `serialized` (the decoder, from the
     stream header), read from a `pretrained` file, or trained on `data` at `vocab_size`."""
     if name != "bpe" or serialized is not None:
@@ -62,8 +71,10 @@ def build_tokenizer(name: str, data: bytes | None = None, serialized: bytes | No
     if pretrained is not None:
         tokenizer = bpe_from_file(pretrained)
         if vocab_size not in (256, tokenizer.vocab_size):
-            raise TokenizerError(f"data.vocab_size {vocab_size} differs from the {tokenizer.vocab_size} tokens of "
-                                 f"data.tokenizer_file {pretrained}; leave vocab_size unset")
+            raise TokenizerError(
+                f"data.vocab_size {vocab_size} differs from the {tokenizer.vocab_size} tokens of "
+                f"data.tokenizer_file {pretrained}; leave vocab_size unset"
+            )
         return tokenizer
     if data is None:
         raise TokenizerError("a BPE tokenizer needs training data, a serialised tokenizer or a tokenizer file")

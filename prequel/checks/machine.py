@@ -11,8 +11,20 @@ from importlib.metadata import version
 from prequel.training.environment import KernelError, device_of, kernel_env
 
 # Facts that change the bits of training, by mode; the rest of `facts()` is informational.
-BIT_FACTS = ("torch", "lightning", "constriction", "numpy", "machine", "num_threads", "device", "kernels",
-             "cpu_capability", "kernel_env", "mkl", "onednn")
+BIT_FACTS = (
+    "torch",
+    "lightning",
+    "constriction",
+    "numpy",
+    "machine",
+    "num_threads",
+    "device",
+    "kernels",
+    "cpu_capability",
+    "kernel_env",
+    "mkl",
+    "onednn",
+)
 NATIVE_BIT_FACTS = ("cpu_model",)  # native kernels may depend on the exact CPU
 GPU_BIT_FACTS = ("gpu",)
 
@@ -50,11 +62,20 @@ def facts(kernels: str, accelerator: str) -> dict:
 
     device = device_of(accelerator)
     out = {
-        "torch": torch.__version__, "lightning": lightning.__version__, "constriction": version("constriction"),
-        "numpy": version("numpy"), "python": platform.python_version(), "machine": platform.machine(),
-        "libc": " ".join(platform.libc_ver()) or "unknown", "num_threads": torch.get_num_threads(),
-        "device": device, "kernels": kernels, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": cpu_model(), "kernel_env": kernel_env(), **_library_versions(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "constriction": version("constriction"),
+        "numpy": version("numpy"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "libc": " ".join(platform.libc_ver()) or "unknown",
+        "num_threads": torch.get_num_threads(),
+        "device": device,
+        "kernels": kernels,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
+        "kernel_env": kernel_env(),
+        **_library_versions(),
     }
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
@@ -72,10 +93,15 @@ def bit_facts(recorded: dict) -> tuple[str, ...]:
 
 def differences(recorded: dict, here: dict) -> list[str]:
     """Each bit fact that differs, as 'key: stream has X, here Y'."""
+
     def show(v):
         return json.dumps(v, sort_keys=True) if isinstance(v, dict) else repr(v)
-    return [f"{k}: stream has {show(recorded.get(k))}, here {show(here.get(k))}"
-            for k in bit_facts(recorded) if recorded.get(k) != here.get(k)]
+
+    return [
+        f"{k}: stream has {show(recorded.get(k))}, here {show(here.get(k))}"
+        for k in bit_facts(recorded)
+        if recorded.get(k) != here.get(k)
+    ]
 
 
 def require_device(recorded: dict, error: type = KernelError) -> None:
@@ -84,8 +110,10 @@ def require_device(recorded: dict, error: type = KernelError) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise error(f"this stream was written on a GPU ({recorded.get('gpu', 'unknown model')}); decoding replays "
-                        "its training on the same GPU model, and torch sees no CUDA device here")
+            raise error(
+                f"this stream was written on a GPU ({recorded.get('gpu', 'unknown model')}); decoding replays "
+                "its training on the same GPU model, and torch sees no CUDA device here"
+            )
 
 
 def check(recorded: dict, kernels: str, accelerator: str, allow_mismatch: bool, error: type = KernelError) -> list[str]:
@@ -93,9 +121,14 @@ def check(recorded: dict, kernels: str, accelerator: str, allow_mismatch: bool, 
     require_device(recorded, error)
     diffs = differences(recorded, facts(kernels, accelerator))
     if diffs and not allow_mismatch:
-        advice = ("Portable mode (trainer.kernels: portable) writes streams that verify on any x86-64 CPU with AVX2"
-                  if recorded.get("kernels", "native") != "portable" else
-                  "Match it (e.g. --threads N, or the pinned package versions)")
-        raise error("environment mismatch, training would not replay bitwise: " + "; ".join(diffs)
-                    + f". {advice}; or pass --allow-env-mismatch to try anyway (the stream's checksums catch drift)")
+        advice = (
+            "Portable mode (trainer.kernels: portable) writes streams that verify on any x86-64 CPU with AVX2"
+            if recorded.get("kernels", "native") != "portable"
+            else "Match it (e.g. --threads N, or the pinned package versions)"
+        )
+        raise error(
+            "environment mismatch, training would not replay bitwise: "
+            + "; ".join(diffs)
+            + f". {advice}; or pass --allow-env-mismatch to try anyway (the stream's checksums catch drift)"
+        )
     return diffs

@@ -63,21 +63,32 @@ def format_bytes(n: int) -> str:
 def parameter_count(m: GPTConfig, vocab_size: int) -> int:
     """What `GPT(m).num_params()` will be, without building it (a tied embedding counted once)."""
     E, L, V, K = m.n_embd, m.n_layer, vocab_size, m.ngram_order
-    return ((V + 1) * E + (m.block_size * E if m.positions == "learned" else 0) + L * 12 * E * E  # embeddings; blocks
-            + (2 * L + 1) * E * (2 if m.bias else 1) + (9 * L * E if m.bias else 0)  # norms; linear biases
-            + (0 if m.tie_embeddings else V * E) + K * (E + 1))  # output head; n-gram mixer
+    return (
+        (V + 1) * E
+        + (m.block_size * E if m.positions == "learned" else 0)
+        + L * 12 * E * E  # embeddings; blocks
+        + (2 * L + 1) * E * (2 if m.bias else 1)
+        + (9 * L * E if m.bias else 0)  # norms; linear biases
+        + (0 if m.tie_embeddings else V * E)
+        + K * (E + 1)
+    )  # output head; n-gram mixer
 
 
-def model_memory(m: GPTConfig, vocab_size: int, batch: int, training: bool = True, width: int = 4,
-                 kv_cache: bool = False) -> list[tuple[str, int]]:
+def model_memory(
+    m: GPTConfig, vocab_size: int, batch: int, training: bool = True, width: int = 4, kv_cache: bool = False
+) -> list[tuple[str, int]]:
     """(what, bytes) of the memory a GPT of config `m` needs for batches of `batch` full-length
     sequences: weights (with gradients and AdamW's two moments when `training`), n-gram count
     tables, activations and logits, and the incremental coder's key/value cache. Estimates, within
     a small factor of what torch allocates; `width` is bytes per float (8 for 64-true)."""
     E, L, T, K, V = m.n_embd, m.n_layer, m.block_size, m.ngram_order, vocab_size
     params = parameter_count(m, vocab_size)
-    parts = [(f"{params:,} parameters" + (" with their gradients and AdamW state" if training else ""),
-              (4 if training else 1) * params * width)]
+    parts = [
+        (
+            f"{params:,} parameters" + (" with their gradients and AdamW state" if training else ""),
+            (4 if training else 1) * params * width,
+        )
+    ]
     if K:
         tables = (V + 1) * V + (K - 1) * (1 << m.ngram_hash_bits) * V
         parts.append((f"the n-gram count tables of orders 1..{K} ({tables:,} counts)", tables * width))
@@ -93,16 +104,29 @@ def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str
     also the data and the batch plan."""
     m, d = config.model, config.data
     vocab_size = max(d.vocab_size, 256)  # (the tokenizer sets model.vocab_size; BPE at least 256)
-    parts = [part for member in ([c for c, _ in mixture_members(config)] or [m])
-             for part in model_memory(member, vocab_size, d.batch_size, training=True,
-                                      width=8 if config.trainer.precision == "64-true" else 4,
-                                      kv_cache=config.stream.enabled and config.stream.procedure == "incremental")]
+    parts = [
+        part
+        for member in ([c for c, _ in mixture_members(config)] or [m])
+        for part in model_memory(
+            member,
+            vocab_size,
+            d.batch_size,
+            training=True,
+            width=8 if config.trainer.precision == "64-true" else 4,
+            kv_cache=config.stream.enabled and config.stream.procedure == "incremental",
+        )
+    ]
     if data_tokens is not None:
         parts.append((f"{data_tokens:,} tokens of data", data_tokens * TAPE_BYTES_PER_TOKEN))
-        chunks, steps = plan_size(data_tokens, config.chunk_len, d.batch_size, d.curriculum, d.pacing_start,
-                                  d.replay_steps)
-        parts.append((f"the plan of {steps:,} training steps over {chunks:,} chunks",
-                      chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size)))
+        chunks, steps = plan_size(
+            data_tokens, config.chunk_len, d.batch_size, d.curriculum, d.pacing_start, d.replay_steps
+        )
+        parts.append(
+            (
+                f"the plan of {steps:,} training steps over {chunks:,} chunks",
+                chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size),
+            )
+        )
     return parts
 
 
@@ -112,8 +136,10 @@ def max_corpus_bytes() -> int:
 
 
 def corpus_limit_text() -> str:
-    return (f"training holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of data, and the memory limit is "
-            f"{format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if this machine has the memory")
+    return (
+        f"training holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of data, and the memory limit is "
+        f"{format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if this machine has the memory"
+    )
 
 
 def coding_batch_bytes(config: GPTConfig, rows: int) -> int:
@@ -124,8 +150,10 @@ def coding_batch_bytes(config: GPTConfig, rows: int) -> int:
 
 
 def over_limit_text(what: str, need: int, limit: int) -> str:
-    return (f"{what} need about {format_bytes(need)}, more than the limit of {format_bytes(limit)}; if this machine "
-            f"has the memory, raise the limit: {MEMORY_ENV}={-(-need // 10**9)}")
+    return (
+        f"{what} need about {format_bytes(need)}, more than the limit of {format_bytes(limit)}; if this machine "
+        f"has the memory, raise the limit: {MEMORY_ENV}={-(-need // 10**9)}"
+    )
 
 
 def check_token_memory(tokens: int) -> None:
@@ -133,14 +161,26 @@ def check_token_memory(tokens: int) -> None:
     tokens (int64) and the bytes they decode to."""
     need, limit = tokens * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
     if need > limit:
-        raise StreamError("the file's header asks for more memory than allowed: "
-                          + over_limit_text(f"tokens = {tokens:,}", need, limit))
+        raise StreamError(
+            "the file's header asks for more memory than allowed: "
+            + over_limit_text(f"tokens = {tokens:,}", need, limit)
+        )
 
 
 # The settings `run_memory` grows with, each tried at its default to find the one to name.
-_SIZING_KEYS = ("model.n_layer", "model.n_embd", "model.block_size", "model.ngram_order", "model.ngram_hash_bits",
-                "data.batch_size",
-                "data.vocab_size", "data.replay_steps", "data.pacing_start", "trainer.precision", "stream.procedure")
+_SIZING_KEYS = (
+    "model.n_layer",
+    "model.n_embd",
+    "model.block_size",
+    "model.ngram_order",
+    "model.ngram_hash_bits",
+    "data.batch_size",
+    "data.vocab_size",
+    "data.replay_steps",
+    "data.pacing_start",
+    "trainer.precision",
+    "stream.procedure",
+)
 
 
 def _with_default(config: Config, key: str) -> Config:
@@ -158,7 +198,9 @@ def check_memory(config: Config, data_tokens: int | None = None, limit: int | No
     total = sum(n for _, n in parts)
     if total <= limit:
         return
-    saved = {key: total - sum(n for _, n in run_memory(_with_default(config, key), data_tokens)) for key in _SIZING_KEYS}
+    saved = {
+        key: total - sum(n for _, n in run_memory(_with_default(config, key), data_tokens)) for key in _SIZING_KEYS
+    }
     if data_tokens is not None:  # the data's own share: what one chunk of it would need instead
         saved["data_tokens"] = total - sum(n for _, n in run_memory(config, min(data_tokens, config.model.block_size)))
     key = max(saved, key=saved.get)
@@ -169,9 +211,12 @@ def check_memory(config: Config, data_tokens: int | None = None, limit: int | No
         section, name = key.split(".")
         value, default = getattr(getattr(config, section), name), getattr(getattr(Config(), section), name)
         shown = str(value)
-        advice = (f"{'lower' if value > default else 'raise'} it" if isinstance(value, (int, float)) else "change it") \
-            + f" (default {default}); "
+        advice = (
+            f"{'lower' if value > default else 'raise'} it" if isinstance(value, (int, float)) else "change it"
+        ) + f" (default {default}); "
     raise MemoryLimitError(
         f"{key} = {shown}: training would need about {format_bytes(total)} of memory ({format_bytes(most)} for {what}), "
         f"more than the limit of {format_bytes(limit)}; {advice}if this machine has the memory, raise the limit: "
-        f"{MEMORY_ENV}={math.ceil(total / _GB)}", key)
+        f"{MEMORY_ENV}={math.ceil(total / _GB)}",
+        key,
+    )

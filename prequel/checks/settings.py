@@ -49,8 +49,13 @@ _DERIVED = {"model.vocab_size": "it is set by the tokenizer"}
 # GPTConfig's limits. Its fields live in models/gpt.py, which cannot import Limit from here
 # (this module imports it), so they are listed here and checked by the same code as the rest.
 _MODEL_LIMITS = {
-    "block_size": POSITIVE, "n_layer": POSITIVE, "n_head": POSITIVE, "n_embd": POSITIVE, "dropout": BELOW_ONE,
-    "z_loss": NON_NEGATIVE, "ngram_order": Limit("in 0..6 (0 = off)", lambda v: 0 <= v <= 6),
+    "block_size": POSITIVE,
+    "n_layer": POSITIVE,
+    "n_head": POSITIVE,
+    "n_embd": POSITIVE,
+    "dropout": BELOW_ONE,
+    "z_loss": NON_NEGATIVE,
+    "ngram_order": Limit("in 0..6 (0 = off)", lambda v: 0 <= v <= 6),
     "ngram_hash_bits": Limit("in 8..24", lambda v: 8 <= v <= 24),
 }
 
@@ -75,8 +80,11 @@ def leaf_fields(cls: type = Config, prefix: str = ""):
 
 
 def limits_of(hint: Any) -> tuple[Limit, ...]:
-    return tuple(m for m in typing.get_args(hint)[1:] if isinstance(m, Limit)) \
-        if typing.get_origin(hint) is Annotated else ()
+    return (
+        tuple(m for m in typing.get_args(hint)[1:] if isinstance(m, Limit))
+        if typing.get_origin(hint) is Annotated
+        else ()
+    )
 
 
 # The keys with the two common limits (tests check each one's message).
@@ -163,26 +171,34 @@ def _validate(config: Config) -> None:
     if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
         raise ConfigError("model.positions: rope needs an even head size (n_embd / n_head)")
     if config.data.context >= m.block_size:
-        raise ConfigError(f"data.context ({config.data.context}) must be less than model.block_size ({m.block_size}): "
-                          "chunks are block_size - context tokens long")
+        raise ConfigError(
+            f"data.context ({config.data.context}) must be less than model.block_size ({m.block_size}): "
+            "chunks are block_size - context tokens long"
+        )
     if config.data.context and config.stream.enabled and config.stream.procedure == "incremental":
-        raise ConfigError("data.context needs stream.procedure: full (the incremental coder's key/value-cache steps "
-                          "start each row at BOS, without the context)")
+        raise ConfigError(
+            "data.context needs stream.procedure: full (the incremental coder's key/value-cache steps "
+            "start each row at BOS, without the context)"
+        )
     _validate_data(config.data)
     mixture_members(config)  # checks the members
     if config.stream.enabled and m.dropout > 0:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
     if config.stream.enabled and config.trainer.strategy == "ddp_spawn":
-        raise ConfigError("trainer.strategy: ddp_spawn cannot write a stream (it pickles the training state into a "
-                          "new process, and the range coder cannot be pickled); use trainer.strategy: ddp or auto")
+        raise ConfigError(
+            "trainer.strategy: ddp_spawn cannot write a stream (it pickles the training state into a "
+            "new process, and the range coder cannot be pickled); use trainer.strategy: ddp or auto"
+        )
     check_memory(config)
 
 
 def _validate_data(d: DataConfig) -> None:
     if d.tokenizer == "bytes":
         if d.vocab_size != 256:
-            raise ConfigError(f"data.vocab_size: the bytes tokenizer has exactly 256 symbols, got {d.vocab_size} "
-                              "(use data.tokenizer: bpe for a larger vocabulary)")
+            raise ConfigError(
+                f"data.vocab_size: the bytes tokenizer has exactly 256 symbols, got {d.vocab_size} "
+                "(use data.tokenizer: bpe for a larger vocabulary)"
+            )
         if d.tokenizer_file is not None:
             raise ConfigError("data.tokenizer_file needs data.tokenizer: bpe")
     elif d.tokenizer_file is None and not 256 < d.vocab_size <= BPE_MAX_VOCAB:
@@ -232,8 +248,13 @@ def merge_values(base: dict, update: dict) -> dict:
     return out
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
 MAX_CONFIG_FILE_BYTES = 16 << 20  # no config file is this large
 
 
@@ -251,8 +272,9 @@ def regular_file_size(path: Path, what: str, max_bytes: int, why: str, error: ty
         kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
         raise error(f"{what}: {path} is {kind}, not a regular file; give a regular file")
     if info.st_size > max_bytes:
-        raise error(f"{what}: {path} is {format_bytes(info.st_size)}, more than the {format_bytes(max_bytes)} "
-                    f"allowed ({why})")
+        raise error(
+            f"{what}: {path} is {format_bytes(info.st_size)}, more than the {format_bytes(max_bytes)} allowed ({why})"
+        )
     return info.st_size
 
 
@@ -268,8 +290,10 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
-                          f"got a {type(values).__name__}: {str(values)[:60]!r}")
+        raise ConfigError(
+            f"{path}: expected a mapping of config keys at the top level, "
+            f"got a {type(values).__name__}: {str(values)[:60]!r}"
+        )
     return values
 
 
@@ -288,7 +312,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def dump_yaml(config: Config) -> str:
     """Canonical text of the program's settings, as |f| counts them."""
     return yaml.safe_dump(program_dict(config), sort_keys=True)
-
 
 
 def counted_yaml(config: Config) -> str:

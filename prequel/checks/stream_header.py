@@ -72,7 +72,6 @@ def _check_threads(environment: dict) -> None:
         raise _corrupted("environment: num_threads", f"must be an integer in 1..{MAX_THREADS}, got {threads!r:.80}")
 
 
-
 def checked_header(d: dict) -> TrainingHeader:
     """A training stream's header with every field checked, the settings and the order parsed;
     the tokenizer blob's content is checked where it is parsed, by `checked_tokenizer`."""
@@ -118,8 +117,11 @@ def checked_settings(header: TrainingHeader, vocab_size: int | None = None):
             config = replace(config, data=replace(config.data, vocab_size=vocab_size))
         check_memory(config, header.data_tokens, limit)
     except MemoryLimitError as e:  # well-formed, maybe real: too big for this machine (or forged)
-        claim = (f"the header claims {header.data_tokens:,} tokens: more than this machine can hold"
-                 if e.key == "data_tokens" else "the stream's header asks for more memory than allowed")
+        claim = (
+            f"the header claims {header.data_tokens:,} tokens: more than this machine can hold"
+            if e.key == "data_tokens"
+            else "the stream's header asks for more memory than allowed"
+        )
         raise StreamError(f"{claim}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:  # ConfigError names the dotted key
         raise StreamError(f"header corrupted: {e}") from None
@@ -133,8 +135,10 @@ def checked_order(header: TrainingHeader):
     if header.order is None:
         return None
     if config.data.curriculum != "difficulty":
-        raise _corrupted("order", f"the {config.data.curriculum} curriculum transmits no order "
-                                  "(only data.curriculum: difficulty does)")
+        raise _corrupted(
+            "order",
+            f"the {config.data.curriculum} curriculum transmits no order (only data.curriculum: difficulty does)",
+        )
     try:
         return header.labels()
     except (TypeError, ValueError) as e:
@@ -170,11 +174,17 @@ class CompressHeader:
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "format": self.format, "original_bytes": self.original_bytes, "tokens": self.tokens,
-            "chunk_size": self.chunk_size, "batch_chunks": self.batch_chunks, "top_k": self.top_k,
+            "kind": self.kind,
+            "format": self.format,
+            "original_bytes": self.original_bytes,
+            "tokens": self.tokens,
+            "chunk_size": self.chunk_size,
+            "batch_chunks": self.batch_chunks,
+            "top_k": self.top_k,
             "model": {"checkpoint": self.model_checkpoint, "sha256": self.model_sha256},
             "tokenizer": {"name": self.tokenizer_name, "sha256": self.tokenizer_sha256},
-            "environment": self.environment, "dtype": self.dtype,
+            "environment": self.environment,
+            "dtype": self.dtype,
         }
 
     @classmethod

@@ -35,23 +35,32 @@ def quiet_warnings() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-
 # --- train (the default) -------------------------------------------------------------------------
+
 
 def _train_parser() -> argparse.ArgumentParser:
     commands = "\n".join(f"  {name:<12} {command.summary}" for name, command in COMMANDS.items())
-    parser = Parser(prog=PROG, usage="%(prog)s [train] [--config YAML] [--KEY VALUE ...]\n"
-                     "       %(prog)s {" + ",".join(COMMANDS) + "} ... (see %(prog)s COMMAND --help)",
-                     description="Train a GPT and report its loss as a prequential code length.\n"
-                     f"With no command, %(prog)s trains.\n\ncommands:\n{commands}")
-    parser.add_argument("--config", metavar="YAML", help="a config file (e.g. configs/small.yaml); "
-                        "--KEY VALUE options after it override its keys")
+    parser = Parser(
+        prog=PROG,
+        usage="%(prog)s [train] [--config YAML] [--KEY VALUE ...]\n"
+        "       %(prog)s {" + ",".join(COMMANDS) + "} ... (see %(prog)s COMMAND --help)",
+        description="Train a GPT and report its loss as a prequential code length.\n"
+        f"With no command, %(prog)s trains.\n\ncommands:\n{commands}",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="a config file (e.g. configs/small.yaml); --KEY VALUE options after it override its keys",
+    )
 
     def epilog() -> str:
         from prequel.checks.settings import Config
 
-        return keys_help(Config, "config keys: set them in the YAML file, or with --KEY VALUE after it\n"
-                          "(VALUE is read as YAML: --trainer.max_steps 200 --data.path null --model.bias true)")
+        return keys_help(
+            Config,
+            "config keys: set them in the YAML file, or with --KEY VALUE after it\n"
+            "(VALUE is read as YAML: --trainer.max_steps 200 --data.path null --model.bias true)",
+        )
 
     parser.epilog = epilog
     return parser
@@ -77,15 +86,21 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # --- verify --------------------------------------------------------------------------------------
 
+
 def _verify_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=f"{PROG} verify", description="Decode a stream by replaying training; every checksum "
-                     "must match.")
+    parser = Parser(
+        prog=f"{PROG} verify", description="Decode a stream by replaying training; every checksum must match."
+    )
     parser.add_argument("path", help="a run directory or a stream file")
     parser.add_argument("--out", metavar="FILE", help="where to write the decoded bytes (default: beside the stream)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (must match the encoder's)")
     parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
-    parser.add_argument("--no-fast", action="store_true", help="decode every batch by f's own procedure, without "
-                        "the checked single-step path (prequel/verify/fast_decode.py): same bits, slower")
+    parser.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="decode every batch by f's own procedure, without "
+        "the checked single-step path (prequel/verify/fast_decode.py): same bits, slower",
+    )
     audit = parser.add_argument_group("audit from the run's kept checkpoints (prequel/verify/audit.py)")
     audit.add_argument("--jobs", type=int, metavar="N", help="check the stretches between checkpoints in N processes")
     audit.add_argument("--segment", type=int, metavar="K", help="check stretch K only (for an external scheduler)")
@@ -106,11 +121,15 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     print(f"decoded {r['tokens']:,} tokens ({r['bytes']:,} bytes) in {r['seconds']:.1f} s")
     if r["fast_batches"] or r["slow_batches"]:
-        print(f"batches decoded by checked single steps: {r['fast_batches']:,}; by f's full forwards: "
-              f"{r['slow_batches']:,}" + (" (steps round differently here)" if r["slow_batches"] else ""))
+        print(
+            f"batches decoded by checked single steps: {r['fast_batches']:,}; by f's full forwards: "
+            f"{r['slow_batches']:,}" + (" (steps round differently here)" if r["slow_batches"] else "")
+        )
     print(f"ideal Σ −log2 P      {r['ideal_bits']:>14,.1f} bits")
     print(f"actual stream        {r['stream_bits']:>14,} bits")
-    print(f"difference           {r['overhead_bits']:>14,.1f} bits ({r['overhead_bits'] / max(r['tokens'], 1):.2e} bits/token)")
+    print(
+        f"difference           {r['overhead_bits']:>14,.1f} bits ({r['overhead_bits'] / max(r['tokens'], 1):.2e} bits/token)"
+    )
     if r["complete"]:
         print(f"sha256 {r['sha256']} matches the original; decoded bytes written to {r['output']}")
     else:
@@ -135,18 +154,24 @@ def _audit(args: argparse.Namespace) -> int:
         raise ConfigError("--jobs runs every stretch; --segment runs one: give one of them")
     if args.segment is not None:
         r = audit_segment(args.path, args.segment, args.data, args.threads, args.allow_env_mismatch)
-        print(f"stretch {r['stretch']} ({r['steps']}, from {r['checkpoint']}): {r['batches']:,} batches decoded "
-              f"and equal to the data, states checked at steps {r['states_checked']}, {r['seconds']:.1f} s")
+        print(
+            f"stretch {r['stretch']} ({r['steps']}, from {r['checkpoint']}): {r['batches']:,} batches decoded "
+            f"and equal to the data, states checked at steps {r['states_checked']}, {r['seconds']:.1f} s"
+        )
         print(REPORT_PREFIX + json.dumps(r))
         return 0
     if args.jobs < 1:
         raise ConfigError(f"--jobs: must be at least 1, got {args.jobs}")
     r = audit(args.path, args.jobs, args.data, args.threads, args.allow_env_mismatch)
     for s in r["stretches"]:
-        print(f"stretch {s['stretch']} ({s['steps']}): " + (f"OK, {s['batches']:,} batches, {s['seconds']:.1f} s"
-                                                           if s["ok"] else f"FAILED: {s['error']}"))
-    print(f"{len(r['stretches'])} stretches, {r['jobs']} at a time (torch threads per job: {r['threads'] or 'default'}): "
-          f"{r['seconds']:.1f} s")
+        print(
+            f"stretch {s['stretch']} ({s['steps']}): "
+            + (f"OK, {s['batches']:,} batches, {s['seconds']:.1f} s" if s["ok"] else f"FAILED: {s['error']}")
+        )
+    print(
+        f"{len(r['stretches'])} stretches, {r['jobs']} at a time (torch threads per job: {r['threads'] or 'default'}): "
+        f"{r['seconds']:.1f} s"
+    )
     if not r["ok"]:
         bad = ", ".join(str(s["stretch"]) for s in r["stretches"] if not s["ok"])
         print(f"error: the audit failed in stretch {bad}", file=sys.stderr)
@@ -157,24 +182,45 @@ def _audit(args: argparse.Namespace) -> int:
 
 # --- compress / decompress -----------------------------------------------------------------------
 
+
 def _lmic_parser(command: str) -> argparse.ArgumentParser:
     parser = Parser(prog=f"{PROG} {command}", description=COMMANDS[command].summary.capitalize() + ".")
-    parser.add_argument("--ckpt", required=True, metavar="RUN_OR_CKPT",
-                        help="a run directory (its checkpoints/last.ckpt) or a .ckpt file")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="RUN_OR_CKPT",
+        help="a run directory (its checkpoints/last.ckpt) or a .ckpt file",
+    )
     parser.add_argument("input", help="the file to compress" if command == "compress" else "a file made by compress")
     parser.add_argument("output", help="where to write the result (a new file, unless --force)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace OUTPUT if it exists (never the input, the checkpoint or its run's files)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch threads (compress: default 1; decompress: default and must be the compressor's)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it exists (never the input, the checkpoint or its run's files)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads (compress: default 1; decompress: default and must be the compressor's)",
+    )
     if command == "compress":
-        parser.add_argument("--chunk-size", type=int, metavar="N", help="tokens per chunk, each coded from a fresh "
-                            "context (default: the model's block_size)")
+        parser.add_argument(
+            "--chunk-size",
+            type=int,
+            metavar="N",
+            help="tokens per chunk, each coded from a fresh context (default: the model's block_size)",
+        )
         parser.add_argument("--batch-chunks", type=int, metavar="B", help="chunks coded at once (default 256)")
-        parser.add_argument("--top-k", type=int, default=0, metavar="K",
-                            help="code among the top k + an escape (0 = off)")
-        parser.add_argument("--kernels", choices=("native", "portable"), default="native",
-                            help="portable: decompresses on any x86-64 CPU with AVX2 (slower); see README")
+        parser.add_argument(
+            "--top-k", type=int, default=0, metavar="K", help="code among the top k + an escape (0 = off)"
+        )
+        parser.add_argument(
+            "--kernels",
+            choices=("native", "portable"),
+            default="native",
+            help="portable: decompresses on any x86-64 CPU with AVX2 (slower); see README",
+        )
     else:
         parser.add_argument("--allow-env-mismatch", action="store_true", help="decode even if versions/threads differ")
     return parser
@@ -192,9 +238,17 @@ def _compress(args: argparse.Namespace, overrides: list[str]) -> int:
     from prequel.compress.rates import format_report
 
     try:
-        r = lmic.compress(args.ckpt, args.input, args.output, chunk_size=args.chunk_size,
-                          batch_chunks=args.batch_chunks, top_k=args.top_k, threads=args.threads,
-                          kernels=args.kernels, overwrite=args.force)
+        r = lmic.compress(
+            args.ckpt,
+            args.input,
+            args.output,
+            chunk_size=args.chunk_size,
+            batch_chunks=args.batch_chunks,
+            top_k=args.top_k,
+            threads=args.threads,
+            kernels=args.kernels,
+            overwrite=args.force,
+        )
     except OSError as e:
         return _os_error(e)
     print(format_report(r))
@@ -205,23 +259,35 @@ def _decompress(args: argparse.Namespace, overrides: list[str]) -> int:
     from prequel.compress import codec as lmic
 
     try:
-        r = lmic.decompress(args.ckpt, args.input, args.output, threads=args.threads,
-                            allow_env_mismatch=args.allow_env_mismatch, overwrite=args.force)
+        r = lmic.decompress(
+            args.ckpt,
+            args.input,
+            args.output,
+            threads=args.threads,
+            allow_env_mismatch=args.allow_env_mismatch,
+            overwrite=args.force,
+        )
     except OSError as e:
         return _os_error(e)
     for diff in r["environment_differences"]:
         print(f"warning: environment differs ({diff}); decoded anyway and the sha256 matched")
-    print(f"decompressed {r['original_bytes']:,} bytes at {r['decompress_MBps']:.3f} MB/s; "
-          f"sha256 {r['sha256']} matches the original; written to {r['output']}")
+    print(
+        f"decompressed {r['original_bytes']:,} bytes at {r['decompress_MBps']:.3f} MB/s; "
+        f"sha256 {r['sha256']} matches the original; written to {r['output']}"
+    )
     return 0
 
 
 # --- compare -------------------------------------------------------------------------------------
 
+
 def _compare_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=f"{PROG} compare", description="Train a size sweep (or read finished runs) and compare "
-                     "their code lengths.\nOther options: sweep keys (below), or run settings for every size "
-                     f"(--trainer.num_threads 2:\nthe config keys of {PROG} --help).")
+    parser = Parser(
+        prog=f"{PROG} compare",
+        description="Train a size sweep (or read finished runs) and compare "
+        "their code lengths.\nOther options: sweep keys (below), or run settings for every size "
+        f"(--trainer.num_threads 2:\nthe config keys of {PROG} --help).",
+    )
     parser.add_argument("--config", metavar="YAML", help="sweep YAML (configs/compare.yaml)")
     parser.add_argument("--from-runs", nargs="+", metavar="RUN_DIR", help="compare these finished runs; train nothing")
 
@@ -257,8 +323,12 @@ COMMANDS = {
     "verify": Command("decode a training stream by replaying training; check every bit", _verify_parser, _verify),
     "compress": Command("compress any file with a frozen trained model", lambda: _lmic_parser("compress"), _compress),
     "decompress": Command("decompress a file made by compress", lambda: _lmic_parser("decompress"), _decompress),
-    "compare": Command("train models of several sizes on the same data and compare their code lengths",
-                       _compare_parser, _compare, overrides=True),
+    "compare": Command(
+        "train models of several sizes on the same data and compare their code lengths",
+        _compare_parser,
+        _compare,
+        overrides=True,
+    ),
 }
 
 
@@ -279,8 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = command.parser()
     if not named and argv and not argv[0].startswith("-"):  # a word where a command or an option goes
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-        parser.error(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else
-                     f"; commands: {', '.join(COMMANDS)}; a config file goes after --config"))
+        parser.error(
+            f"unknown command {argv[0]!r}"
+            + (
+                f" (did you mean {close[0]}?)"
+                if close
+                else f"; commands: {', '.join(COMMANDS)}; a config file goes after --config"
+            )
+        )
     if command.overrides:
         args, overrides = parser.parse_known_args(rest)
     else:
@@ -295,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except OSError as e:  # disk full, unwritable run directory: files are whole or absent (atomic writes)
         where = f": {e.filename}" if e.filename else ""
-        then = ("no decoded output was written" if name == "verify" else
-                "fix it and re-run the same command to resume from the last checkpoint")
+        then = (
+            "no decoded output was written"
+            if name == "verify"
+            else "fix it and re-run the same command to resume from the last checkpoint"
+        )
         print(f"error: {e.strerror or e}{where} ({then})", file=sys.stderr)
         return 4
-

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 
-
 class Parser(argparse.ArgumentParser):
     """An argparse parser that also accepts each flag's underscore spelling (--chunk_size for
     --chunk-size: older docs and scripts use it), and builds a callable epilog only when help
@@ -40,7 +39,6 @@ class Parser(argparse.ArgumentParser):
         if callable(self.epilog):
             self.epilog = self.epilog()
         return super().format_help()
-
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -123,5 +121,3 @@ def keys_help(cls: type, title: str) -> str:
         help_text = f"{meaning} (default: {default})" if meaning else f"default: {default}"
         groups[section].add_argument(f"--{key}", metavar=kind, help=help_text.replace("%", "%%"))
     return f"{title}\n\n{keys.format_help()}"
-
-

@@ -6,7 +6,6 @@ same steps run on both sides, so the logits agree bit for bit. `BudgetedDecoder`
 token count from decoding past what the payload can hold.
 """
 
-
 import functools
 import math
 
@@ -55,8 +54,15 @@ def code_chunks(gpt: GPT, targets: torch.Tensor, coder: Encoder | Decoder, top_k
     code_batch(incremental_logits(gpt, targets, gpt.config.bos_id), targets, coder, code_rows)
 
 
-def code_spans(gpt: GPT, n_tokens: int, coder: Encoder | Decoder, chunk_size: int, batch_chunks: int, top_k: int,
-               tokens: torch.Tensor | None = None):
+def code_spans(
+    gpt: GPT,
+    n_tokens: int,
+    coder: Encoder | Decoder,
+    chunk_size: int,
+    batch_chunks: int,
+    top_k: int,
+    tokens: torch.Tensor | None = None,
+):
     """Code `n_tokens` tokens, `batch_chunks` chunks at a time, and yield each batch's tokens: the
     given `tokens` when encoding, what came back when decoding. A decoder holds one batch at a
     time, so a header that lies about the count costs at most one batch before the payload runs out."""
@@ -75,9 +81,11 @@ def code_spans(gpt: GPT, n_tokens: int, coder: Encoder | Decoder, chunk_size: in
         except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
             if isinstance(e, RuntimeError) and "alloc" not in str(e):
                 raise
-            raise CompressError(f"{where}: out of memory coding {rows:,} chunks of {chunk_size} tokens at once; this "
-                                f"machine has less memory than {MEMORY_ENV} allows (lower it, or use a bigger "
-                                "machine)") from None
+            raise CompressError(
+                f"{where}: out of memory coding {rows:,} chunks of {chunk_size} tokens at once; this "
+                f"machine has less memory than {MEMORY_ENV} allows (lower it, or use a bigger "
+                "machine)"
+            ) from None
         yield targets.flatten()[:n]
 
 
@@ -123,8 +131,8 @@ class BudgetedDecoder(Decoder):
 
     def _ran_out(self) -> str:
         words = (self.capacity_bits - 32) // 32
-        return (f"the payload ran out: its {words:,} words ({32 * words:,} bits) cannot hold the tokens decoded "
-                f"so far (at least {self.bits:,.0f} bits under the model): the header claims more tokens than the "
-                "file holds, or the payload is corrupted")
-
-
+        return (
+            f"the payload ran out: its {words:,} words ({32 * words:,} bits) cannot hold the tokens decoded "
+            f"so far (at least {self.bits:,.0f} bits under the model): the header claims more tokens than the "
+            "file holds, or the payload is corrupted"
+        )

@@ -53,9 +53,9 @@ DEFAULT_THREADS = 1
 _STREAM_READ_COPIES = 4  # decompress holds its input file about this many times over (bytes, parse, words)
 
 
-
 def _keeps_threads(command):
     """The commands set torch's thread count (part of what fixes the bits); callers get theirs back."""
+
     @functools.wraps(command)
     def run(*args, **kwargs):
         before = torch.get_num_threads()
@@ -63,13 +63,23 @@ def _keeps_threads(command):
             return command(*args, **kwargs)
         finally:
             torch.set_num_threads(before)
+
     return run
 
 
 @_keeps_threads
-def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int | None = None,
-             batch_chunks: int | None = None, top_k: int = 0, threads: int | None = None,
-             kernels: str = "native", overwrite: bool = True) -> dict:
+def compress(
+    ckpt: Path,
+    input_path: Path,
+    output_path: Path,
+    *,
+    chunk_size: int | None = None,
+    batch_chunks: int | None = None,
+    top_k: int = 0,
+    threads: int | None = None,
+    kernels: str = "native",
+    overwrite: bool = True,
+) -> dict:
     """`overwrite=False` (the CLI without --force) refuses an existing output; the input and the
     files the model is read from are never written, whatever `overwrite` says."""
     input_path, output_path = Path(input_path), Path(output_path)
@@ -89,8 +99,12 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
     rows = min(batch_chunks, -(-len(data) // chunk_size))  # tokens <= bytes: the first batch is at most this
     need, limit = coding_batch_bytes(frozen.gpt.config, rows) + len(data) * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
     if need > limit:
-        raise ConfigError(over_limit_text(f"--batch-chunks {batch_chunks:,} (chunks coded at once) and the "
-                                       f"{len(data):,}-byte input", need, limit) + ", or lower --batch-chunks")
+        raise ConfigError(
+            over_limit_text(
+                f"--batch-chunks {batch_chunks:,} (chunks coded at once) and the {len(data):,}-byte input", need, limit
+            )
+            + ", or lower --batch-chunks"
+        )
     torch.set_num_threads(threads or DEFAULT_THREADS)  # recorded in the header; decompress uses it
     started = time.perf_counter()
     tokens = frozen.tokenizer.encode(data)
@@ -99,25 +113,48 @@ def compress(ckpt: Path, input_path: Path, output_path: Path, *, chunk_size: int
     words = encoder.words()
     seconds = time.perf_counter() - started
     header = CompressHeader(
-        format=FORMAT, original_bytes=len(data), tokens=len(tokens), chunk_size=chunk_size,
-        batch_chunks=batch_chunks, top_k=top_k, model_checkpoint=frozen.path.name, model_sha256=frozen.model_sha256,
-        tokenizer_name=frozen.tokenizer.name, tokenizer_sha256=frozen.tokenizer_sha256,
-        environment=environment_facts(kernels, "cpu"), dtype="float32",
+        format=FORMAT,
+        original_bytes=len(data),
+        tokens=len(tokens),
+        chunk_size=chunk_size,
+        batch_chunks=batch_chunks,
+        top_k=top_k,
+        model_checkpoint=frozen.path.name,
+        model_sha256=frozen.model_sha256,
+        tokenizer_name=frozen.tokenizer.name,
+        tokenizer_sha256=frozen.tokenizer_sha256,
+        environment=environment_facts(kernels, "cpu"),
+        dtype="float32",
     ).to_dict()
     segments = [Segment(batches, words)] if len(tokens) else []
     stream = Stream(header, segments, {"data_sha256": hashlib.sha256(data).hexdigest()})
     packed = encode_stream(stream)
     _write_output(output_path, packed, _files_read(ckpt, input_path), overwrite)
     report = rate_report(data, len(packed), stream.payload_bits // 8, frozen)
-    report.update(input=str(input_path), output=str(output_path), checkpoint=str(frozen.path), tokens=len(tokens),
-                  chunks=-(-len(tokens) // chunk_size), chunk_size=chunk_size, top_k=top_k,
-                  compress_seconds=seconds, compress_MBps=len(data) / 1e6 / max(seconds, 1e-9))
+    report.update(
+        input=str(input_path),
+        output=str(output_path),
+        checkpoint=str(frozen.path),
+        tokens=len(tokens),
+        chunks=-(-len(tokens) // chunk_size),
+        chunk_size=chunk_size,
+        top_k=top_k,
+        compress_seconds=seconds,
+        compress_MBps=len(data) / 1e6 / max(seconds, 1e-9),
+    )
     return report
 
 
 @_keeps_threads
-def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int | None = None,
-               allow_env_mismatch: bool = False, overwrite: bool = True) -> dict:
+def decompress(
+    ckpt: Path,
+    input_path: Path,
+    output_path: Path,
+    *,
+    threads: int | None = None,
+    allow_env_mismatch: bool = False,
+    overwrite: bool = True,
+) -> dict:
     """Checks every size in the file against the others, the payload and the memory limit before
     decoding, and decodes batch by batch, so a forged file costs at most one batch of work."""
     input_path, output_path = Path(input_path), Path(output_path)
@@ -126,9 +163,15 @@ def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int 
     _check_threads(threads)
     _refuse_to_overwrite(output_path, _files_read(ckpt, input_path), overwrite)
     limit = max_memory_bytes() // _STREAM_READ_COPIES
-    regular_file_size(input_path, "input", limit, f"decompress holds its input about {_STREAM_READ_COPIES} times "
-                      f"over, and the memory limit is {format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} "
-                      "if this machine has the memory", error=DataError)
+    regular_file_size(
+        input_path,
+        "input",
+        limit,
+        f"decompress holds its input about {_STREAM_READ_COPIES} times "
+        f"over, and the memory limit is {format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} "
+        "if this machine has the memory",
+        error=DataError,
+    )
     try:
         stream = read_stream(input_path)
         header = CompressHeader.from_dict(stream.header)
@@ -145,10 +188,13 @@ def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int 
         raise CompressError(
             f"wrong checkpoint: {input_path} was compressed with {header.model_checkpoint} (model sha256 "
             f"{header.model_sha256[:16]}…), but {frozen.path} holds model {frozen.model_sha256[:16]}…; "
-            "pass the checkpoint it was compressed with")
+            "pass the checkpoint it was compressed with"
+        )
     if header.tokenizer_sha256 != frozen.tokenizer_sha256:
-        raise CompressError(f"wrong tokenizer: {input_path} was coded with another {header.tokenizer_name} tokenizer "
-                            f"than the one rebuilt for {frozen.path}")
+        raise CompressError(
+            f"wrong tokenizer: {input_path} was coded with another {header.tokenizer_name} tokenizer "
+            f"than the one rebuilt for {frozen.path}"
+        )
     kernels = header.environment.get("kernels", "native")
     try:
         ensure_kernels(kernels)  # (a CLI re-executes itself here with the pins the file was written with)
@@ -162,24 +208,36 @@ def decompress(ckpt: Path, input_path: Path, output_path: Path, *, threads: int 
     if header.tokens:
         decoder = BudgetedDecoder(stream.segments[0].words)
         try:
-            for tokens in code_spans(frozen.gpt, header.tokens, decoder, header.chunk_size, header.batch_chunks,
-                                     header.top_k):
+            for tokens in code_spans(
+                frozen.gpt, header.tokens, decoder, header.chunk_size, header.batch_chunks, header.top_k
+            ):
                 data += frozen.tokenizer.decode(tokens)
                 if len(data) > header.original_bytes:
-                    raise CompressError(f"{input_path}: decoded more bytes than the header's original_bytes = "
-                                        f"{header.original_bytes:,}: corrupted (no output written)")
+                    raise CompressError(
+                        f"{input_path}: decoded more bytes than the header's original_bytes = "
+                        f"{header.original_bytes:,}: corrupted (no output written)"
+                    )
         except StreamError as e:  # the coder found words that do not decode, or too few of them
             raise CompressError(f"{input_path}: {e} (no output written)") from None
         if not decoder.exhausted():
             raise CompressError(f"{input_path}: payload has words left over after {header.tokens:,} tokens: corrupted")
     seconds = time.perf_counter() - started
     if len(data) != header.original_bytes or hashlib.sha256(data).hexdigest() != expected_sha:
-        raise CompressError(f"{input_path}: decoded bytes do not match the original's sha256 (corrupted file, or "
-                            "an environment whose arithmetic differs; no output written)")
+        raise CompressError(
+            f"{input_path}: decoded bytes do not match the original's sha256 (corrupted file, or "
+            "an environment whose arithmetic differs; no output written)"
+        )
     _write_output(output_path, data, _files_read(ckpt, input_path), overwrite)
-    return {"input": str(input_path), "output": str(output_path), "checkpoint": str(frozen.path),
-            "original_bytes": header.original_bytes, "sha256": expected_sha, "environment_differences": diffs,
-            "decompress_seconds": seconds, "decompress_MBps": header.original_bytes / 1e6 / max(seconds, 1e-9)}
+    return {
+        "input": str(input_path),
+        "output": str(output_path),
+        "checkpoint": str(frozen.path),
+        "original_bytes": header.original_bytes,
+        "sha256": expected_sha,
+        "environment_differences": diffs,
+        "decompress_seconds": seconds,
+        "decompress_MBps": header.original_bytes / 1e6 / max(seconds, 1e-9),
+    }
 
 
 def _corrupted(input_path: Path, what: str) -> CompressError:
@@ -190,12 +248,16 @@ def _check_sizes(header: CompressHeader, stream: Stream, input_path: Path) -> No
     """The header's sizes against each other, the payload and the memory limit (no model needed)."""
     tokens, original = header.tokens, header.original_bytes
     if tokens > original or (tokens == 0) != (original == 0):
-        raise _corrupted(input_path, f"tokens = {tokens:,} for original_bytes = {original:,} (every token stands "
-                                     "for at least one byte)")
+        raise _corrupted(
+            input_path,
+            f"tokens = {tokens:,} for original_bytes = {original:,} (every token stands for at least one byte)",
+        )
     need, limit = original * TAPE_BYTES_PER_TOKEN, max_memory_bytes()
     if need > limit:
-        raise CompressError(f"{input_path}: the file's header asks for more memory than allowed: "
-                            + over_limit_text(f"original_bytes = {original:,}", need, limit))
+        raise CompressError(
+            f"{input_path}: the file's header asks for more memory than allowed: "
+            + over_limit_text(f"original_bytes = {original:,}", need, limit)
+        )
     if not tokens:
         if stream.segments:
             raise _corrupted(input_path, "tokens = 0 (an empty original), but the file carries a payload")
@@ -205,35 +267,48 @@ def _check_sizes(header: CompressHeader, stream: Stream, input_path: Path) -> No
     per_batch = header.chunk_size * header.batch_chunks
     batches = -(-tokens // per_batch)
     if stream.segments[0].batches != batches:
-        raise _corrupted(input_path, f"tokens = {tokens:,} in batches of {per_batch:,} make {batches:,} batches, "
-                                     f"but the payload codes {stream.segments[0].batches:,}")
+        raise _corrupted(
+            input_path,
+            f"tokens = {tokens:,} in batches of {per_batch:,} make {batches:,} batches, "
+            f"but the payload codes {stream.segments[0].batches:,}",
+        )
 
 
 def _check_sizes_for_model(header: CompressHeader, stream: Stream, frozen: FrozenModel, input_path: Path) -> None:
     """The sizes the model fixes: chunk size, bytes per token, tokens the payload can hold, batch memory."""
     config, tokens = frozen.gpt.config, header.tokens
     if header.chunk_size > config.block_size:
-        raise _corrupted(input_path, f"chunk_size = {header.chunk_size:,}, more than the model's block_size "
-                                     f"{config.block_size}")
+        raise _corrupted(
+            input_path, f"chunk_size = {header.chunk_size:,}, more than the model's block_size {config.block_size}"
+        )
     per_id = frozen.tokenizer.nbytes_per_id()
     longest = 1 if per_id is None else int(per_id.max())
     if header.original_bytes > tokens * longest:
-        raise _corrupted(input_path, f"original_bytes = {header.original_bytes:,} from tokens = {tokens:,} (a "
-                                     f"{frozen.tokenizer.name} token stands for at most {longest} byte(s))")
+        raise _corrupted(
+            input_path,
+            f"original_bytes = {header.original_bytes:,} from tokens = {tokens:,} (a "
+            f"{frozen.tokenizer.name} token stands for at most {longest} byte(s))",
+        )
     if not tokens:
         return
     words = len(stream.segments[0].words)
     alphabet = min(header.top_k, config.vocab_size - 1) + 1 if header.top_k else config.vocab_size
     most = int(payload_capacity_bits(words) / min_symbol_bits(alphabet))
     if tokens > most:
-        raise _corrupted(input_path, f"tokens = {tokens:,}, but its payload of {words:,} words can hold at most "
-                                     f"{most:,} (a token costs at least {min_symbol_bits(alphabet):.2g} bits)")
+        raise _corrupted(
+            input_path,
+            f"tokens = {tokens:,}, but its payload of {words:,} words can hold at most "
+            f"{most:,} (a token costs at least {min_symbol_bits(alphabet):.2g} bits)",
+        )
     rows = min(header.batch_chunks, -(-tokens // header.chunk_size))
     need = coding_batch_bytes(config, rows) + header.original_bytes * TAPE_BYTES_PER_TOKEN
     if need > max_memory_bytes():
-        raise CompressError(f"{input_path}: the file's header asks for more memory than allowed: " + over_limit_text(
-            f"batch_chunks = {header.batch_chunks:,} (chunks decoded at once)", need, max_memory_bytes()))
-
+        raise CompressError(
+            f"{input_path}: the file's header asks for more memory than allowed: "
+            + over_limit_text(
+                f"batch_chunks = {header.batch_chunks:,} (chunks decoded at once)", need, max_memory_bytes()
+            )
+        )
 
 
 # --- files: what is read, what is written ---------------------------------------------------------
@@ -258,8 +333,9 @@ def _refuse_to_overwrite(output_path: Path, reads: list[tuple[str, Path]], overw
     try:
         info = os.stat(output_path)
     except NotADirectoryError:
-        raise ConfigError(f"output {output_path}: a part of its path is a file, not a folder; give another output "
-                          "path") from None
+        raise ConfigError(
+            f"output {output_path}: a part of its path is a file, not a folder; give another output path"
+        ) from None
     except OSError:  # absent (or unreachable: writing it will say why, naming it)
         return
     for what, path in reads:
@@ -269,8 +345,10 @@ def _refuse_to_overwrite(output_path: Path, reads: list[tuple[str, Path]], overw
             continue
         if same:
             named = "" if Path(path) == Path(output_path) else f", {path}"
-            raise ConfigError(f"output {output_path} is {what}{named}: refusing to write onto it, even with "
-                              "--force; give another output path")
+            raise ConfigError(
+                f"output {output_path} is {what}{named}: refusing to write onto it, even with "
+                "--force; give another output path"
+            )
     if not stat.S_ISREG(info.st_mode):
         regular_file_size(output_path, "output", 0, "", error=ConfigError)  # names what it is
     if not overwrite:
@@ -283,16 +361,25 @@ def _write_output(output_path: Path, data: bytes | bytearray, reads: list[tuple[
     try:
         write_atomic(output_path, data)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write the output {output_path}: {e.strerror or e} (nothing was written; "
-                               "fix that or give another output path, and run the command again)") from None
+        raise OSError(
+            e.errno,
+            f"cannot write the output {output_path}: {e.strerror or e} (nothing was written; "
+            "fix that or give another output path, and run the command again)",
+        ) from None
 
 
 def _read_input(path: Path) -> bytes:
     """A regular file's bytes, checked before reading: a device never ends, a FIFO blocks."""
     limit = max_memory_bytes() // TAPE_BYTES_PER_TOKEN
-    regular_file_size(path, "input", limit, f"compress holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of input, "
-                      f"and the memory limit is {format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if "
-                      "this machine has the memory", error=DataError)
+    regular_file_size(
+        path,
+        "input",
+        limit,
+        f"compress holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of input, "
+        f"and the memory limit is {format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if "
+        "this machine has the memory",
+        error=DataError,
+    )
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if it became a FIFO since
         with os.fdopen(fd, "rb") as f:
@@ -304,5 +391,3 @@ def _read_input(path: Path) -> bytes:
     if len(data) > limit:
         raise DataError(f"input: {path} grew to more than the {format_bytes(limit)} allowed while being read")
     return data
-
-

@@ -5,7 +5,6 @@ its weights (`torch.load(..., weights_only=True)`) and its tokenizer (the run's 
 `FrozenModel.model_sha256` is what fixes the probabilities: the architecture and the parameters' bits.
 """
 
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -24,10 +23,9 @@ from prequel.verify.verifier import STREAM_NAME
 from prequel.training.data import DataError
 from prequel.training.stream import StreamError, read_stream
 
+
 class CompressError(StreamError):
     """A checkpoint or compressed file that cannot be used as is; the message says why."""
-
-
 
 
 @dataclass
@@ -72,8 +70,10 @@ def load_frozen(path: Path) -> FrozenModel:
     state = {k.removeprefix("model."): v for k, v in stored.items() if isinstance(v, torch.Tensor)}
     run_config = _run_config(ckpt, ckpt_path)
     if run_config is not None and run_config.mixture.members:
-        raise CompressError(f"{ckpt_path} holds a mixture of {run_config.mixture.members}: compress codes with one "
-                            "model; train one size, or verify the mixture's own stream")
+        raise CompressError(
+            f"{ckpt_path} holds a mixture of {run_config.mixture.members}: compress codes with one "
+            "model; train one size, or verify the mixture's own stream"
+        )
     gpt = GPT(_gpt_config(ckpt, run_config, ckpt_path))
     try:
         gpt.load_state_dict(state)
@@ -81,8 +81,13 @@ def load_frozen(path: Path) -> FrozenModel:
         raise CompressError(f"{ckpt_path}: weights do not fit the model its config describes: {e}") from None
     gpt.eval()
     unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
-    return FrozenModel(gpt, _tokenizer(ckpt_path, run_config, gpt.config.vocab_size), ckpt_path,
-                       parameters_sha256(gpt), sum(unique.values()))
+    return FrozenModel(
+        gpt,
+        _tokenizer(ckpt_path, run_config, gpt.config.vocab_size),
+        ckpt_path,
+        parameters_sha256(gpt),
+        sum(unique.values()),
+    )
 
 
 def run_dir_of(ckpt_path: Path) -> Path | None:
@@ -112,8 +117,10 @@ def _gpt_config(ckpt: dict, run_config: Config | None, ckpt_path: Path) -> GPTCo
             return replace(run_config.model, vocab_size=int(hparams["vocab_size"]))
     except TypeError as e:
         raise CompressError(f"{ckpt_path}: model settings not understood: {e}") from None
-    raise CompressError(f"{ckpt_path} does not say which model it holds (no hyper_parameters and no "
-                        "config.yaml in its run directory): give a prequel checkpoint or run directory")
+    raise CompressError(
+        f"{ckpt_path} does not say which model it holds (no hyper_parameters and no "
+        "config.yaml in its run directory): give a prequel checkpoint or run directory"
+    )
 
 
 def _tokenizer(ckpt_path: Path, run_config: Config | None, vocab_size: int):
@@ -131,11 +138,13 @@ def _tokenizer(ckpt_path: Path, run_config: Config | None, vocab_size: int):
             data = None if d.tokenizer_file else read_corpus(d.path)
             tokenizer = build_tokenizer(d.tokenizer, data=data, vocab_size=d.vocab_size, pretrained=d.tokenizer_file)
         else:
-            raise CompressError(f"{ckpt_path}: a {vocab_size}-token model needs its BPE tokenizer; give its run directory")
+            raise CompressError(
+                f"{ckpt_path}: a {vocab_size}-token model needs its BPE tokenizer; give its run directory"
+            )
     except (DataError, StreamError, KeyError, ValueError) as e:
         raise CompressError(f"{ckpt_path}: cannot rebuild the model's tokenizer: {e}") from None
     if tokenizer.vocab_size != vocab_size:
-        raise CompressError(f"{ckpt_path}: the rebuilt tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}")
+        raise CompressError(
+            f"{ckpt_path}: the rebuilt tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}"
+        )
     return tokenizer
-
-

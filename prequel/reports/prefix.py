@@ -14,8 +14,19 @@ import numpy as np
 from prequel.reports.summary import pyplot
 
 FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)  # of the tokens each run coded
-PREFIX_COLUMNS = ("size", "params", "fraction", "tokens", "bytes", "sigma_bits", "f_bits", "n_bits", "total_bits",
-                  "bpb", "shortest")
+PREFIX_COLUMNS = (
+    "size",
+    "params",
+    "fraction",
+    "tokens",
+    "bytes",
+    "sigma_bits",
+    "f_bits",
+    "n_bits",
+    "total_bits",
+    "bpb",
+    "shortest",
+)
 
 
 def cumulative(curve: list[tuple[int, float, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -46,9 +57,21 @@ def prefix_rows(runs: list[dict], fractions=FRACTIONS) -> list[dict]:
             tokens, sigma = prefix(run["curve"], fraction * run["curve"][-1][0])
             nbytes = round(tokens * r["bytes"] / max(r["tokens"], 1))
             total = r["f_bits"] + tokens + sigma
-            group.append({"size": r["size"], "params": r["params"], "fraction": fraction, "tokens": tokens,
-                          "bytes": nbytes, "sigma_bits": sigma, "f_bits": r["f_bits"], "n_bits": tokens,
-                          "total_bits": total, "bpb": total / max(nbytes, 1), "shortest": False})
+            group.append(
+                {
+                    "size": r["size"],
+                    "params": r["params"],
+                    "fraction": fraction,
+                    "tokens": tokens,
+                    "bytes": nbytes,
+                    "sigma_bits": sigma,
+                    "f_bits": r["f_bits"],
+                    "n_bits": tokens,
+                    "total_bits": total,
+                    "bpb": total / max(nbytes, 1),
+                    "shortest": False,
+                }
+            )
         if group:
             min(group, key=lambda g: g["sigma_bits"])["shortest"] = True
         rows += group
@@ -64,8 +87,14 @@ def catch_up(small: dict, big: dict) -> dict:
     grid = np.union1d(s_seen[s_seen <= end], b_seen[b_seen <= end])
     diff = np.interp(grid, b_seen, b_bits) - np.interp(grid, s_seen, s_bits)  # > 0: big is behind
     behind = np.nonzero(diff[1:] > 0)[0] + 1  # grid[0] = 0, where both are 0
-    out = {"small": small["row"]["size"], "big": big["row"]["size"], "tokens": None, "behind_bits": float(diff[-1]),
-           "behind_from": int(grid[behind[0]]) if len(behind) else None, "ahead_first": bool(diff[1] < 0)}
+    out = {
+        "small": small["row"]["size"],
+        "big": big["row"]["size"],
+        "tokens": None,
+        "behind_bits": float(diff[-1]),
+        "behind_from": int(grid[behind[0]]) if len(behind) else None,
+        "ahead_first": bool(diff[1] < 0),
+    }
     if diff[-1] >= 0:
         return out
     if not len(behind):
@@ -89,8 +118,10 @@ def catch_up_text(c: dict, bytes_per_token: float) -> str:
     if c["tokens"] == 0:
         return f"{c['big']} is ahead of {c['small']} from the start"
     early = f" (ahead at first, behind from {c['behind_from']:,} tokens)" if c["ahead_first"] else ""
-    return (f"{c['big']} catches up with {c['small']} for good at {c['tokens']:,.0f} tokens "
-            f"(~{c['tokens'] * bytes_per_token:,.0f} bytes){early}; ahead by {-c['behind_bits']:,.0f} bits at the end")
+    return (
+        f"{c['big']} catches up with {c['small']} for good at {c['tokens']:,.0f} tokens "
+        f"(~{c['tokens'] * bytes_per_token:,.0f} bytes){early}; ahead by {-c['behind_bits']:,.0f} bits at the end"
+    )
 
 
 def prefix_markdown(rows: list[dict], points: list[dict], bytes_per_token: float) -> str:
@@ -98,14 +129,20 @@ def prefix_markdown(rows: list[dict], points: list[dict], bytes_per_token: float
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     at = {(r["size"], r["fraction"]): r for r in rows}
     head = "| size | params | " + " | ".join(f"{f:.0%} of the data" for f in fractions) + " |"
-    lines = ["Σ bits of each prefix (the area under the loss curve up to it; **bold**: shortest):", "", head,
-             "|---|---:|" + "---:|" * len(fractions)]
+    lines = [
+        "Σ bits of each prefix (the area under the loss curve up to it; **bold**: shortest):",
+        "",
+        head,
+        "|---|---:|" + "---:|" * len(fractions),
+    ]
     for size in sizes:
         first = next(r for r in rows if r["size"] == size)
         cells = []
         for f in fractions:
             r = at.get((size, f))
-            cells.append("" if r is None else (f"**{r['sigma_bits']:,.0f}**" if r["shortest"] else f"{r['sigma_bits']:,.0f}"))
+            cells.append(
+                "" if r is None else (f"**{r['sigma_bits']:,.0f}**" if r["shortest"] else f"{r['sigma_bits']:,.0f}")
+            )
         lines.append(f"| {size} | {first['params']:,} | " + " | ".join(cells) + " |")
     bytes_row = [next((r["bytes"] for r in rows if r["fraction"] == f), 0) for f in fractions]
     lines += ["| (bytes) | | " + " | ".join(f"{b:,}" for b in bytes_row) + " |", "", "Catch-up points:", ""]
@@ -129,12 +166,24 @@ def plot_cumulative(runs: list[dict], points: list[dict], path: Path) -> Path:
         style = "--" if run.get("mixture") else "-"
         top.plot(seen, bits, style, color=f"C{i}", label=label)
         keep = seen <= base_seen[-1]
-        bottom.plot(seen[keep], (bits[keep] - np.interp(seen[keep], base_seen, base_bits)) / seen[keep], style,
-                    color=f"C{i}", label=label)
+        bottom.plot(
+            seen[keep],
+            (bits[keep] - np.interp(seen[keep], base_seen, base_bits)) / seen[keep],
+            style,
+            color=f"C{i}",
+            label=label,
+        )
     for j, c in enumerate(p for p in points if p["tokens"]):
         bottom.axvline(c["tokens"], color="gray", linestyle=":", linewidth=1)
-        bottom.annotate(f"{c['big']} passes {c['small']}", (c["tokens"], 0), fontsize=7, rotation=90,
-                        xycoords=("data", "axes fraction"), textcoords="offset points", xytext=(2, 4 + 60 * (j % 2)))
+        bottom.annotate(
+            f"{c['big']} passes {c['small']}",
+            (c["tokens"], 0),
+            fontsize=7,
+            rotation=90,
+            xycoords=("data", "axes fraction"),
+            textcoords="offset points",
+            xytext=(2, 4 + 60 * (j % 2)),
+        )
     top.set_xscale("log")
     top.set_yscale("log")
     top.set_ylabel("cumulative code Σ of the prefix (bits)")

@@ -72,7 +72,9 @@ def format_table(summary: dict) -> str:
     row("uniform code S0", summary["code/uniform_bits"])
     for name in ("gzip", "bzip2", "xz"):
         bpb = summary[f"baseline/{name}_bpb"]
-        rows.append((f"{name} {'-9e' if name == 'xz' else '-9'} of the same bytes", f"{bpb * nbytes:,.0f}", f"{bpb:.4f}"))
+        rows.append(
+            (f"{name} {'-9e' if name == 'xz' else '-9'} of the same bytes", f"{bpb * nbytes:,.0f}", f"{bpb:.4f}")
+        )
     rows.append(("last epoch cross-entropy (not a code)", "", f"{summary['train/last_epoch_bpb']:.4f}"))
     lines = text_table(rows)
     coverage = f"{summary['data/bytes']:,} bytes, {summary['data/tokens']:,} tokens"
@@ -110,10 +112,23 @@ def plot_loss_curve(curve: list[tuple[int, float, int]], summary: dict, path: Pa
     seen = [0] + [c[0] for c in curve]
     per_token = [c[1] / max(c[2], 1) for c in curve]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.stairs(per_token, seen, fill=True, alpha=0.35, color="tab:blue",
-              label=f"area Σ = {summary['code/data_bits']:,.0f} bits ({summary['code/data_bpb']:.3f} bpb)")
+    ax.stairs(
+        per_token,
+        seen,
+        fill=True,
+        alpha=0.35,
+        color="tab:blue",
+        label=f"area Σ = {summary['code/data_bits']:,.0f} bits ({summary['code/data_bpb']:.3f} bpb)",
+    )
     ax.stairs(per_token, seen, color="tab:blue", linewidth=1)
-    ax.axhline(summary["code/uniform_bpb"] * summary["data/bytes"] / max(summary["data/tokens"], 1),
-               color="gray", linestyle="--", linewidth=1, label="uniform code")
-    title = f"Prequential code length: {summary['code/total_bits']:,.0f} bits = {summary['code/bpb']:.3f} bpb (|f| + n + Σ)"
+    ax.axhline(
+        summary["code/uniform_bpb"] * summary["data/bytes"] / max(summary["data/tokens"], 1),
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="uniform code",
+    )
+    title = (
+        f"Prequential code length: {summary['code/total_bits']:,.0f} bits = {summary['code/bpb']:.3f} bpb (|f| + n + Σ)"
+    )
     return save_loss_axes(fig, ax, title, path)

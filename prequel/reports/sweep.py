@@ -24,13 +24,22 @@ from pathlib import Path
 
 import lightning as L
 
-from prequel.checks.settings import ConfigError, build_dataclass, config_from_dict, merge_values, mixture_members, parse_overrides, read_yaml_mapping
+from prequel.checks.settings import (
+    ConfigError,
+    build_dataclass,
+    config_from_dict,
+    merge_values,
+    mixture_members,
+    parse_overrides,
+    read_yaml_mapping,
+)
 from prequel.checks.memory import parameter_count
 from prequel.alice.corpus import read_corpus
 from prequel.resources import CONFIGS, config_path
 from prequel.alice.session import train
 
 from prequel.reports.comparison import RUN_INFO, log_to_wandb, write_comparison
+
 
 @dataclass
 class Budget:
@@ -57,8 +66,12 @@ def parse_sweep(values: dict, where: str) -> Sweep:
     values = dict(values)
     sizes = values.pop("sizes", Sweep.sizes)
     sizes = [s.strip() for s in sizes.split(",")] if isinstance(sizes, str) else sizes
-    if not isinstance(sizes, (list, tuple)) or not sizes or not all(isinstance(s, str) and s for s in sizes) \
-            or len(set(sizes)) != len(sizes):
+    if (
+        not isinstance(sizes, (list, tuple))
+        or not sizes
+        or not all(isinstance(s, str) and s for s in sizes)
+        or len(set(sizes)) != len(sizes)
+    ):
         raise ConfigError(f"{where}: sizes: expected distinct preset names (e.g. [nano, small]), got {sizes!r}")
     try:
         sweep = build_dataclass(Sweep, values)
@@ -82,8 +95,15 @@ def _run_config(sweep: Sweep, name: str, layers: list[dict], sweep_dir: Path, da
     values = read_yaml_mapping(config_path(sweep.base), "base config")
     for layer in layers:
         values = merge_values(values, layer)
-    values = merge_values(values, {"name": name, "run_dir": str(sweep_dir / name), "data": {"path": data_path},
-                                   "logging": {"wandb_group": sweep.group or sweep_dir.name}})
+    values = merge_values(
+        values,
+        {
+            "name": name,
+            "run_dir": str(sweep_dir / name),
+            "data": {"path": data_path},
+            "logging": {"wandb_group": sweep.group or sweep_dir.name},
+        },
+    )
     try:
         return config_from_dict(values)
     except ConfigError as e:
@@ -93,9 +113,14 @@ def _run_config(sweep: Sweep, name: str, layers: list[dict], sweep_dir: Path, da
 def mixture_config(sweep: Sweep, configs: list, overrides: dict, sweep_dir: Path, data_path: str | None):
     """The base config with every size as a member (its layers, heads, width and learning rate)."""
     members = ", ".join(f"{c.model.n_layer}x{c.model.n_head}x{c.model.n_embd}@{c.optim.lr!r}" for c in configs)
-    return _run_config(sweep, f"mixture-{sweep.mixture}", [overrides, {
-        "mixture": {"members": members, "weights": sweep.mixture}}], sweep_dir, data_path,
-        f"mixture of {', '.join(sweep.sizes)}")
+    return _run_config(
+        sweep,
+        f"mixture-{sweep.mixture}",
+        [overrides, {"mixture": {"members": members, "weights": sweep.mixture}}],
+        sweep_dir,
+        data_path,
+        f"mixture of {', '.join(sweep.sizes)}",
+    )
 
 
 def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_path: str | None):
@@ -106,8 +131,14 @@ def size_config(sweep: Sweep, size: str, overrides: dict, sweep_dir: Path, data_
             raise ConfigError(f"{preset_path(size)}: {key} is set by the sweep, remove it from the preset")
     if "path" in (preset.get("data") or {}):
         raise ConfigError(f"{preset_path(size)}: data.path would give this size other data; set it in the base config")
-    return _run_config(sweep, Path(size).stem, [preset, overrides], sweep_dir, data_path,
-                       f"size {size} ({preset_path(size)} on {sweep.base})")
+    return _run_config(
+        sweep,
+        Path(size).stem,
+        [preset, overrides],
+        sweep_dir,
+        data_path,
+        f"size {size} ({preset_path(size)} on {sweep.base})",
+    )
 
 
 class WallClock(L.Callback):
@@ -133,8 +164,10 @@ def budget_text(sweep: Sweep, nbytes: int, corpus: str) -> str:
     which = "all" if sweep.budget.bytes is None else "the first"
     text = f"same data: every size codes {which} {nbytes:,} bytes of {corpus} once, in the same order"
     if sweep.budget.seconds is not None:
-        text += (f"; wall clock: each run stops after {sweep.budget.seconds:g} s of training, so a run with "
-                 "complete = no covers only part of the data (compare bpb, not bits)")
+        text += (
+            f"; wall clock: each run stops after {sweep.budget.seconds:g} s of training, so a run with "
+            "complete = no covers only part of the data (compare bpb, not bits)"
+        )
     return text
 
 
@@ -171,25 +204,42 @@ def run_sweep(sweep: Sweep, overrides: dict) -> Path:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         data = data[: sweep.budget.bytes]
         Path(data_path).write_bytes(data)
-    params = [sum(parameter_count(m, c.data.vocab_size) for m, _ in mixture_members(c) or [(c.model, 0)])
-              for c in configs]  # for the ETA
+    params = [
+        sum(parameter_count(m, c.data.vocab_size) for m, _ in mixture_members(c) or [(c.model, 0)]) for c in configs
+    ]  # for the ETA
     budget = budget_text(sweep, len(data), corpus or "tinyshakespeare")
     print(f"compare: {len(configs)} sizes into {sweep_dir}; budget: {budget}", flush=True)
     started, done = time.perf_counter(), []
     for k, (config, n) in enumerate(zip(configs, params)):
         clock = WallClock(sweep.budget.seconds)
-        print(f"[compare {k + 1}/{len(configs)}] {config.name} ({n:,} params): elapsed "
-              f"{_clock(time.perf_counter() - started)}, ETA {_eta(done, params[k:], clock.seconds)}", flush=True)
+        print(
+            f"[compare {k + 1}/{len(configs)}] {config.name} ({n:,} params): elapsed "
+            f"{_clock(time.perf_counter() - started)}, ETA {_eta(done, params[k:], clock.seconds)}",
+            flush=True,
+        )
         summary = train(config, extra_callbacks=[clock])
         info_path = Path(config.run_dir) / RUN_INFO
         if clock.steps:  # trained now (not read from an earlier, finished run)
-            info_path.write_text(json.dumps({"size": config.name, "train_seconds": clock.elapsed, "steps": clock.steps,
-                                             "stopped_by_clock": clock.stopped, "budget": budget}, indent=2))
+            info_path.write_text(
+                json.dumps(
+                    {
+                        "size": config.name,
+                        "train_seconds": clock.elapsed,
+                        "steps": clock.steps,
+                        "stopped_by_clock": clock.stopped,
+                        "budget": budget,
+                    },
+                    indent=2,
+                )
+            )
         seconds = json.loads(info_path.read_text())["train_seconds"] if info_path.exists() else clock.elapsed
         done.append((summary["model/params"], seconds))
-        print(f"[compare {k + 1}/{len(configs)}] {config.name} done: {seconds:.1f} s of training, "
-              f"{summary['code/bpb']:.4f} bpb; elapsed {_clock(time.perf_counter() - started)}, "
-              f"ETA {_eta(done, params[k + 1:], clock.seconds)}", flush=True)
+        print(
+            f"[compare {k + 1}/{len(configs)}] {config.name} done: {seconds:.1f} s of training, "
+            f"{summary['code/bpb']:.4f} bpb; elapsed {_clock(time.perf_counter() - started)}, "
+            f"ETA {_eta(done, params[k + 1 :], clock.seconds)}",
+            flush=True,
+        )
     paths = write_comparison([Path(c.run_dir) for c in configs], sweep_dir)
     if configs[0].logging.wandb and configs[0].logging.wandb_mode != "disabled":
         log_to_wandb(configs[0].logging, sweep.group or sweep_dir.name, sweep_dir, paths)
@@ -206,8 +256,10 @@ def from_command_line(sweep_yaml: str | None, from_runs: list[str] | None, overr
         extra = sorted(set(tree) - {"sweep_dir"})
         if extra:
             raise ConfigError(f"--from-runs reads finished runs and takes only --sweep_dir, got --{extra[0]}")
-        write_comparison([Path(d) for d in from_runs],
-                         Path(tree.get("sweep_dir") or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"))
+        write_comparison(
+            [Path(d) for d in from_runs],
+            Path(tree.get("sweep_dir") or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"),
+        )
         return 0
     values = read_yaml_mapping(config_path(sweep_yaml), "sweep config") if sweep_yaml else {}
     where = sweep_yaml or "command line"

@@ -56,21 +56,35 @@ class Stretch:
 def stretches(run_dir: Path, stream: Stream) -> list[Stretch]:
     """One stretch from the start and one from each recorded checkpoint but the last (the run's end)."""
     if stream.header["config"]["trainer"]["devices"] > 1:
-        raise StreamError("the audit replays stretches in one process each; this run trained in "
-                          f"{stream.header['config']['trainer']['devices']}: verify it whole (without --jobs/--segment)")
+        raise StreamError(
+            "the audit replays stretches in one process each; this run trained in "
+            f"{stream.header['config']['trainer']['devices']}: verify it whole (without --jobs/--segment)"
+        )
     boundaries = stream.trailer.get("boundaries")
     if not boundaries:
-        raise StreamError("the stream records no checkpoint states: written by older code, or the run never "
-                          "checkpointed; verify it in one process (prequel verify without --jobs/--segment)")
+        raise StreamError(
+            "the stream records no checkpoint states: written by older code, or the run never "
+            "checkpointed; verify it in one process (prequel verify without --jobs/--segment)"
+        )
     inner = boundaries[:-1]
     starts = [None, *inner]
-    return [Stretch(i, None if start is None else run_dir / "checkpoints" / f"step={start['step']}.ckpt", start,
-                    inner[i] if i < len(inner) else None) for i, start in enumerate(starts)]
+    return [
+        Stretch(
+            i,
+            None if start is None else run_dir / "checkpoints" / f"step={start['step']}.ckpt",
+            start,
+            inner[i] if i < len(inner) else None,
+        )
+        for i, start in enumerate(starts)
+    ]
 
 
 def _missing(plan: list[Stretch]) -> list[str]:
-    return [f"stretch {s.index} starts from {s.checkpoint}, which is missing" for s in plan
-            if s.checkpoint is not None and not s.checkpoint.is_file()]
+    return [
+        f"stretch {s.index} starts from {s.checkpoint}, which is missing"
+        for s in plan
+        if s.checkpoint is not None and not s.checkpoint.is_file()
+    ]
 
 
 class AuditDecoder(FastStreamDecoder):
@@ -90,8 +104,10 @@ class AuditDecoder(FastStreamDecoder):
     def load_state_dict(self, state: dict) -> None:
         sealed = [batches for batches, _ in state["segments"]]
         if sealed != [segment.batches for segment in self.stream.segments[: len(sealed)]]:
-            raise StreamError(f"{self._name()}: {self.stretch.checkpoint} holds other stream segments than the "
-                              "stream: it is not a checkpoint of this run")
+            raise StreamError(
+                f"{self._name()}: {self.stretch.checkpoint} holds other stream segments than the "
+                "stream: it is not a checkpoint of this run"
+            )
         self._load_position(state)
         self._segment, self._segment_end = len(sealed) - 1, self.coded_batches  # the next batch opens the next
 
@@ -103,9 +119,14 @@ class AuditDecoder(FastStreamDecoder):
         if start is None:
             return
         at = (trainer.global_step, self.coded_batches)
-        if at != (start["step"], start["batches"]) or state_sha256(trainer, pl_module, self.tokens_hash) != start["state"]:
-            raise StreamError(f"{self._name()}: {self.stretch.checkpoint} is not in the state the stream records for "
-                              f"step {start['step']}: the checkpoint was altered, or is of another run")
+        if (
+            at != (start["step"], start["batches"])
+            or state_sha256(trainer, pl_module, self.tokens_hash) != start["state"]
+        ):
+            raise StreamError(
+                f"{self._name()}: {self.stretch.checkpoint} is not in the state the stream records for "
+                f"step {start['step']}: the checkpoint was altered, or is of another run"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
@@ -113,8 +134,10 @@ class AuditDecoder(FastStreamDecoder):
             return
         pos, valid = self.tape.positions(batch["spans"])
         if not torch.equal(self.tape.tokens[pos[valid]], self.data[pos[valid]]):
-            raise StreamError(f"{self._name()}: batch {self.coded_batches + 1} (stream segment {self._segment}) "
-                              "decodes to other tokens than the data's: that part of the stream was altered")
+            raise StreamError(
+                f"{self._name()}: batch {self.coded_batches + 1} (stream segment {self._segment}) "
+                "decodes to other tokens than the data's: that part of the stream was altered"
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -128,8 +151,10 @@ class AuditDecoder(FastStreamDecoder):
         if at not in self.recorded or trainer.global_step in self.checked:
             return
         if state_sha256(trainer, pl_module, self.tokens_hash) != self.recorded[at]:
-            raise StreamError(f"{self._name()}: after step {at[0]} the training state differs from the one the stream "
-                              "records for its checkpoint there")
+            raise StreamError(
+                f"{self._name()}: after step {at[0]} the training state differs from the one the stream "
+                "records for its checkpoint there"
+            )
         self.checked.append(trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -142,8 +167,9 @@ class AuditDecoder(FastStreamDecoder):
         self._close_segment()  # the segment sealed at this checkpoint: all its words used
 
 
-def audit_segment(path: Path, index: int, data_path: str | None = None, threads: int | None = None,
-                  allow_env_mismatch: bool = False) -> dict:
+def audit_segment(
+    path: Path, index: int, data_path: str | None = None, threads: int | None = None, allow_env_mismatch: bool = False
+) -> dict:
     """Check stretch `index` of the run at `path` (a run directory or its stream) against the data."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
@@ -167,9 +193,15 @@ def audit_segment(path: Path, index: int, data_path: str | None = None, threads:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         replay(checked, *bob.trainer(tape, [checked.code_length(), decoder], Path(tmp)), ckpt_path=stretch.checkpoint)
-    return {"stretch": index, "steps": stretch.describe(), "checkpoint": str(stretch.checkpoint or "start"),
-            "batches": decoder.coded_batches - (stretch.start or {"batches": 0})["batches"],
-            "states_checked": decoder.checked, "seconds": time.perf_counter() - started, "ok": True}
+    return {
+        "stretch": index,
+        "steps": stretch.describe(),
+        "checkpoint": str(stretch.checkpoint or "start"),
+        "batches": decoder.coded_batches - (stretch.start or {"batches": 0})["batches"],
+        "states_checked": decoder.checked,
+        "seconds": time.perf_counter() - started,
+        "ok": True,
+    }
 
 
 def _from_here(spec: str) -> str:
@@ -178,15 +210,18 @@ def _from_here(spec: str) -> str:
     return spec if spec.startswith("dataset:") or Path(spec).is_absolute() else str(Path.cwd() / spec)
 
 
-def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | None = None,
-          allow_env_mismatch: bool = False) -> dict:
+def audit(
+    path: Path, jobs: int, data_path: str | None = None, threads: int | None = None, allow_env_mismatch: bool = False
+) -> dict:
     """Every stretch, `jobs` at a time, each in its own `prequel verify --segment K` process."""
     stream_path = find_stream(path)
     stream = read_stream(stream_path)
     plan = stretches(stream_path.parent, stream)
     if missing := _missing(plan):
-        raise StreamError(f"{'; '.join(missing)}: the audit starts each stretch from a checkpoint the run kept "
-                          "(prequel verify without --jobs replays the whole run instead)")
+        raise StreamError(
+            f"{'; '.join(missing)}: the audit starts each stretch from a checkpoint the run kept "
+            "(prequel verify without --jobs replays the whole run instead)"
+        )
     if data_path is None and stream.header["config"]["data"]["path"] is not None:
         data_path = stream.header["config"]["data"]["path"]  # the run's, relative to here as for prequel
     # Each job keeps the encoder's thread count (with native kernels it changes bits); jobs that
@@ -203,7 +238,7 @@ def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | No
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         for line in r.stdout.splitlines():
             if line.startswith(REPORT_PREFIX) and r.returncode == 0:
-                return json.loads(line[len(REPORT_PREFIX):])
+                return json.loads(line[len(REPORT_PREFIX) :])
         lines = (r.stderr or r.stdout).strip().splitlines()
         reason = lines[-1].split("error: ", 1)[-1] if lines else f"exit status {r.returncode}"
         return {"stretch": stretch.index, "steps": stretch.describe(), "ok": False, "error": reason}
@@ -211,6 +246,11 @@ def audit(path: Path, jobs: int, data_path: str | None = None, threads: int | No
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(run, plan))
-    return {"stream": str(stream_path), "jobs": jobs, "threads": threads, "stretches": results,
-            "ok": all(r["ok"] for r in results), "seconds": time.perf_counter() - started}
-
+    return {
+        "stream": str(stream_path),
+        "jobs": jobs,
+        "threads": threads,
+        "stretches": results,
+        "ok": all(r["ok"] for r in results),
+        "seconds": time.perf_counter() - started,
+    }

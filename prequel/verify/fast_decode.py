@@ -65,8 +65,9 @@ def torch_threads(n: int):
 def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     """The additive mask (0 or -inf) of query rows at `positions` over `length` key slots, as SDPA makes
     of a boolean mask."""
-    return torch.zeros(len(positions), length).masked_fill(torch.arange(length)[None, :] > positions[:, None],
-                                                            float("-inf"))
+    return torch.zeros(len(positions), length).masked_fill(
+        torch.arange(length)[None, :] > positions[:, None], float("-inf")
+    )
 
 
 @functools.cache
@@ -133,8 +134,9 @@ class ExactSteps:
     @staticmethod
     def applies(model, device: torch.device, dtype: torch.dtype) -> bool:
         """Steps reproduce a float32 GPT on the CPU without dropout (not a mixture, not a GPU)."""
-        return (isinstance(model, GPT) and device.type == "cpu" and dtype == torch.float32
-                and model.config.dropout == 0.0)
+        return (
+            isinstance(model, GPT) and device.type == "cpu" and dtype == torch.float32 and model.config.dropout == 0.0
+        )
 
     @property
     def max_positions(self) -> int:
@@ -186,7 +188,9 @@ class ExactSteps:
         c = x.shape[-1]
         for layer, (ln_1, qkv, proj, ln_2, fc, fc_proj) in enumerate(self._blocks):
             h = F.layer_norm(x, (c,), ln_1.weight, ln_1.bias)
-            q, k, v = self._linear(h, qkv.weight, qkv.bias).view(b, p, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = (
+                self._linear(h, qkv.weight, qkv.bias).view(b, p, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            )
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             self.keys[layer, :, :, start:end], self.values[layer, :, :, start:end] = k, v
@@ -216,8 +220,11 @@ class FastStreamDecoder(StreamDecoder):
 
     def _code_before_step(self, trainer, pl_module, targets: torch.Tensor, batch: dict) -> None:
         param = next(pl_module.parameters())
-        if self.procedure != "full" or not ExactSteps.applies(pl_module.model, param.device, param.dtype) \
-                or trainer.precision_plugin.precision != "32-true":
+        if (
+            self.procedure != "full"
+            or not ExactSteps.applies(pl_module.model, param.device, param.dtype)
+            or trainer.precision_plugin.precision != "32-true"
+        ):
             return super()._code_before_step(trainer, pl_module, targets, batch)
         start = _copy(self.coder)
         placeholders = targets.clone()
@@ -242,8 +249,9 @@ class FastStreamDecoder(StreamDecoder):
         context = pl_module.config.data.context
         bos = torch.full((len(targets), 1), self.tape.bos_id)
         first = bos if before is None else before  # the inputs before column 0: context + 1 of them
-        steps = ExactSteps(pl_module.model, len(targets), first.shape[1] + targets.shape[1] - 1,
-                           torch.get_num_threads())
+        steps = ExactSteps(
+            pl_module.model, len(targets), first.shape[1] + targets.shape[1] - 1, torch.get_num_threads()
+        )
         stepped = torch.zeros(*targets.shape, pl_module.model.config.vocab_size)
 
         def logits_at(t: int) -> torch.Tensor:
@@ -260,7 +268,9 @@ class FastStreamDecoder(StreamDecoder):
         return stepped
 
 
-def decode(bob: Receiver, stream: Stream, callbacks: list = ()) -> tuple[bytes | None, PrequelModule, FastStreamDecoder]:
+def decode(
+    bob: Receiver, stream: Stream, callbacks: list = ()
+) -> tuple[bytes | None, PrequelModule, FastStreamDecoder]:
     """f's `training.run.decode` with a FastStreamDecoder in its StreamDecoder's place. (Repeated here, not a
     parameter of f's: so f is the same file as before this module, and every stream written since decodes
     with it.)"""

@@ -50,15 +50,18 @@ class Checked:
 
     def code_length(self) -> CodeLength:
         bob = self.bob
-        return CodeLength(f_parts(bob.config, counted_yaml(bob.config), bob.tokenizer.serialize(), order_bits(bob.labels)),
-                          bob.header.data_tokens)
+        return CodeLength(
+            f_parts(bob.config, counted_yaml(bob.config), bob.tokenizer.serialize(), order_bits(bob.labels)),
+            bob.header.data_tokens,
+        )
 
     def explain(self, error: StreamError) -> StreamError:
         """A decoding error, naming the likely cause when the user accepted a different environment."""
         if not self.environment_differences:
             return error
-        return StreamError(f"{error} (the environment differs from the encoder's: "
-                           f"{'; '.join(self.environment_differences)})")
+        return StreamError(
+            f"{error} (the environment differs from the encoder's: {'; '.join(self.environment_differences)})"
+        )
 
 
 def checked_receiver(stream: Stream, allow_env_mismatch: bool = False, threads: int | None = None) -> Checked:
@@ -66,15 +69,22 @@ def checked_receiver(stream: Stream, allow_env_mismatch: bool = False, threads: 
     header = headers.checked_header(stream.header)
     headers.checked_tokenizer(header)  # its blob's content and real vocabulary size
     if header.code_hash != code_hash():
-        raise StreamError("the stream was written by different prequel source code (code hash differs); "
-                          "check out the commit that wrote it")
+        raise StreamError(
+            "the stream was written by different prequel source code (code hash differs); "
+            "check out the commit that wrote it"
+        )
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise ConfigError(f"--threads: must be in 1..{MAX_THREADS}, got {threads}")
     try:
         require_device(header.environment)  # before the config's accelerator is used
         bob = receiver(header, threads)
-        diffs = check_environment(header.environment, bob.config.trainer.kernels, bob.config.trainer.accelerator,
-                                  allow_env_mismatch, error=StreamError)
+        diffs = check_environment(
+            header.environment,
+            bob.config.trainer.kernels,
+            bob.config.trainer.accelerator,
+            allow_env_mismatch,
+            error=StreamError,
+        )
     except KernelError as e:
         raise StreamError(str(e)) from None
     return Checked(bob, diffs)
@@ -88,8 +98,9 @@ def replay(checked: Checked, module, datamodule, trainer, ckpt_path: Path | None
         raise checked.explain(e) from None
 
 
-def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False,
-           threads: int | None = None, fast: bool = True) -> dict | None:
+def verify(
+    path: Path, out: Path | None = None, allow_env_mismatch: bool = False, threads: int | None = None, fast: bool = True
+) -> dict | None:
     """Bob: rebuild f from the stream header, replay training while decoding, check everything.
     A run of N processes replays with N (Lightning starts the others); rank 0 reports, the others
     return None. `fast`: decode `full` batches by checked single steps where they give f's bits
@@ -112,12 +123,19 @@ def verify(path: Path, out: Path | None = None, allow_env_mismatch: bool = False
         raise StreamError("decoded bytes do not match the original's sha256")
     weights_checked = _compare_checkpoint(Path(path), module)
     report = {
-        "stream": str(stream_path), "tokens": decoder.coded_tokens, "bytes": len(decoded),
-        "ideal_bits": totals["data_bits"], "stream_bits": stream.payload_bits,
-        "overhead_bits": stream.payload_bits - totals["data_bits"], "sha256": hashlib.sha256(decoded).hexdigest(),
-        "complete": expected_sha is not None, "final_weights_equal_checkpoint": weights_checked,
-        "environment_differences": checked.environment_differences, "seconds": seconds,
-        "fast_batches": getattr(decoder, "fast_batches", 0), "slow_batches": getattr(decoder, "slow_batches", 0),
+        "stream": str(stream_path),
+        "tokens": decoder.coded_tokens,
+        "bytes": len(decoded),
+        "ideal_bits": totals["data_bits"],
+        "stream_bits": stream.payload_bits,
+        "overhead_bits": stream.payload_bits - totals["data_bits"],
+        "sha256": hashlib.sha256(decoded).hexdigest(),
+        "complete": expected_sha is not None,
+        "final_weights_equal_checkpoint": weights_checked,
+        "environment_differences": checked.environment_differences,
+        "seconds": seconds,
+        "fast_batches": getattr(decoder, "fast_batches", 0),
+        "slow_batches": getattr(decoder, "slow_batches", 0),
     }
     if expected_sha is not None:
         out = Path(out) if out else stream_path.with_suffix(".decoded")
@@ -135,7 +153,9 @@ def _compare_checkpoint(path: Path, module: PrequelModule) -> bool | str | None:
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     except Exception as e:  # damaged or foreign file: pickle, zip and torch errors alike
-        return f"the checkpoint {ckpt} beside the stream cannot be read ({type(e).__name__}); final weights not compared"
+        return (
+            f"the checkpoint {ckpt} beside the stream cannot be read ({type(e).__name__}); final weights not compared"
+        )
     ours = module.state_dict()
     if state.keys() != ours.keys() or not all(torch.equal(state[k], ours[k].cpu()) for k in ours):
         raise StreamError(f"decoded training ended with weights that differ from the encoder's checkpoint {ckpt}")
