@@ -33,8 +33,12 @@ environment.allow_reexec()
 environment.ensure_kernels("portable")  # tiny.yaml's kernels; re-executes this script with the pins if needed
 
 from prequel.cli import commands as cli  # noqa: E402
-from prequel.training.stream import encode_stream  # noqa: E402
-from prequel.training.stream import MAGIC, VERSION, decode_stream  # noqa: E402
+from prequel.training.stream import (  # noqa: E402
+    MAGIC,
+    VERSION,
+    decode_stream,
+    encode_stream,  # noqa: E402
+)
 
 TINY = ROOT / "configs" / "tiny.yaml"
 

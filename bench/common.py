@@ -18,12 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for train.py
 
-from prequel.callbacks.code_length import CodeLength  # noqa: E402
-from prequel.checks.settings import Config, counted_yaml, load_config  # noqa: E402
 from prequel.alice.corpus import read_corpus  # noqa: E402
 from prequel.alice.fit import tokenize  # noqa: E402
-from prequel.program import f_parts  # noqa: E402
+from prequel.callbacks.code_length import CodeLength  # noqa: E402
+from prequel.checks.settings import Config, counted_yaml, load_config  # noqa: E402
 from prequel.cli.commands import quiet_warnings  # noqa: E402
+from prequel.program import f_parts  # noqa: E402
 from prequel.training import environment  # noqa: E402
 from prequel.training.data import Tape  # noqa: E402
 from prequel.training.run import build_trainer, set_determinism  # noqa: E402

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prequel.checks.settings import load_config  # noqa: E402
 from prequel.alice.session import train  # noqa: E402
+from prequel.checks.settings import load_config  # noqa: E402
 from prequel.verify.verifier import verify  # noqa: E402
 
 CORPORA = ROOT.parent / "shared" / "corpora"

@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prequel.alice.encoder import Encoder  # noqa: E402
 from prequel.compress.chunks import code_top_k  # noqa: E402
 from prequel.compress.codec import compress, decompress  # noqa: E402
-from prequel.alice.encoder import Encoder  # noqa: E402
 from prequel.training.coding import Decoder, code_batch  # noqa: E402
 
 ALICE = ROOT.parent / "shared" / "corpora" / "canterbury" / "alice29.txt"
@@ -198,7 +198,8 @@ def main() -> None:
     files = demo_files(args.out)
     tmp = Path(tempfile.mkdtemp())
     print(
-        "| model | file | bytes | raw rate | adjusted rate | gzip -9 | xz -9e | domain codec | compress MB/s | decompress MB/s |"
+        "| model | file | bytes | raw rate | adjusted rate | gzip -9 | xz -9e | domain codec "
+        "| compress MB/s | decompress MB/s |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in args.runs:

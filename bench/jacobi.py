@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prequel.checks.settings import load_config  # noqa: E402
 from prequel.alice.session import train  # noqa: E402
+from prequel.checks.settings import load_config  # noqa: E402
 from prequel.training.curriculum import plan_batches  # noqa: E402
 from prequel.training.data import IGNORE, Tape  # noqa: E402
 from prequel.training.module import PrequelModule  # noqa: E402

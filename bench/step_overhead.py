@@ -19,16 +19,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import (
-    bench_parser,
     bench_config,
+    bench_parser,
     code_length_callback,
     corpus_prefix,
     lightning_tokens_per_s,
     median,
     print_environment,
 )
+
 from prequel.training.curriculum import plan_batches
 from prequel.training.data import IGNORE
 from prequel.training.module import PrequelModule

@@ -5,7 +5,8 @@
     callback vs without; the two alternate `--repeats` times. Target ratio >= 0.90.
 (b) decode/train time: `prequel.alice.session.train` with the stream on, into a temporary run directory,
     on the first `--decode-tokens` tokens (written to a temporary data file), then
-    `prequel.verify.verifier.verify` on that run (checked single steps, prequel/verify/fast_decode.py; then again with f's
+    `prequel.verify.verifier.verify` on that run (checked single steps, prequel/verify/fast_decode.py; then again
+    with f's
     own procedure alone); prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
 (c) coder symbols/s: `prequel.alice.encoder.encode_known` with an Encoder (all logits known: one pass),
@@ -37,9 +38,9 @@ from common import (
 from prequel.alice.encoder import Encoder, StreamEncoder, encode_known
 from prequel.alice.fit import stream_header
 from prequel.alice.session import train
-from prequel.verify.verifier import verify
 from prequel.training.coding import Decoder, code_batch, coding_probabilities
 from prequel.training.stream import StreamError
+from prequel.verify.verifier import verify
 
 
 class TimedStream(StreamEncoder):
@@ -125,7 +126,8 @@ def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
     if train_rate is not None:  # train()'s fixed costs (|f|, Trainer, checkpoint) weigh on short runs
         decode_rate = n_tokens / report["seconds"]
         print(
-            f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / decode's Trainer.fit {decode_rate:,.0f} tok/s "
+            f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / "
+            f"decode's Trainer.fit {decode_rate:,.0f} tok/s "
             f"= {train_rate / decode_rate:.2f}x"
         )
     print()
@@ -162,7 +164,8 @@ def coder_rates(vocab: int, rows: int, cols: int, repeats: int) -> dict:
 def coder_table(vocabs: list[int], rows: int, cols: int, repeats: int) -> None:
     print(f"(c) coder symbols/s: random logits (2·N(0,1)), {rows} rows × {cols} columns, best of {repeats}")
     print(
-        f"    {'V':>6} {'symbols':>8} {'bits/sym':>9} {'encode sym/s':>13} {'decode sym/s':>13} {'probs only sym/s':>17}"
+        f"    {'V':>6} {'symbols':>8} {'bits/sym':>9} {'encode sym/s':>13} {'decode sym/s':>13} "
+        f"{'probs only sym/s':>17}"
     )
     for vocab in vocabs:
         r = coder_rates(vocab, rows, cols, repeats)

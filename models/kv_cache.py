@@ -6,7 +6,8 @@ coder that needs exact bits runs these same steps on both sides, never mixing th
 forward. Part of f only for a run that steps incrementally (prequel/program.py).
 """
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -10,7 +10,7 @@ packages themselves (torch, lightning, ...) are named by version, not counted, a
 decompressor but not the operating system.
 
 What decides *whether* to decode is not in f: the checks of a stream's header, of the config's
-values and memory, and of the machine (prequel/checks/stream_header.py, prequel/checks/settings.py, prequel/checks/machine.py)
+values and memory, and of the machine (prequel/checks/)
 protect the person running it and change no decoded bit. Neither is Alice's side (prequel/alice/fit.py),
 the reports (the code-length callback, prequel/reports/summary.py) or the CLI. tests/test_program.py proves
 the boundary: it decodes the fixture stream, and runs that use or leave out every optional module,

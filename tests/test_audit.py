@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, run_cli
 from prequel.alice.encoder import write_stream
 from prequel.training.stream import read_stream
+from tests.helpers import ROOT, TINY, run_cli
 
 
 @pytest.fixture(scope="module")

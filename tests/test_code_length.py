@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import ROOT, TINY, run_cli, tiny_config
 from prequel.alice.corpus import read_corpus
 from prequel.alice.session import train
 from prequel.training.curriculum import plan_batches
 from prequel.training.data import IGNORE, Tape
 from prequel.training.module import PrequelModule
 from prequel.training.stream import read_stream
+from tests.helpers import ROOT, TINY, run_cli, tiny_config
 
 
 def hand_written_code_length(config, accumulate: int = 1) -> float:

@@ -4,11 +4,11 @@ import json
 import pytest
 import yaml
 
-from prequel.cli import commands as cli
-from tests.helpers import TINY, run_cli
-from prequel.reports.sweep import Budget, Sweep, parse_sweep, run_sweep, size_config
 from prequel.checks.settings import ConfigError
+from prequel.cli import commands as cli
 from prequel.reports.prefix import FRACTIONS, catch_up, prefix_rows
+from prequel.reports.sweep import Budget, Sweep, parse_sweep, run_sweep, size_config
+from tests.helpers import TINY, run_cli
 
 FAST = [
     "--stream.enabled",

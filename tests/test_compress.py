@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from prequel.models.gpt import GPT, GPTConfig
-from prequel.models.kv_cache import KVCache
-from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config, trained_tiny_model
-from prequel.compress.codec import compress, decompress
-from prequel.compress.frozen import CompressError, load_frozen
 from prequel.alice.encoder import write_stream
 from prequel.alice.session import train
+from prequel.compress.codec import compress, decompress
+from prequel.compress.frozen import CompressError, load_frozen
+from prequel.models.gpt import GPT, GPTConfig
+from prequel.models.kv_cache import KVCache
 from prequel.training.stream import Stream, read_stream
+from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config, trained_tiny_model
 
 CHUNK = 32  # configs/tiny.yaml block_size
 

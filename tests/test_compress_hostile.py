@@ -18,15 +18,14 @@ import constriction
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, assert_refused, trained_tiny_model
+from prequel.checks.memory import MEMORY_ENV
+from prequel.checks.settings import ConfigError
 from prequel.compress.chunks import BudgetedDecoder, payload_capacity_bits
 from prequel.compress.codec import compress, decompress
 from prequel.compress.frozen import CompressError
-from prequel.checks.settings import ConfigError
-from prequel.checks.memory import MEMORY_ENV
-from prequel.training.stream import encode_stream
 from prequel.training.data import DataError
-from prequel.training.stream import StreamError, read_stream
+from prequel.training.stream import StreamError, encode_stream, read_stream
+from tests.helpers import ROOT, assert_refused, trained_tiny_model
 
 ADDRESS_SPACE = 4 << 30
 ORIGINAL = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:1000]

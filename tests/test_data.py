@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHARED_CORPORA, TINY, run_cli, tiny_config
-from prequel.checks.settings import BPE_MAX_VOCAB, ConfigError, load_config
-from prequel.alice.difficulty import difficulty_labels, labels_to_header, order_bits
 from prequel.alice.corpus import fetch_dataset, read_corpus, read_documents
-from prequel.program import f_parts, packed_bits
+from prequel.alice.difficulty import difficulty_labels, labels_to_header, order_bits
 from prequel.alice.tokenizing import build_tokenizer
+from prequel.checks.settings import BPE_MAX_VOCAB, ConfigError, load_config
+from prequel.program import f_parts, packed_bits
 from prequel.training.bpe import ALPHABET, BPETokenizer
 from prequel.training.curriculum import CURRICULA, PACINGS, chunk_spans, plan_batches, with_replay
 from prequel.training.data import DataError, Tape, context_known
 from prequel.training.orders import labels_from_header, pace
 from prequel.training.tokenizer import TokenizerError
+from tests.helpers import SHARED_CORPORA, TINY, run_cli, tiny_config
 
 TEXT = (Path(__file__).parents[1] / "data" / "tinyshakespeare.txt").read_bytes()[:20000]
 
@@ -335,8 +335,8 @@ def test_bpe_and_difficulty_train_then_verify_in_a_separate_process(tmp_path):
     from prequel.alice.corpus import order_labels
     from prequel.alice.encoder import write_stream
     from prequel.alice.session import train
-    from prequel.verify.verifier import verify
     from prequel.training.stream import StreamError, read_stream
+    from prequel.verify.verifier import verify
 
     (tmp_path / "text.txt").write_bytes(TEXT[:4000])
     config = tiny_config(

@@ -1,14 +1,14 @@
-"""Bob's fast path (prequel/verify/fast_decode.py): single steps with the full forward's bits, checked, with a way back."""
+"""Bob's fast path (prequel/verify/fast_decode.py): single steps with the full forward's bits, checked, a way back."""
 
 import pytest
 import torch
 
+from prequel.alice.session import train
 from prequel.models.gpt import GPT, GPTConfig
-from tests.helpers import tiny_config
 from prequel.verify import fast_decode
 from prequel.verify.fast_decode import ExactSteps, torch_threads
-from prequel.alice.session import train
 from prequel.verify.verifier import verify
+from tests.helpers import tiny_config
 
 
 def _model(config: GPTConfig) -> GPT:

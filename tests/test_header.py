@@ -9,19 +9,19 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from prequel.models.gpt import GPT, GPTConfig
-from tests.helpers import ROOT, tiny_config
-from prequel.compress.codec import compress
-from prequel.alice.difficulty import labels_to_header
 from prequel.alice.corpus import order_labels
-from prequel.alice.fit import environment, stream_header
-from prequel.checks import stream_header as headers
+from prequel.alice.difficulty import labels_to_header
 from prequel.alice.encoder import write_stream
-from prequel.checks.stream_header import CompressHeader
-from prequel.program import code_hash
+from prequel.alice.fit import environment, stream_header
 from prequel.alice.tokenizing import build_tokenizer
+from prequel.checks import stream_header as headers
+from prequel.checks.stream_header import CompressHeader
+from prequel.compress.codec import compress
+from prequel.models.gpt import GPT, GPTConfig
+from prequel.program import code_hash
 from prequel.training.header import TrainingHeader
 from prequel.training.stream import Stream, StreamError, read_stream
+from tests.helpers import ROOT, tiny_config
 
 TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:4000]
 

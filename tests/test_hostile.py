@@ -16,16 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from prequel.models.gpt import GPT, GPTConfig
-from tests.helpers import ROOT, TINY, assert_refused
-from prequel.checks.settings import ConfigError, load_config
-from prequel.checks.memory import DEFAULT_MAX_MEMORY_GB, MEMORY_ENV, MemoryLimitError, check_memory, parameter_count
-from prequel.alice.difficulty import labels_to_header
 from prequel.alice.corpus import read_corpus
-from prequel.training.stream import encode_stream
+from prequel.alice.difficulty import labels_to_header
+from prequel.checks.memory import DEFAULT_MAX_MEMORY_GB, MEMORY_ENV, MemoryLimitError, check_memory, parameter_count
+from prequel.checks.settings import ConfigError, load_config
+from prequel.models.gpt import GPT, GPTConfig
 from prequel.training.data import DataError
 from prequel.training.orders import labels_from_header
-from prequel.training.stream import Stream, read_stream
+from prequel.training.stream import Stream, encode_stream, read_stream
+from tests.helpers import ROOT, TINY, assert_refused
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"  # tiny.yaml, sequential, 3,000 byte tokens
 FIXTURE_CHUNKS = -(-3000 // 32)  # ceil(data_tokens / block_size) = 94 levels a difficulty order would carry

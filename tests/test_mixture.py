@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from tests.helpers import ROOT, run_cli, tiny_config
-from prequel.checks.settings import ConfigError
 from prequel.alice.session import train
+from prequel.checks.settings import ConfigError
+from tests.helpers import ROOT, run_cli, tiny_config
 
 TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:1500]
 MEMBERS = ["--mixture.members", "1x2x16@3e-3, 1x2x32"]  # the second: tiny.yaml's own model (lr from optim.lr)

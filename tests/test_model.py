@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prequel.alice.session import train
 from prequel.models.gpt import GPT, HASH_BITS, GPTConfig
 from prequel.models.kv_cache import KVCache
 from prequel.models.ngram import NGramPrior
 from tests.helpers import tiny_config
-from prequel.alice.session import train
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, head="norm")
 

@@ -12,11 +12,10 @@ import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prequel.models import portable_math
-from tests.helpers import ROOT, run_cli, tiny_config
 from prequel.program import code_hash
 from prequel.training import environment
-from prequel.training.stream import encode_stream
-from prequel.training.stream import read_stream
+from prequel.training.stream import encode_stream, read_stream
+from tests.helpers import ROOT, run_cli, tiny_config
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 FIXTURE_BYTES = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:3000]

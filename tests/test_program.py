@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, tiny_config
 from prequel import program
-from prequel.program import F_PACKAGES, FEATURES, NOT_F, code_hash, source_bundle, source_files, strip_python
 from prequel.alice.session import train
-from prequel.verify.verifier import STREAM_NAME
+from prequel.program import F_PACKAGES, FEATURES, NOT_F, code_hash, source_bundle, source_files, strip_python
 from prequel.training.environment import portable_environ
 from prequel.training.header import TrainingHeader
 from prequel.training.stream import read_stream
+from prequel.verify.verifier import STREAM_NAME
+from tests.helpers import ROOT, tiny_config
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"
 

@@ -23,14 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, files_under, run_cli, run_main, tiny_config
-from prequel.checks.settings import NON_NEGATIVE_KEYS, POSITIVE_KEYS, Config, ConfigError, load_config
-from prequel.training.stream import encode_stream
-from prequel.files import write_atomic
 from prequel.alice.fit import remove_stale_temps
 from prequel.alice.session import SUMMARY_NAME, train
+from prequel.checks.settings import NON_NEGATIVE_KEYS, POSITIVE_KEYS, Config, ConfigError, load_config
+from prequel.files import write_atomic
+from prequel.training.stream import Stream, decode_stream, encode_stream
 from prequel.verify.verifier import STREAM_NAME
-from prequel.training.stream import Stream, decode_stream
+from tests.helpers import ROOT, TINY, files_under, run_cli, run_main, tiny_config
 
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()
 CHECKPOINT_EVERY = "4"

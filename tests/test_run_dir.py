@@ -11,11 +11,11 @@ import time
 import lightning as L
 import pytest
 
-from tests.helpers import ROOT, TINY, run_cli, tiny_config
-from prequel.checks.settings import ConfigError
 from prequel.alice.fit import IDENTITY_NAME, LOCK_NAME
 from prequel.alice.session import train
+from prequel.checks.settings import ConfigError
 from prequel.training.stream import read_stream
+from tests.helpers import ROOT, TINY, run_cli, tiny_config
 
 
 class _Crash(L.Callback):

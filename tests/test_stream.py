@@ -6,15 +6,14 @@ import math
 import pytest
 import torch
 
-from tests.helpers import run_cli, tiny_config
 from prequel.alice.encoder import Encoder, encode_known
 from prequel.alice.session import train
 from prequel.training.coding import Decoder, code_batch, coding_probabilities
 from prequel.training.data import IGNORE
-from prequel.training.stream import decode_stream, read_stream
 
 # Words of the stream for a fixed batch: a change that alters bits must change this on purpose.
-from prequel.training.stream import encode_stream
+from prequel.training.stream import decode_stream, encode_stream, read_stream
+from tests.helpers import run_cli, tiny_config
 
 # Words of the stream for a fixed batch: a change that alters bits must change this on purpose.
 GOLDEN_WORDS = [4153807710, 1926345918, 396019925, 2141648345, 3134379422, 2706323147, 3834240670]

@@ -15,10 +15,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import files_under, run_main
-from prequel.training.stream import encode_stream
+from prequel.training.stream import (
+    MAGIC,
+    MAX_JSON_BYTES,
+    VERSION,
+    StreamError,
+    decode_stream,
+    encode_stream,
+    read_stream,
+)
 from prequel.verify.verifier import STREAM_NAME
-from prequel.training.stream import MAGIC, MAX_JSON_BYTES, VERSION, StreamError, decode_stream, read_stream
+from tests.helpers import files_under, run_main
 
 # --- the stream reader under fuzzing ---------------------------------------------------------
 

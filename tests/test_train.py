@@ -4,11 +4,11 @@ import re
 
 import pytest
 
+from prequel.alice.session import train
+from prequel.checks.settings import Config, ConfigError, load_config
 from prequel.cli import commands as cli
 from prequel.cli.keys_help import describe_keys
 from tests.helpers import ROOT, TINY, run_cli, tiny_config, wandb_offline_summary
-from prequel.checks.settings import Config, ConfigError, load_config
-from prequel.alice.session import train
 
 
 def test_tiny_model_overfits_tiny_text(tmp_path):

@@ -18,7 +18,8 @@ the float64 probability row that gives every symbol at least one quantum (so any
 one the model thinks impossible, stays codable), within a 24-bit fixed-point range coder.
 """
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import constriction
 import numpy as np
@@ -28,8 +29,8 @@ from prequel.training.data import IGNORE
 from prequel.training.stream import StreamError
 
 if TYPE_CHECKING:  # names for the annotations only: none of these is imported to decode
-    from prequel.models.mixture import ColumnMixer
     from prequel.alice.encoder import Encoder
+    from prequel.models.mixture import ColumnMixer
 
 MODEL = constriction.stream.model.Categorical(perfect=False)  # the quantisation both sides code with
 

@@ -11,8 +11,9 @@ import dataclasses
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Literal
 
 from prequel.models.gpt import GPTConfig
 from prequel.training.curriculum import CURRICULA, PACINGS

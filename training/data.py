@@ -78,7 +78,7 @@ def context_known(steps: list[tuple[torch.Tensor, bool]], n_tokens: int, context
     known = []
     for spans, fresh in steps:
         rows = []
-        for start, length in spans.tolist():
+        for start, length in spans.tolist():  # noqa: B007
             if fresh:
                 window = coded[max(0, start - context - 1) : start][::-1]
                 first[start] = len(window) if window.all() else int(window.argmin())

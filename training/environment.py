@@ -84,7 +84,8 @@ def ensure_portable() -> None:
             os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
         raise KernelError(
             "portable kernels must be chosen before torch starts, and this process started without them "
-            f"(kernel variables set: {kernel_env() or 'none'}); run it through the prequel command, which sets them, or start "
+            f"(kernel variables set: {kernel_env() or 'none'}); run it through the prequel command, which sets them, "
+            "or start "
             f"Python with {' '.join(f'{k}={v}' for k, v in PORTABLE_PINS.items())}"
         )
     import torch

@@ -94,10 +94,11 @@ def difficulty(
 
 
 def labels_from_header(text: str | None, n_chunks: int | None = None, levels: int | None = None) -> torch.Tensor | None:
-    """The levels `labels_to_header` (prequel/alice/difficulty.py) wrote, checked against what the header's own sizes allow:
-    exactly `n_chunks` (= ceil(data_tokens / block_size)) levels, each below `levels`. Decompression
-    stops after the bytes those levels take, so a small forged order cannot expand into gigabytes
-    (zlib reaches ~1000:1). Without `n_chunks`, at most `MAX_UNSIZED_LEVELS` levels are read."""
+    """The levels `labels_to_header` (prequel/alice/difficulty.py) wrote, checked against what the
+    header's own sizes allow: exactly `n_chunks` (= ceil(data_tokens / block_size)) levels, each
+    below `levels`. Decompression stops after the bytes those levels take, so a small forged order
+    cannot expand into gigabytes (zlib reaches ~1000:1). Without `n_chunks`, at most
+    `MAX_UNSIZED_LEVELS` levels are read."""
     if text is None:
         return None
     limit = LEVEL_BYTES * (MAX_UNSIZED_LEVELS if n_chunks is None else n_chunks)

@@ -16,8 +16,8 @@ import torch
 from prequel.callbacks.arithmetic_stream import StreamDecoder
 from prequel.training.config import Config
 from prequel.training.data import PrequelDataModule, Tape, plan_options
-from prequel.training.kernels import device_of, ensure_kernels
 from prequel.training.header import TrainingHeader
+from prequel.training.kernels import device_of, ensure_kernels
 from prequel.training.module import PrequelModule
 from prequel.training.stream import Stream
 

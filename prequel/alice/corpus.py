@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from prequel.checks.settings import regular_file_size
-from prequel.checks.memory import corpus_limit_text, format_bytes, max_corpus_bytes
 from prequel.alice.difficulty import difficulty_labels
+from prequel.checks.memory import corpus_limit_text, format_bytes, max_corpus_bytes
+from prequel.checks.settings import regular_file_size
 from prequel.files import write_atomic
 from prequel.resources import BUNDLED_CORPUS
 from prequel.training.curriculum import chunk_spans

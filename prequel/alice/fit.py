@@ -20,21 +20,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from prequel.callbacks.code_length import CodeLength
-from prequel.checks.settings import Config, ConfigError, counted_yaml, dump_yaml, program_dict
-from prequel.checks.memory import check_memory
-from prequel.alice.difficulty import labels_to_header, order_bits
 from prequel.alice.corpus import order_labels, read_corpus
+from prequel.alice.difficulty import labels_to_header, order_bits
 from prequel.alice.encoder import StreamEncoder
+from prequel.alice.tokenizing import build_tokenizer
+from prequel.callbacks.code_length import CodeLength
 from prequel.checks.machine import facts as environment_facts
+from prequel.checks.memory import check_memory
+from prequel.checks.settings import Config, ConfigError, counted_yaml, dump_yaml, program_dict
 from prequel.files import TEMP_SUFFIX, write_atomic
 from prequel.program import code_hash, f_parts
-from prequel.alice.tokenizing import build_tokenizer
-from prequel.verify.verifier import STREAM_NAME
 from prequel.training.data import DataError, PrequelDataModule, Tape
 from prequel.training.header import TrainingHeader
 from prequel.training.module import PrequelModule
 from prequel.training.run import build_trainer, set_determinism
+from prequel.verify.verifier import STREAM_NAME
 
 IDENTITY_NAME = "run.json"  # what the run directory is a run of: the program's settings + the data's sha256
 LOCK_NAME = ".lock"
@@ -73,7 +73,8 @@ def tokenize(config: Config, data: bytes):
     tokens = tokenizer.encode(data)
     if len(tokens) < config.model.block_size:
         raise DataError(
-            f"corpus too short: {len(tokens)} tokens, less than one sequence (model.block_size = {config.model.block_size})"
+            f"corpus too short: {len(tokens)} tokens, less than one sequence "
+            f"(model.block_size = {config.model.block_size})"
         )
     return tokenizer, tokens
 

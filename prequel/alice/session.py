@@ -11,11 +11,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from prequel.models.mixture import Mixture
-from prequel.checks.settings import Config, to_dict
 from prequel.alice.corpus import read_corpus
-from prequel.files import write_atomic
 from prequel.alice.fit import Fitted, check_run_dir, fit
+from prequel.checks.settings import Config, to_dict
+from prequel.files import write_atomic
+from prequel.models.mixture import Mixture
 from prequel.reports.summary import code_length_summary, format_table, plot_loss_curve
 
 SUMMARY_NAME = "summary.json"

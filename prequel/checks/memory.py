@@ -54,7 +54,7 @@ def max_memory_bytes() -> int:
 
 def format_bytes(n: int) -> str:
     """Bytes in decimal units, as the limit is given: 16 GB, 5.6 GB, 340.2 MB."""
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):  # noqa: B007 (unit: after)
         if n >= size:
             break
     return f"{n / size:,.1f}".removesuffix(".0") + f" {unit}"
@@ -215,7 +215,8 @@ def check_memory(config: Config, data_tokens: int | None = None, limit: int | No
             f"{'lower' if value > default else 'raise'} it" if isinstance(value, (int, float)) else "change it"
         ) + f" (default {default}); "
     raise MemoryLimitError(
-        f"{key} = {shown}: training would need about {format_bytes(total)} of memory ({format_bytes(most)} for {what}), "
+        f"{key} = {shown}: training would need about {format_bytes(total)} of memory "
+        f"({format_bytes(most)} for {what}), "
         f"more than the limit of {format_bytes(limit)}; {advice}if this machine has the memory, raise the limit: "
         f"{MEMORY_ENV}={math.ceil(total / _GB)}",
         key,

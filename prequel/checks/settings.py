@@ -23,10 +23,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from prequel.models.gpt import GPTConfig
-from prequel.checks.memory import check_memory, format_bytes
-from prequel.resources import config_path
 from prequel.alice.tokenizing import BPE_MAX_VOCAB
+from prequel.checks.memory import check_memory, format_bytes
+from prequel.models.gpt import GPTConfig
+from prequel.resources import config_path
 from prequel.training.config import (  # noqa: F401 (the schema, re-exported: the CLI's and tests' one import)
     _FLOAT,
     BELOW_ONE,
@@ -41,7 +41,6 @@ from prequel.training.config import (  # noqa: F401 (the schema, re-exported: th
     program_dict,
     to_dict,
 )
-
 
 # Keys that are derived, not chosen: refusing them keeps one source of truth.
 _DERIVED = {"model.vocab_size": "it is set by the tokenizer"}

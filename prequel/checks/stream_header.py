@@ -107,8 +107,8 @@ def checked_header(d: dict) -> TrainingHeader:
 def checked_settings(header: TrainingHeader, vocab_size: int | None = None):
     """The run's settings (a `training.config.Config`), every value checked and held with
     data_tokens to the memory limit; `vocab_size`: the tokenizer's, when it is known (see `checked_tokenizer`)."""
-    from prequel.checks.settings import config_from_dict
     from prequel.checks.memory import MemoryLimitError, check_memory, max_memory_bytes
+    from prequel.checks.settings import config_from_dict
 
     limit = max_memory_bytes()  # (a bad $PREQUEL_MAX_MEMORY_GB is the user's ConfigError, not the header's)
     try:

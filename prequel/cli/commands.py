@@ -19,8 +19,8 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from prequel.cli.keys_help import Parser, keys_help
 
@@ -73,9 +73,9 @@ def _interrupted(e: Exception) -> int:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from prequel.checks.settings import load_config
     from prequel.alice.fit import Interrupted
     from prequel.alice.session import train
+    from prequel.checks.settings import load_config
 
     try:
         train(load_config(args.config, overrides))
@@ -128,7 +128,8 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"ideal Σ −log2 P      {r['ideal_bits']:>14,.1f} bits")
     print(f"actual stream        {r['stream_bits']:>14,} bits")
     print(
-        f"difference           {r['overhead_bits']:>14,.1f} bits ({r['overhead_bits'] / max(r['tokens'], 1):.2e} bits/token)"
+        f"difference           {r['overhead_bits']:>14,.1f} bits "
+        f"({r['overhead_bits'] / max(r['tokens'], 1):.2e} bits/token)"
     )
     if r["complete"]:
         print(f"sha256 {r['sha256']} matches the original; decoded bytes written to {r['output']}")
@@ -145,8 +146,8 @@ def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from prequel.verify.audit import REPORT_PREFIX, audit, audit_segment
     from prequel.checks.settings import ConfigError
+    from prequel.verify.audit import REPORT_PREFIX, audit, audit_segment
 
     if args.out is not None:
         raise ConfigError("--out: an audit writes no decoded file (it compares with --data)")
@@ -301,8 +302,8 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from prequel.reports.sweep import from_command_line
     from prequel.alice.fit import Interrupted
+    from prequel.reports.sweep import from_command_line
 
     try:
         return from_command_line(args.config, args.from_runs, overrides)

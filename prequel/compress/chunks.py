@@ -12,14 +12,14 @@ import math
 import numpy as np
 import torch
 
+from prequel.alice.encoder import Encoder
+from prequel.checks.memory import MEMORY_ENV
+from prequel.compress.frozen import CompressError
 from prequel.models.gpt import GPT
 from prequel.models.kv_cache import incremental_logits
-from prequel.checks.memory import MEMORY_ENV
-from prequel.alice.encoder import Encoder
 from prequel.training.coding import Decoder, code_batch
 from prequel.training.data import IGNORE
 from prequel.training.stream import StreamError
-from prequel.compress.frozen import CompressError
 
 PRECISION = 24  # constriction's range coder: probabilities in 24-bit fixed point, 32-bit words, a 64-bit state
 

@@ -28,22 +28,27 @@ from pathlib import Path
 
 import torch
 
-from prequel.checks.settings import MAX_THREADS, ConfigError, regular_file_size
-from prequel.checks.memory import MEMORY_ENV, TAPE_BYTES_PER_TOKEN, format_bytes, max_memory_bytes
 from prequel.alice.encoder import Encoder
-from prequel.training.stream import encode_stream
 from prequel.checks.machine import check as check_environment
 from prequel.checks.machine import facts as environment_facts
-from prequel.files import write_atomic
+from prequel.checks.memory import (
+    MEMORY_ENV,
+    TAPE_BYTES_PER_TOKEN,
+    coding_batch_bytes,
+    format_bytes,
+    max_memory_bytes,
+    over_limit_text,
+)
+from prequel.checks.settings import MAX_THREADS, ConfigError, regular_file_size
 from prequel.checks.stream_header import CompressHeader
-from prequel.verify.verifier import STREAM_NAME
-from prequel.training.data import DataError
-from prequel.training.environment import KernelError, ensure_kernels
-from prequel.training.stream import Segment, Stream, StreamError, read_stream
-from prequel.checks.memory import coding_batch_bytes, over_limit_text
 from prequel.compress.chunks import BudgetedDecoder, code_spans, min_symbol_bits, payload_capacity_bits
 from prequel.compress.frozen import CompressError, FrozenModel, load_frozen, run_dir_of
 from prequel.compress.rates import rate_report
+from prequel.files import write_atomic
+from prequel.training.data import DataError
+from prequel.training.environment import KernelError, ensure_kernels
+from prequel.training.stream import Segment, Stream, StreamError, encode_stream, read_stream
+from prequel.verify.verifier import STREAM_NAME
 
 FORMAT = 1  # bump when the coding procedure changes bits
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from prequel.callbacks.arithmetic_stream import parameters_sha256
-from prequel.models.gpt import GPT, GPTConfig
-from prequel.checks.settings import Config, ConfigError, config_from_dict
 from prequel.alice.corpus import read_corpus
-from prequel.program import packed_bits
 from prequel.alice.tokenizing import build_tokenizer
-from prequel.verify.verifier import STREAM_NAME
+from prequel.callbacks.arithmetic_stream import parameters_sha256
+from prequel.checks.settings import Config, ConfigError, config_from_dict
+from prequel.models.gpt import GPT, GPTConfig
+from prequel.program import packed_bits
 from prequel.training.data import DataError
 from prequel.training.stream import StreamError, read_stream
+from prequel.verify.verifier import STREAM_NAME
 
 
 class CompressError(StreamError):

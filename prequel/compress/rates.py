@@ -1,4 +1,4 @@
-"""The rates of a compressed file: raw (compressed / original) and adjusted (with |model|), beside the classic compressors."""
+"""The rates of a compressed file: raw (compressed / original) and adjusted (with |model|), beside gzip/bzip2/xz."""
 
 from prequel.compress.frozen import FrozenModel
 from prequel.reports.summary import classic_baselines, text_table

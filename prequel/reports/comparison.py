@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-
+from prequel.alice.session import SUMMARY_NAME
 from prequel.checks.settings import ConfigError
 from prequel.reports.prefix import (
     PREFIX_COLUMNS,
@@ -21,7 +21,6 @@ from prequel.reports.prefix import (
     prefix_rows,
 )
 from prequel.reports.summary import pyplot, save_loss_axes
-from prequel.alice.session import SUMMARY_NAME
 
 RUN_INFO = "compare_run.json"  # what the sweep knows about a run that the run does not: budget, time
 BASELINES = (

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import lightning as L
 
+from prequel.alice.corpus import read_corpus
+from prequel.alice.session import train
+from prequel.checks.memory import parameter_count
 from prequel.checks.settings import (
     ConfigError,
     build_dataclass,
@@ -33,12 +36,8 @@ from prequel.checks.settings import (
     parse_overrides,
     read_yaml_mapping,
 )
-from prequel.checks.memory import parameter_count
-from prequel.alice.corpus import read_corpus
-from prequel.resources import CONFIGS, config_path
-from prequel.alice.session import train
-
 from prequel.reports.comparison import RUN_INFO, log_to_wandb, write_comparison
+from prequel.resources import CONFIGS, config_path
 
 
 @dataclass

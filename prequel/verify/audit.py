@@ -32,11 +32,11 @@ import torch
 
 from prequel.alice.corpus import read_corpus
 from prequel.alice.encoder import StreamEncoder, state_sha256
-from prequel.verify.fast_decode import FastStreamDecoder
-from prequel.verify.verifier import checked_receiver, find_stream, replay
 from prequel.training.data import Tape
 from prequel.training.run import Receiver
 from prequel.training.stream import Stream, StreamError, read_stream
+from prequel.verify.fast_decode import FastStreamDecoder
+from prequel.verify.verifier import checked_receiver, find_stream, replay
 
 REPORT_PREFIX = "audit-report "  # the line a `--segment` process prints for `audit` to read
 

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
+from prequel.alice.difficulty import order_bits
 from prequel.callbacks.code_length import CodeLength
 from prequel.checks import stream_header as headers
-from prequel.checks.settings import MAX_THREADS, ConfigError, counted_yaml
-from prequel.alice.difficulty import order_bits
 from prequel.checks.machine import check as check_environment
 from prequel.checks.machine import require_device
-from prequel.verify.fast_decode import decode as fast_decode
+from prequel.checks.settings import MAX_THREADS, ConfigError, counted_yaml
 from prequel.files import write_atomic
 from prequel.program import code_hash, f_parts
 from prequel.training.environment import KernelError
 from prequel.training.module import PrequelModule
 from prequel.training.run import Receiver, decode, receiver
 from prequel.training.stream import Stream, StreamError, read_stream
+from prequel.verify.fast_decode import decode as fast_decode
 
 STREAM_NAME = "stream.prequel"
 
