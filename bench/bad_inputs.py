@@ -246,299 +246,113 @@ def main() -> None:
             s.header["environment"]["num_threads"] = 2
             s.trailer["checksums"]["5"]["params"] = "0" * 64
 
+        # A table, one bad input a line:
+        # fmt: off
         rows = [
-            (
-                "config",
-                "misspelt key `--model.n_layers 2`",
-                lambda: run(tmp, "--config", TINY, "--model.n_layers", "2"),
-            ),
-            (
-                "config",
-                "unknown nested key in YAML (`optim: {momentum: 0.9}`)",
-                lambda: run(tmp, "--config", yaml("a.yaml", "optim:\n  momentum: 0.9\n")),
-            ),
-            (
-                "config",
-                "wrong type `--trainer.max_steps many`",
-                lambda: run(tmp, "--config", TINY, "--trainer.max_steps", "many"),
-            ),
-            (
-                "config",
-                "wrong type for an optional string `--data.path [1, 2]`",
-                lambda: run(tmp, "--config", TINY, "--data.path", "[1, 2]"),
-            ),
-            (
-                "config",
-                "bool for an int `--model.n_layer true`",
-                lambda: run(tmp, "--config", TINY, "--model.n_layer", "true"),
-            ),
+            ("config", "misspelt key `--model.n_layers 2`", lambda: run(tmp, "--config", TINY, "--model.n_layers", "2")),
+            ("config", "unknown nested key in YAML (`optim: {momentum: 0.9}`)",
+             lambda: run(tmp, "--config", yaml("a.yaml", "optim:\n  momentum: 0.9\n"))),
+            ("config", "wrong type `--trainer.max_steps many`", lambda: run(tmp, "--config", TINY, "--trainer.max_steps", "many")),
+            ("config", "wrong type for an optional string `--data.path [1, 2]`",
+             lambda: run(tmp, "--config", TINY, "--data.path", "[1, 2]")),
+            ("config", "bool for an int `--model.n_layer true`", lambda: run(tmp, "--config", TINY, "--model.n_layer", "true")),
             ("config", "negative `--optim.lr -0.001`", lambda: run(tmp, "--config", TINY, "--optim.lr", "-0.001")),
             ("config", "zero `--data.batch_size 0`", lambda: run(tmp, "--config", TINY, "--data.batch_size", "0")),
-            (
-                "config",
-                "negative `--trainer.num_threads -1`",
-                lambda: run(tmp, "--config", TINY, "--trainer.num_threads", "-1"),
-            ),
+            ("config", "negative `--trainer.num_threads -1`", lambda: run(tmp, "--config", TINY, "--trainer.num_threads", "-1")),
             ("config", "not finite `--optim.lr .inf`", lambda: run(tmp, "--config", TINY, "--optim.lr", ".inf")),
-            (
-                "config",
-                "bad literal `--trainer.precision fp8`",
-                lambda: run(tmp, "--config", TINY, "--trainer.precision", "fp8"),
-            ),
+            ("config", "bad literal `--trainer.precision fp8`", lambda: run(tmp, "--config", TINY, "--trainer.precision", "fp8")),
             ("config", "seed out of range `--seed -1`", lambda: run(tmp, "--config", TINY, "--seed", "-1")),
             ("config", "`--optim.beta2 1.0`", lambda: run(tmp, "--config", TINY, "--optim.beta2", "1.0")),
-            (
-                "config",
-                "derived key `--model.vocab_size 300`",
-                lambda: run(tmp, "--config", TINY, "--model.vocab_size", "300"),
-            ),
-            (
-                "config",
-                "heads do not divide the width `--model.n_head 3`",
-                lambda: run(tmp, "--config", TINY, "--model.n_head", "3"),
-            ),
-            (
-                "config",
-                "YAML that is a list, not a mapping",
-                lambda: run(tmp, "--config", yaml("b.yaml", "- model\n- data\n")),
-            ),
-            (
-                "config",
-                "invalid YAML (`model: {n_layer: 2`)",
-                lambda: run(tmp, "--config", yaml("c.yaml", "model: {n_layer: 2\n")),
-            ),
-            (
-                "config",
-                "a Python tag (`!!python/object/apply:os.getpid []`): safe_load only",
-                lambda: run(tmp, "--config", yaml("d.yaml", "seed: !!python/object/apply:os.getpid []\n")),
-            ),
-            (
-                "config",
-                "a section that is not a mapping (`model: 3`)",
-                lambda: run(tmp, "--config", yaml("e.yaml", "model: 3\n")),
-            ),
-            (
-                "config",
-                "`--trainer.num_threads 100000` (used to crash the process)",
-                lambda: run(tmp, "--config", TINY, "--trainer.num_threads", "100000"),
-            ),
-            (
-                "config",
-                "`--trainer.strategy ddp_spawn` with the stream on (used to fail after creating the run directory)",
-                lambda: run(tmp, "--config", TINY, "--trainer.strategy", "ddp_spawn"),
-            ),
-            (
-                "config",
-                "`--trainer.accelerator gpu` on a machine without one",
-                lambda: run(tmp, *train_args, "--trainer.accelerator", "gpu"),
-            ),
+            ("config", "derived key `--model.vocab_size 300`", lambda: run(tmp, "--config", TINY, "--model.vocab_size", "300")),
+            ("config", "heads do not divide the width `--model.n_head 3`", lambda: run(tmp, "--config", TINY, "--model.n_head", "3")),
+            ("config", "YAML that is a list, not a mapping", lambda: run(tmp, "--config", yaml("b.yaml", "- model\n- data\n"))),
+            ("config", "invalid YAML (`model: {n_layer: 2`)", lambda: run(tmp, "--config", yaml("c.yaml", "model: {n_layer: 2\n"))),
+            ("config", "a Python tag (`!!python/object/apply:os.getpid []`): safe_load only",
+             lambda: run(tmp, "--config", yaml("d.yaml", "seed: !!python/object/apply:os.getpid []\n"))),
+            ("config", "a section that is not a mapping (`model: 3`)", lambda: run(tmp, "--config", yaml("e.yaml", "model: 3\n"))),
+            ("config", "`--trainer.num_threads 100000` (used to crash the process)",
+             lambda: run(tmp, "--config", TINY, "--trainer.num_threads", "100000")),
+            ("config", "`--trainer.strategy ddp_spawn` with the stream on (used to fail after creating the run directory)",
+             lambda: run(tmp, "--config", TINY, "--trainer.strategy", "ddp_spawn")),
+            ("config", "`--trainer.accelerator gpu` on a machine without one",
+             lambda: run(tmp, *train_args, "--trainer.accelerator", "gpu")),
             ("config", "config file missing", lambda: run(tmp, "--config", tmp / "nope.yaml")),
             ("config", "config file is binary", lambda: run(tmp, "--config", yaml("f.yaml", b"\xff\xfe\x00binary"))),
             ("data", "file missing", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "missing.txt")),
             ("data", "file empty", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "empty.txt")),
             ("data", "directory with no files", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "nofiles")),
             ("data", "glob matching nothing", lambda: run(tmp, *train_args[:2], "--data.path", tmp / "*.none")),
-            (
-                "data",
-                "shorter than one sequence (19 bytes, block_size 32)",
-                lambda: run(tmp, *train_args[:2], "--data.path", tmp / "short.txt"),
-            ),
-            (
-                "data",
-                "a device, `--data.path /dev/zero` (used to read until memory ran out)",
-                lambda: run(tmp, *train_args[:2], "--data.path", "/dev/zero"),
-            ),
-            (
-                "run dir",
-                "the finished run's directory with other data (used to mix two runs, exit 0)",
-                lambda: run(tmp, *train_args[:2], "--data.path", tmp / "reversed.txt", "--run_dir", run_dir),
-            ),
+            ("data", "shorter than one sequence (19 bytes, block_size 32)",
+             lambda: run(tmp, *train_args[:2], "--data.path", tmp / "short.txt")),
+            ("data", "a device, `--data.path /dev/zero` (used to read until memory ran out)",
+             lambda: run(tmp, *train_args[:2], "--data.path", "/dev/zero")),
+            ("run dir", "the finished run's directory with other data (used to mix two runs, exit 0)",
+             lambda: run(tmp, *train_args[:2], "--data.path", tmp / "reversed.txt", "--run_dir", run_dir)),
             ("run dir", "a run directory another training process holds", lambda: busy_run_dir(tmp, text)),
             ("run dir", "SIGTERM during training (exit 143, resumable; used to exit 0)", lambda: sigterm(tmp)),
-            (
-                "run dir",
-                "`--run_dir` under a regular file",
-                lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file" / "run"),
-            ),
+            ("run dir", "`--run_dir` under a regular file", lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file" / "run")),
             ("run dir", "`--run_dir` is a regular file", lambda: run(tmp, *train_args[:4], "--run_dir", tmp / "file")),
-            (
-                "run dir",
-                "disk full while writing the first checkpoint (100 kB file-size limit)",
-                lambda: full_disk(tmp, text),
-            ),
+            ("run dir", "disk full while writing the first checkpoint (100 kB file-size limit)", lambda: full_disk(tmp, text)),
             ("stream", "no stream at the path", lambda: run(tmp, "verify", tmp / "nofiles")),
             ("stream", "empty stream file", lambda: run(tmp, "verify", stream_file(tmp, "s1", b""))),
             ("stream", "not a stream (text)", lambda: run(tmp, "verify", stream_file(tmp, "s2", b"hello world" * 10))),
-            (
-                "stream",
-                "format version 9",
-                lambda: run(tmp, "verify", stream_file(tmp, "s3", good[:8] + b"\x09\x00" + good[10:])),
-            ),
+            ("stream", "format version 9", lambda: run(tmp, "verify", stream_file(tmp, "s3", good[:8] + b"\x09\x00" + good[10:]))),
             ("stream", "truncated to half", lambda: run(tmp, "verify", stream_file(tmp, "s4", good[: len(good) // 2]))),
             ("stream", "truncated by 1 byte", lambda: run(tmp, "verify", stream_file(tmp, "s5", good[:-1]))),
             ("stream", "one bit flipped in the header", lambda: run(tmp, "verify", stream_file(tmp, "s6", flip(40)))),
-            (
-                "stream",
-                "one bit flipped in the payload",
-                lambda: run(tmp, "verify", stream_file(tmp, "s7", flip(14 + header_len + 8 + 16 + 9))),
-            ),
-            (
-                "stream",
-                "one bit flipped in the trailer",
-                lambda: run(tmp, "verify", stream_file(tmp, "s8", flip(len(good) - 40))),
-            ),
+            ("stream", "one bit flipped in the payload",
+             lambda: run(tmp, "verify", stream_file(tmp, "s7", flip(14 + header_len + 8 + 16 + 9)))),
+            ("stream", "one bit flipped in the trailer", lambda: run(tmp, "verify", stream_file(tmp, "s8", flip(len(good) - 40)))),
             ("stream", "1 byte appended", lambda: run(tmp, "verify", stream_file(tmp, "s9", good + b"\0"))),
-            (
-                "stream",
-                "segment count 2³²−1, crc recomputed",
-                lambda: run(tmp, "verify", stream_file(tmp, "s10", forged(2**32 - 1))),
-            ),
-            (
-                "stream",
-                "segment length 2⁶⁴−1, crc recomputed",
-                lambda: run(tmp, "verify", stream_file(tmp, "s11", forged(segment_words=2**64 - 1))),
-            ),
-            (
-                "stream",
-                "header JSON nested 100,000 deep, crc recomputed",
-                lambda: run(tmp, "verify", stream_file(tmp, "s12", forged(header=b"[" * 100_000 + b"]" * 100_000))),
-            ),
-            (
-                "stream",
-                "one payload word changed, crc recomputed (decodes, diverges)",
-                lambda: run(
-                    tmp,
-                    "verify",
-                    with_stream("s13", lambda s: s.segments[0].words.__setitem__(5, s.segments[0].words[5] ^ 1 << 20)),
-                ),
-            ),
-            (
-                "stream",
-                "trailer's data sha256 forged (decodes everything)",
-                lambda: run(tmp, "verify", with_stream("s14", lambda s: s.trailer.update(data_sha256="0" * 64))),
-            ),
-            (
-                "stream",
-                "header's data_tokens forged to 10³⁰, checksums recomputed",
-                lambda: run(tmp, "verify", with_stream("s16", lambda s: s.header.update(data_tokens=10**30))),
-            ),
-            (
-                "stream",
-                "header's tokenizer blob forged, checksums recomputed",
-                lambda: run(
-                    tmp,
-                    "verify",
-                    with_stream("s17", lambda s: s.header.update(tokenizer={"name": "bpe", "blob": "00ff"})),
-                ),
-            ),
-            (
-                "stream",
-                "written by other source code (code hash)",
-                lambda: run(tmp, "verify", with_stream("s15", lambda s: s.header.update(code_hash="0" * 64))),
-            ),
-            (
-                "stream",
-                "header asks for `model.n_layer: 100000` (used to take 5.6 GB)",
-                lambda: run(
-                    tmp, "verify", with_stream("b1", lambda s: s.header["config"]["model"].update(n_layer=100000))
-                ),
-            ),
-            (
-                "stream",
-                "header asks for `model.block_size: 2**31`",
-                lambda: run(
-                    tmp, "verify", with_stream("b2", lambda s: s.header["config"]["model"].update(block_size=2**31))
-                ),
-            ),
-            (
-                "stream",
-                "a 1 GiB zlib bomb as the curriculum order of a sequential run (used to take 3.56 GB)",
-                lambda: run(tmp, "verify", with_stream("b3", lambda s: s.header.update(order=bomb()))),
-            ),
-            (
-                "environment",
-                "a native stream from another CPU (header says AVX512 kernels, this process runs AVX2)",
-                lambda: run(
-                    tmp,
-                    "verify",
-                    with_stream(
-                        "k1",
-                        lambda s: s.header["environment"].update(
-                            kernels="native", cpu_capability="AVX512", kernel_env={}, cpu_model="Another CPU"
-                        ),
-                    ),
-                ),
-            ),
-            (
-                "environment",
-                "a stream written on a GPU, verified on a machine without one (even with `--allow-env-mismatch`)",
-                lambda: run(
-                    tmp,
-                    "verify",
-                    with_stream(
-                        "k2", lambda s: s.header["environment"].update(device="cuda", gpu="NVIDIA H100 80GB HBM3")
-                    ),
-                    "--allow-env-mismatch",
-                ),
-            ),
-            (
-                "environment",
-                "`verify --threads 2` of a 1-thread stream",
-                lambda: run(tmp, "verify", run_dir, "--threads", "2"),
-            ),
-            (
-                "environment",
-                "torch version differs (header says 0.0.1+other)",
-                lambda: run(
-                    tmp, "verify", with_stream("e1", lambda s: s.header["environment"].update(torch="0.0.1+other"))
-                ),
-            ),
-            (
-                "environment",
-                "the same, with `--allow-env-mismatch` (exit 0: decoded, every checksum matched)",
-                lambda: run(tmp, "verify", tmp / "e1", "--allow-env-mismatch"),
-            ),
-            (
-                "environment",
-                "`verify --threads 2 --allow-env-mismatch` of the 1-thread stream (real 2-thread replay)",
-                lambda: real_thread_drift(tmp, run_dir),
-            ),
-            (
-                "environment",
-                "thread count differs, allowed, and the weights drift (checksum forged)",
-                lambda: run(tmp, "verify", with_stream("e2", set_params), "--allow-env-mismatch"),
-            ),
-            (
-                "compress",
-                "`compress` onto an existing file without `--force`",
-                lambda: run(tmp, "compress", "--ckpt", run_dir, text, packed),
-            ),
-            (
-                "compress",
-                "`compress` onto its own checkpoint, even with `--force` (used to destroy the model)",
-                lambda: run(tmp, "compress", "--ckpt", run_dir, text, run_dir / "checkpoints" / "last.ckpt", "--force"),
-            ),
-            (
-                "compress",
-                "`compress --chunk-size 0` (used to be replaced silently)",
-                lambda: run(tmp, "compress", "--ckpt", run_dir, text, tmp / "c0.prq", "--chunk-size", "0"),
-            ),
-            (
-                "compress",
-                "`compress /dev/zero` (used to say: input file not found)",
-                lambda: run(tmp, "compress", "--ckpt", run_dir, "/dev/zero", tmp / "z.prq"),
-            ),
-            (
-                "compress",
-                "`decompress` of a file whose header claims 2²⁸ tokens, crc recomputed (used to take 2.5 GB)",
-                lambda: run(tmp, "decompress", "--ckpt", run_dir, forged_packed(2**28), tmp / "d.txt"),
-            ),
-            (
-                "output",
-                "`verify --out` under a regular file",
-                lambda: run(tmp, "verify", run_dir, "--out", tmp / "file" / "x" / "out"),
-            ),
+            ("stream", "segment count 2³²−1, crc recomputed", lambda: run(tmp, "verify", stream_file(tmp, "s10", forged(2**32 - 1)))),
+            ("stream", "segment length 2⁶⁴−1, crc recomputed",
+             lambda: run(tmp, "verify", stream_file(tmp, "s11", forged(segment_words=2**64 - 1)))),
+            ("stream", "header JSON nested 100,000 deep, crc recomputed",
+             lambda: run(tmp, "verify", stream_file(tmp, "s12", forged(header=b"[" * 100_000 + b"]" * 100_000)))),
+            ("stream", "one payload word changed, crc recomputed (decodes, diverges)",
+             lambda: run(tmp, "verify", with_stream("s13", lambda s: s.segments[0].words.__setitem__(5, s.segments[0].words[5] ^ 1 << 20)))),
+            ("stream", "trailer's data sha256 forged (decodes everything)",
+             lambda: run(tmp, "verify", with_stream("s14", lambda s: s.trailer.update(data_sha256="0" * 64)))),
+            ("stream", "header's data_tokens forged to 10³⁰, checksums recomputed",
+             lambda: run(tmp, "verify", with_stream("s16", lambda s: s.header.update(data_tokens=10**30)))),
+            ("stream", "header's tokenizer blob forged, checksums recomputed",
+             lambda: run(tmp, "verify", with_stream("s17", lambda s: s.header.update(tokenizer={"name": "bpe", "blob": "00ff"})))),
+            ("stream", "written by other source code (code hash)",
+             lambda: run(tmp, "verify", with_stream("s15", lambda s: s.header.update(code_hash="0" * 64)))),
+            ("stream", "header asks for `model.n_layer: 100000` (used to take 5.6 GB)",
+             lambda: run(tmp, "verify", with_stream("b1", lambda s: s.header["config"]["model"].update(n_layer=100000)))),
+            ("stream", "header asks for `model.block_size: 2**31`",
+             lambda: run(tmp, "verify", with_stream("b2", lambda s: s.header["config"]["model"].update(block_size=2**31)))),
+            ("stream", "a 1 GiB zlib bomb as the curriculum order of a sequential run (used to take 3.56 GB)",
+             lambda: run(tmp, "verify", with_stream("b3", lambda s: s.header.update(order=bomb())))),
+            ("environment", "a native stream from another CPU (header says AVX512 kernels, this process runs AVX2)",
+             lambda: run(tmp, "verify", with_stream("k1", lambda s: s.header["environment"].update(
+                 kernels="native", cpu_capability="AVX512", kernel_env={}, cpu_model="Another CPU")))),
+            ("environment", "a stream written on a GPU, verified on a machine without one (even with `--allow-env-mismatch`)",
+             lambda: run(tmp, "verify", with_stream("k2", lambda s: s.header["environment"].update(
+                 device="cuda", gpu="NVIDIA H100 80GB HBM3")), "--allow-env-mismatch")),
+            ("environment", "`verify --threads 2` of a 1-thread stream", lambda: run(tmp, "verify", run_dir, "--threads", "2")),
+            ("environment", "torch version differs (header says 0.0.1+other)",
+             lambda: run(tmp, "verify", with_stream("e1", lambda s: s.header["environment"].update(torch="0.0.1+other")))),
+            ("environment", "the same, with `--allow-env-mismatch` (exit 0: decoded, every checksum matched)",
+             lambda: run(tmp, "verify", tmp / "e1", "--allow-env-mismatch")),
+            ("environment", "`verify --threads 2 --allow-env-mismatch` of the 1-thread stream (real 2-thread replay)",
+             lambda: real_thread_drift(tmp, run_dir)),
+            ("environment", "thread count differs, allowed, and the weights drift (checksum forged)",
+             lambda: run(tmp, "verify", with_stream("e2", set_params), "--allow-env-mismatch")),
+            ("compress", "`compress` onto an existing file without `--force`",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, text, packed)),
+            ("compress", "`compress` onto its own checkpoint, even with `--force` (used to destroy the model)",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, text, run_dir / "checkpoints" / "last.ckpt", "--force")),
+            ("compress", "`compress --chunk-size 0` (used to be replaced silently)",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, text, tmp / "c0.prq", "--chunk-size", "0")),
+            ("compress", "`compress /dev/zero` (used to say: input file not found)",
+             lambda: run(tmp, "compress", "--ckpt", run_dir, "/dev/zero", tmp / "z.prq")),
+            ("compress", "`decompress` of a file whose header claims 2²⁸ tokens, crc recomputed (used to take 2.5 GB)",
+             lambda: run(tmp, "decompress", "--ckpt", run_dir, forged_packed(2**28), tmp / "d.txt")),
+            ("output", "`verify --out` under a regular file", lambda: run(tmp, "verify", run_dir, "--out", tmp / "file" / "x" / "out")),
         ]
+        # fmt: on
         print("| what | bad input | exit | what it prints |")
         print("|---|---|---:|---|")
         for kind, what, go in rows:

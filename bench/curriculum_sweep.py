@@ -44,16 +44,7 @@ def run_variant(
     extra = VARIANTS[name] + (["--data.vocab_size", str(vocab_size)] if name == "bpe" else [])
     config = bench_config(
         config_path,
-        [
-            "--data.path",
-            str(data_path),
-            "--run_dir",
-            str(run_dir),
-            "--stream.enabled",
-            "false",
-            *extra,
-            *overrides,
-        ],
+        ["--data.path", str(data_path), "--run_dir", str(run_dir), "--stream.enabled", "false", *extra, *overrides],
     )
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # train() prints its own table; ours is below

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
-from tests.helpers import ROOT, tiny_config  # noqa: E402  (imports torch: after the pins)
+from tests.helpers import LMIC_TEXT, ROOT, tiny_config, trained_tiny_model  # noqa: E402  (imports torch: after the pins)
 
 
 @pytest.fixture
@@ -44,3 +44,20 @@ def real(tmp_path_factory):
     run_dir = root / "reference"
     train(tiny_config(text, run_dir, "--trainer.checkpoint_every_n_steps", "4"))
     return {"root": root, "text": text, "run_dir": run_dir, "stream": (run_dir / STREAM_NAME).read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny trained byte model (no stream): the frozen model the compress tests use."""
+    return trained_tiny_model(tmp_path_factory.mktemp("lmic"))
+
+
+@pytest.fixture(scope="module")
+def packed(run_dir, tmp_path_factory) -> Path:
+    """LMIC_TEXT (1,000 bytes: one batch of 32 chunks) compressed with the tiny model."""
+    from prequel.compress.codec import compress
+
+    tmp = tmp_path_factory.mktemp("packed")
+    (tmp / "in.txt").write_bytes(LMIC_TEXT)
+    compress(run_dir, tmp / "in.txt", tmp / "in.prq")
+    return tmp / "in.prq"

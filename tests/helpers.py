@@ -4,6 +4,8 @@ Imported after tests/conftest.py, which pins the kernels before anything here im
 """
 
 import json
+import os
+import resource
 import struct
 import subprocess
 import sys
@@ -14,20 +16,12 @@ from prequel.checks.settings import load_config
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"  # the corpora the benches use, when this checkout has them
 TINY = ROOT / "configs" / "tiny.yaml"
+LMIC_TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_bytes()[:1000]  # one batch of 32 chunks (tiny.yaml)
 
 
 def tiny_config(data_path: Path, run_dir: Path, *overrides: str):
     return load_config(
-        TINY,
-        [
-            "--data.path",
-            str(data_path),
-            "--run_dir",
-            str(run_dir),
-            "--logging.progress_bar",
-            "false",
-            *overrides,
-        ],
+        TINY, ["--data.path", str(data_path), "--run_dir", str(run_dir), "--logging.progress_bar", "false", *overrides]
     )
 
 
@@ -104,3 +98,26 @@ def run_main(*args) -> tuple[int, str, str]:
 def files_under(directory: Path) -> set[str]:
     """Every path under `directory`, relative to it."""
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*")}
+
+
+ADDRESS_SPACE = 4 << 30  # what a hostile-input test's CLI process may map: a late check fails it with MemoryError
+
+
+def limited_cli(*args, env: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a process that cannot map more than 4 GB (nor, with `fsize`,
+    write a file larger than that many bytes)."""
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
+        preexec_fn=limits,
+    )

@@ -14,14 +14,9 @@ from prequel.compress.frozen import CompressError, load_frozen
 from prequel.models.gpt import GPT, GPTConfig
 from prequel.models.kv_cache import KVCache
 from prequel.training.stream import Stream, read_stream
-from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config, trained_tiny_model
+from tests.helpers import ROOT, SHARED_CORPORA, run_cli, tiny_config
 
 CHUNK = 32  # configs/tiny.yaml block_size
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return trained_tiny_model(tmp_path_factory.mktemp("lmic"))
 
 
 def round_trip(run_dir: Path, tmp_path: Path, data: bytes, **options) -> dict:

@@ -5,11 +5,9 @@ comes after the allocation fails the test (with a MemoryError, not the message).
 
 import base64
 import os
-import resource
 import socket
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -24,24 +22,10 @@ from prequel.models.gpt import GPT, GPTConfig
 from prequel.training.data import DataError
 from prequel.training.orders import labels_from_header
 from prequel.training.stream import Stream, encode_stream, read_stream
-from tests.helpers import ROOT, TINY, assert_refused
+from tests.helpers import ROOT, TINY, assert_refused, limited_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "portable.prequel"  # tiny.yaml, sequential, 3,000 byte tokens
 FIXTURE_CHUNKS = -(-3000 // 32)  # ceil(data_tokens / block_size) = 94 levels a difficulty order would carry
-ADDRESS_SPACE = 4 << 30
-
-
-def limited_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """train.py as a user runs it, in a process that cannot map more than 4 GB."""
-    return subprocess.run(
-        [sys.executable, "train.py", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=None if env is None else {**os.environ, **env},
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE)),
-    )
 
 
 def forge(tmp_path: Path, **edits) -> Path:

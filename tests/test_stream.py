@@ -10,8 +10,6 @@ from prequel.alice.encoder import Encoder, encode_known
 from prequel.alice.session import train
 from prequel.training.coding import Decoder, code_batch, coding_probabilities
 from prequel.training.data import IGNORE
-
-# Words of the stream for a fixed batch: a change that alters bits must change this on purpose.
 from prequel.training.stream import decode_stream, encode_stream, read_stream
 from tests.helpers import run_cli, tiny_config
 

@@ -85,9 +85,8 @@ class TrainerConfig:
     max_epochs: Annotated[int, Limit(f"in 1..{MAX_EPOCHS}", lambda v: 1 <= v <= MAX_EPOCHS)] = 1
     max_steps: Annotated[int, Limit("-1 or > 0", lambda v: v == -1 or v > 0)] = -1  # optimizer steps; -1 = no limit
     accumulate_grad_batches: Annotated[int, POSITIVE] = 1  # micro-steps (batches) per optimizer step
-    precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = (
-        "32-true"  # changes bits, recorded in the stream
-    )
+    # changes bits, recorded in the stream
+    precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = "32-true"
     accelerator: Literal["cpu", "gpu", "auto"] = "cpu"  # Lightning's; a stream records the device it was made on
     devices: Annotated[int, POSITIVE] = 1  # processes (DDP): each codes its rows of a batch into its own sub-stream
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"  # Lightning's, for devices > 1
@@ -120,12 +119,10 @@ class MixtureConfig:
     # comma-separated LAYERSxHEADSxWIDTH[@LR], e.g. "1x2x32@3e-3, 2x4x128@2e-3" (LR: optim.lr if left
     # out); the model section gives everything else. Empty: one model, the model section's
     members: str = ""
-    weights: Literal["bayes", "switch"] = (
-        "bayes"  # bayes: weights ∝ likelihood of the coded prefix; switch: fixed share
-    )
-    switch_rate: Annotated[float, FRACTION] = (
-        0.01  # switch: the share of weight spread over all members before each column
-    )
+    # bayes: weights ∝ likelihood of the coded prefix; switch: fixed share
+    weights: Literal["bayes", "switch"] = "bayes"
+    # switch: the share of weight spread over all members before each column
+    switch_rate: Annotated[float, FRACTION] = 0.01
 
 
 @dataclass
