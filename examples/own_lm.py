@@ -8,7 +8,7 @@ under the weights from before the optimizer step learns it (``self.coded``, a `C
 contract in callbacks/contract.py. `CodeLength` adds those NLLs up as Σ (bits) and logs
 ``code/bpb`` and ``code/data_bpb`` to CSV and (offline) W&B like any metric. |f| here is this file,
 compressed: the program that a receiver would run to decode. Writing a verifiable stream needs the
-module's code inside f, so that is prequel's own `PrequelModule`'s (train.py) and not done here.
+module's code inside f, so that is prequel's own `PrequelModule`'s (training/module.py) and not done here.
 """
 
 import argparse

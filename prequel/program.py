@@ -101,7 +101,7 @@ def source_bundle(config=None) -> bytes:
     (`config`) those a run with these settings needs."""
     parts = []
     for name, path in source_files(config).items():
-        body = strip_python(path.read_text()).encode()
+        body = strip_python(path.read_text(encoding="utf-8")).encode()
         parts.append(f"{DISTRIBUTION}/{name}\n{len(body)}\n".encode() + body)
     body = pins()
     parts.append(f"pins\n{len(body)}\n".encode() + body)

@@ -231,7 +231,16 @@ def audit(
 
     def run(stretch: Stretch) -> dict:
         # (absolute paths: the user's paths may be relative to another directory than this process's)
-        cmd = [sys.executable, "-m", "prequel", "verify", str(stream_path.resolve()), "--segment", str(stretch.index)]
+        cmd = [
+            sys.executable,
+            "-P",
+            "-m",
+            "prequel",
+            "verify",
+            str(stream_path.resolve()),
+            "--segment",
+            str(stretch.index),
+        ]
         cmd += ["--threads", str(threads)] if threads else []
         cmd += ["--data", _from_here(data_path)] if data_path is not None else []
         cmd += ["--allow-env-mismatch"] if allow_env_mismatch else []
