@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for train.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (tests.helpers, bench modules)
 
 from prequel.alice.corpus import read_corpus  # noqa: E402
 from prequel.alice.fit import tokenize  # noqa: E402
