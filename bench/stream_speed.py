@@ -1,4 +1,4 @@
-"""Stream costs (issue 5): encode overhead, decode/train time, and coder symbols/s.
+"""Stream costs (issue 5): encode overhead and decode/train time.
 
 (a) encode overhead: steady-state tokens/s of prequel's Trainer (`training.run.build_trainer`, CodeLength
     callback, no loggers or checkpoints) on the first `--tokens` tokens, with the StreamEncoder
@@ -9,12 +9,9 @@
     with f's
     own procedure alone); prints decode seconds / train seconds (whole calls) and,
     when (a) ran, the steady-state ratio (a)'s stream-on tokens/s / verify's Trainer.fit tokens/s.
-(c) coder symbols/s: `prequel.alice.encoder.encode_known` with an Encoder (all logits known: one pass),
-    then `code_batch` with a Decoder (column by column), on random logits of `--rows` × `--cols`
-    symbols at each `--vocab` (no model: coding_probabilities + the range coder), and
-    `coding_probabilities` column by column alone for comparison.
+(The coder alone, per vocabulary and batch size: bench/coder.py.)
 
-    python bench/stream_speed.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b,c] [--model.n_layer 4 ...]
+    python bench/stream_speed.py [--tokens 60000] [--decode-tokens 30000] [--skip a,b] [--model.n_layer 4 ...]
 """
 
 import contextlib
@@ -24,7 +21,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from common import (
     bench_config,
     bench_parser,
@@ -35,10 +31,9 @@ from common import (
     print_environment,
 )
 
-from prequel.alice.encoder import Encoder, StreamEncoder, encode_known
+from prequel.alice.encoder import StreamEncoder
 from prequel.alice.fit import stream_header
 from prequel.alice.session import train
-from prequel.training.coding import Decoder, code_batch, coding_probabilities
 from prequel.training.stream import StreamError
 from prequel.verify.verifier import verify
 
@@ -133,69 +128,20 @@ def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
     print()
 
 
-def coder_rates(vocab: int, rows: int, cols: int, repeats: int) -> dict:
-    generator = torch.Generator().manual_seed(vocab)
-    logits = 2.0 * torch.randn(rows, cols, vocab, generator=generator)
-    # Targets drawn from the coded distribution, so bits/symbol is what a model this sure would pay.
-    targets = torch.multinomial(torch.softmax(logits.flatten(0, 1), -1), 1, generator=generator).view(rows, cols)
-    n = rows * cols
-    best = {"encode": float("inf"), "decode": float("inf"), "probs": float("inf")}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        encoder = Encoder()
-        encode_known(logits, targets.clone(), encoder)  # Alice: all logits known, one pass
-        t1 = time.perf_counter()
-        decoded = torch.zeros_like(targets)  # 0 = not decoded yet
-        code_batch(lambda t: logits[:, t], decoded, Decoder(encoder.words()))
-        t2 = time.perf_counter()
-        for t in range(cols):
-            coding_probabilities(logits[:, t])
-        t3 = time.perf_counter()
-        if not torch.equal(decoded, targets):
-            raise SystemExit(f"V={vocab}: decoded symbols differ from the encoded ones")
-        best = {
-            "encode": min(best["encode"], t1 - t0),
-            "decode": min(best["decode"], t2 - t1),
-            "probs": min(best["probs"], t3 - t2),
-        }
-    return {"symbols": n, "bits": encoder.num_bits() / n, **{k: n / s for k, s in best.items()}}
-
-
-def coder_table(vocabs: list[int], rows: int, cols: int, repeats: int) -> None:
-    print(f"(c) coder symbols/s: random logits (2·N(0,1)), {rows} rows × {cols} columns, best of {repeats}")
-    print(
-        f"    {'V':>6} {'symbols':>8} {'bits/sym':>9} {'encode sym/s':>13} {'decode sym/s':>13} "
-        f"{'probs only sym/s':>17}"
-    )
-    for vocab in vocabs:
-        r = coder_rates(vocab, rows, cols, repeats)
-        print(
-            f"    {vocab:>6} {r['symbols']:>8,} {r['bits']:>9.3f} {r['encode']:>13,.0f} {r['decode']:>13,.0f} "
-            f"{r['probs']:>17,.0f}"
-        )
-
-
 def main() -> None:
-    parser = bench_parser("Stream encode overhead, decode/train time ratio and coder symbols/s.")
+    parser = bench_parser("Stream encode overhead and decode/train time ratio.")
     parser.add_argument("--tokens", type=int, default=60000, help="(a) corpus prefix (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="(a) untimed steps per run (default: %(default)s)")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="(a) runs per side, (c) timings per V (default: %(default)s)"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="(a) runs per side (default: %(default)s)")
     parser.add_argument(
         "--decode-tokens",
         type=int,
         default=30000,
         help="(b) corpus prefix; small ones flatter the ratio, train()'s fixed costs dominate (default: %(default)s)",
     )
-    parser.add_argument(
-        "--vocab", type=int, nargs="+", default=[256, 32768], help="(c) alphabet sizes (default: 256 32768)"
-    )
-    parser.add_argument("--rows", type=int, default=16, help="(c) rows per batch (default: %(default)s)")
-    parser.add_argument("--cols", type=int, default=64, help="(c) columns (positions) per batch (default: %(default)s)")
     parser.add_argument("--skip", default="", help="parts to skip, e.g. b or a,b (default: none)")
     args, overrides = parser.parse_known_args()
-    if min(args.tokens, args.warmup, args.repeats, args.decode_tokens, args.rows, args.cols) < 1:
+    if min(args.tokens, args.warmup, args.repeats, args.decode_tokens) < 1:
         parser.error("every count must be >= 1")
     skip = set(args.skip.replace(",", ""))
     config = bench_config(args.config, ["--stream.enabled", "false"] + overrides)
@@ -206,8 +152,6 @@ def main() -> None:
         train_rate = encode_overhead(config, args.tokens, args.warmup, args.repeats)
     if "b" not in skip:
         decode_train_ratio(config, args.decode_tokens, train_rate)
-    if "c" not in skip:
-        coder_table(args.vocab, args.rows, args.cols, args.repeats)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ class StreamCallback(L.Callback):
 
     def state_dict(self) -> dict:
         return {
-            "segments": [(s.batches, torch.from_numpy(s.words.astype(np.int64))) for s in self.stream.segments],
+            "segments": [
+                (s.batches, s.lanes, torch.from_numpy(s.words.astype(np.int64))) for s in self.stream.segments
+            ],
             "tokens_hash": self.tokens_hash,
             "coded_tokens": self.coded_tokens,
             "coded_batches": self.coded_batches,
@@ -166,7 +168,7 @@ class StreamDecoder(StreamCallback):
         if index >= len(self.stream.segments):
             raise StreamError(f"stream ends after {self.coded_batches} batches but training continues: truncated?")
         segment = self.stream.segments[index]
-        self.coder, self._segment_end = Decoder(segment.words), self.coded_batches + segment.batches
+        self.coder, self._segment_end = Decoder(segment.words, segment.lanes), self.coded_batches + segment.batches
 
     def _close_segment(self) -> None:
         if self.coder is not None and not self.coder.exhausted():

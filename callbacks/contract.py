@@ -19,7 +19,7 @@ replay of data already coded). examples/own_lm.py is a runnable module of this k
 
 The stream (`StreamEncoder`, `StreamDecoder`) needs more, because Bob must rebuild the run exactly:
 the data plan's batches of spans on a `Tape` (prequel.training.data), the coded batch's targets and
-logits, and a forward that gives the logits of the coded positions (`StreamModule`).
+their coding intervals, and a forward that gives the logits of the coded positions (`StreamModule`).
 `PrequelModule` is the implementation; a stream from another module would also need that module's
 code in f, which prequel does not count, so the stream callbacks refuse other modules by name.
 
@@ -57,7 +57,7 @@ class StreamCoded(Coded, Protocol):
     """What the stream callbacks read from ``pl_module.coded`` besides `Coded`."""
 
     targets: torch.Tensor  # (B, L) the batch's tokens, -100 where there is none
-    logits: torch.Tensor  # (B, L, V) the logits the NLL came from (the encoder codes with them)
+    intervals: torch.Tensor | None  # (B, L, 2) each target's coding interval (training/coding.py), or None
 
 
 class StreamModule(CodeLengthModule, Protocol):

@@ -1,27 +1,34 @@
-"""Arithmetic coding of a batch with the model's predictions: one procedure for both sides.
+"""Coding a batch with the model's predictions: one procedure for both sides.
 
 `code_batch` walks a batch position-major (column t of every row, then t + 1), asks for the
-logits of column t, turns them into probabilities and hands them to a coder: an encoder codes
-the known targets, a `Decoder` decodes them, and `code_batch` writes what came back into
-`targets` (the same symbols when encoding). The decoder's `logits_at` runs the model on what
-it has decoded so far (models/kv_cache.py `incremental_logits`: by KV-cache steps, for both sides). Because
-the decoder has positions < t when it needs column t, and causal attention makes column t
-independent of later inputs, both sides see bitwise identical logits, so identical
-probabilities, so the range coder inverts exactly.
+logits of column t and hands their probabilities to a coder: an encoder codes the known targets,
+a `Decoder` decodes them, and `code_batch` writes what came back into `targets` (the same symbols
+when encoding). The decoder's `logits_at` runs the model on what it has decoded so far
+(models/kv_cache.py `incremental_logits`: by KV-cache steps, for both sides). Because the decoder
+has positions < t when it needs column t, and causal attention makes column t independent of
+later inputs, both sides see bitwise identical logits, so identical probabilities, so identical
+integer intervals.
 
-The encoder is Alice's and not part of f (prequel/alice/encoder.py: `Encoder`, and `encode_known`, which
-codes the same rows through the same `coding_probabilities` in one pass when the training forward
-has given every logit); Bob needs only the `Decoder`.
+Quantisation (`frequencies`) runs where the logits are, in integer arithmetic after one float
+step: q = floor(p · (2^P − W)) for a row of W probabilities, every symbol gets q + 1 and the
+row's remainder goes to its largest q, so each row sums to exactly 2^P and every symbol, even one
+the model thinks impossible, stays codable. Integer sums are exact in any order, so both sides
+agree whatever the device. The code loses at most −log2(1 − W / 2^P) bits a token to it (9e-5
+at W = 131,072).
 
-Quantisation is constriction's leaky `Categorical(perfect=False)`: a deterministic function of
-the float64 probability row that gives every symbol at least one quantum (so any symbol, even
-one the model thinks impossible, stays codable), within a 24-bit fixed-point range coder.
+The entropy coder is interleaved rANS (Duda; Giesen's rans64 parameters): one 63-bit state per
+lane, 32-bit words, lane r codes row r of every batch. Alice encodes a segment backwards once it
+is sealed (prequel/alice/encoder.py); Bob decodes a column of rows at once: the lanes' slots go
+to the device, `lookup` finds each slot's symbol by searchsorted on the row's cumulative
+frequencies, and only (symbol, start, frequency) come back. The host's work a token is a few
+integer operations whatever the vocabulary (`_advance`). A segment's words begin with every
+lane's final state; decoding ends with every state back at its start, which checks the segment.
 """
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import constriction
+import numba
 import numpy as np
 import torch
 
@@ -32,37 +39,107 @@ if TYPE_CHECKING:  # names for the annotations only: none of these is imported t
     from prequel.alice.encoder import Encoder
     from prequel.models.mixture import ColumnMixer
 
-MODEL = constriction.stream.model.Categorical(perfect=False)  # the quantisation both sides code with
+P = 31  # a row's frequencies sum to 2**P
+LOW = 1 << 31  # a lane's state lives in [LOW, 2**63): it fits int64 on the host and on any device
+CHUNK = 1 << 22  # probabilities quantised at once, at most: O(CHUNK) memory whatever the batch
 
 
-def coding_probabilities(logits: torch.Tensor) -> np.ndarray:
-    """(R, V) logits → (R, V) float64 probabilities: row by row, the same bits for the same row
-    of logits whatever the other rows (a float32 softmax over the last dim, then widened)."""
-    return torch.softmax(logits.detach().float().contiguous(), dim=-1).cpu().double().numpy()
+def frequencies(probs: torch.Tensor) -> torch.Tensor:
+    """(R, W) probabilities → (R, W) int32 frequencies, each ≥ 1, every row summing to 2**P."""
+    width = probs.shape[-1]
+    budget = (1 << P) - width  # what is left once every symbol has its one
+    q = (probs.float() * budget).int().clamp_(0, budget)  # floor (p ≥ 0); NaN rows become all-ones
+    top = q.argmax(-1, keepdim=True)
+    total = q.sum(-1, keepdim=True)
+    over = total - budget > q.gather(-1, top)  # the rounded p summed to more than 1 by more than the
+    if over.any():  # largest q can give back (never seen): scale those rows down, exactly
+        rows = over[:, 0]
+        q[rows] = (q[rows].long() * budget // total[rows]).int()
+        total = q.sum(-1, keepdim=True)
+    q += 1
+    return q.scatter_add_(-1, top, (budget - total).int())  # the remainder (or the excess) to the largest
+
+
+def _interval(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (start, frequency) of its symbol: int64 (R,) each."""
+    cdf = freq.cumsum(-1)  # int64: exact
+    f = freq.gather(-1, symbols[:, None])[:, 0].long()
+    return cdf.gather(-1, symbols[:, None])[:, 0] - f, f
+
+
+def intervals(probs: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
+    """The encoder's side: (R, 2) int64 (start, frequency) of `symbols` (R,) under `probs` (R, W)."""
+    return torch.stack(_interval(frequencies(probs), symbols.to(probs.device)), -1)
+
+
+def lookup(probs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The decoder's side: the symbol whose interval holds each row's slot, (R, 3) int64
+    (symbol, start, frequency), computed on `probs`' device (one transfer back)."""
+    freq = frequencies(probs)
+    symbols = torch.searchsorted(freq.cumsum(-1), slots.to(probs.device)[:, None], right=True)[:, 0]
+    return torch.stack((symbols, *_interval(freq, symbols)), -1)
+
+
+def logit_intervals(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits and (N,) targets (IGNORE allowed) → (N, 2) intervals, chunk by chunk: the
+    very rows `code_batch` codes one column at a time (the softmax of a row ignores the others)."""
+    out = torch.zeros(len(targets), 2, dtype=torch.long, device=logits.device)
+    rows = max(1, CHUNK // logits.shape[-1])
+    for at in range(0, len(targets), rows):
+        probs = torch.softmax(logits[at : at + rows].detach().float(), dim=-1)
+        out[at : at + rows] = intervals(probs, targets[at : at + rows].clamp(min=0))
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _advance(states, lanes, start, freq, words, pos):  # pragma: no cover (compiled)
+    """Decode one symbol on each of `lanes` (its interval known): the rANS step and renormalisation.
+    Returns the next word's position, or -1 if the words ran out."""
+    for i in range(len(lanes)):
+        x = states[lanes[i]]
+        x = freq[i] * (x >> P) + (x & (LOW - 1)) - start[i]
+        if x < LOW:
+            if pos == len(words):
+                return -1
+            x = (x << 32) | np.int64(words[pos])
+            pos += 1
+        states[lanes[i]] = x
+    return pos
 
 
 class Decoder:
-    def __init__(self, words: np.ndarray):
-        self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+    """Bob's coder for one segment: its lanes' states, read from the head of its words."""
 
-    def code(self, symbols: torch.Tensor | None, probs: np.ndarray) -> torch.Tensor:
-        """Decode one symbol per row of `probs` (R, V) and return them; `symbols` (what the
-        encoder had in their place, unknown here) is ignored."""
-        try:
-            decoded = self._coder.decode(MODEL, probs)
-        except (AssertionError, ValueError, RuntimeError, IndexError) as e:  # constriction's word check
+    def __init__(self, words: np.ndarray, lanes: int):
+        words = np.ascontiguousarray(words, dtype=np.uint32)
+        if lanes < 1 or len(words) < 2 * lanes:
+            raise StreamError(f"segment of {len(words):,} words cannot hold the states of {lanes:,} lanes")
+        head = words[: 2 * lanes].astype(np.int64)
+        self.states = (head[0::2] << 32) | head[1::2]
+        if (head[0::2] >= LOW).any() or (self.states < LOW).any():
+            raise StreamError("the payload is corrupted: a lane's state is out of range")
+        self.words, self.pos = words, 2 * lanes
+
+    def code(self, probs: torch.Tensor, symbols: torch.Tensor | None, lanes: np.ndarray) -> torch.Tensor:
+        """Decode one symbol per row of `probs` (R, W), row r on lane `lanes[r]` (distinct lanes: a
+        column); `symbols` (what the encoder had in their place, unknown here) is ignored."""
+        if lanes.max(initial=0) >= len(self.states):
             raise StreamError(
-                f"the range coder met words that do not decode ({e}): the payload is corrupted, or "
-                "this machine's arithmetic differs from the encoder's"
-            ) from None
-        return torch.from_numpy(decoded.astype(np.int64))
-
-    def flush(self) -> None:
-        """Nothing is queued: each symbol is decoded when asked for (the next column needs it)."""
+                f"the batch has a row for lane {lanes.max()}, but the segment codes {len(self.states)} lanes: "
+                "the payload does not match the header"
+            )
+        found = lookup(probs, torch.from_numpy(self.states[lanes] & (LOW - 1))).cpu().numpy()
+        pos = _advance(self.states, lanes, found[:, 1], found[:, 2], self.words, self.pos)
+        if pos < 0:
+            raise StreamError(
+                "the payload ran out: the header claims more tokens than the file holds, or it is corrupted"
+            )
+        self.pos, self.freq = pos, found[:, 2]  # (the frequencies: what the symbols cost, for a budget)
+        return torch.from_numpy(found[:, 0])
 
     def exhausted(self) -> bool:
-        """True once every word of the stream has been consumed."""
-        return bool(self._coder.maybe_exhausted())
+        """True once every word has been read and every lane is back at its first state."""
+        return self.pos == len(self.words) and bool((self.states == LOW).all())
 
 
 def code_batch(
@@ -73,29 +150,32 @@ def code_batch(
     mixer: "ColumnMixer | None" = None,
 ) -> None:
     """Code `targets` (B, L) column by column (positions != IGNORE): encode them, or decode
-    into them (the decoder's are placeholders until then).
+    into them (the decoder's are placeholders until then). Row r codes on lane r.
 
     `logits_at(t)` gives column t's (B, V) logits once columns < t are in `targets`. `code_rows`
-    (logits (R, V), symbols (R,), coder) → symbols codes a column's rows another way than with their
-    probabilities (prequel/compress/codec.py: top-k + escape). With a `mixer` (a mixture of models),
-    `logits_at(t)` gives the members' log-probabilities (B, K, V), and the rows of a column are
-    coded one by one, each with the weights after the rows above it (models/mixture.py)."""
+    (logits (R, V), symbols (R,), lanes (R,), coder) → symbols codes a column's rows another way than
+    with their softmax (prequel/compress/chunks.py: top-k + escape). With a `mixer` (a mixture of
+    models), `logits_at(t)` gives the members' log-probabilities (B, K, V), and the rows of a column
+    are coded one by one, each with the weights after the rows above it (models/mixture.py)."""
     present = targets != IGNORE
     for t in range(targets.shape[1]):
         rows = present[:, t]
         if not rows.any():
             continue
+        lanes = rows.nonzero()[:, 0].numpy()
         if mixer is not None:
             member_lp = logits_at(t)
-            for r in rows.nonzero()[:, 0].tolist():
+            for r in lanes.tolist():
                 mixed = mixer.mix(member_lp[r : r + 1], mixer.before_rows()[r : r + 1])
-                targets[r, t] = coder.code(targets[r : r + 1, t], coding_probabilities(mixed))[0]
+                probs = torch.softmax(mixed.float(), dim=-1)
+                targets[r, t] = coder.code(probs, targets[r : r + 1, t], np.array([r]))[0]
                 mixer.observe(r, member_lp[r, :, targets[r, t]])
             mixer.end_column()
             continue
+        column = logits_at(t)
+        logits = column[rows.to(column.device)]
         if code_rows is not None:
-            symbols = code_rows(logits_at(t)[rows], targets[rows, t], coder)
+            symbols = code_rows(logits, targets[rows, t], lanes, coder)
         else:
-            symbols = coder.code(targets[rows, t], coding_probabilities(logits_at(t))[rows.numpy()])
-        targets[rows, t] = symbols
-    coder.flush()
+            symbols = coder.code(torch.softmax(logits.float(), dim=-1), targets[rows, t], lanes)
+        targets[rows, t] = symbols.to(targets.device)

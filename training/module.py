@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from prequel.models import portable_math
 from prequel.models.gpt import GPT
+from prequel.training.coding import logit_intervals
 from prequel.training.config import Config, mixture_members, program_dict
 from prequel.training.data import IGNORE, Tape
 
@@ -28,7 +29,7 @@ class CodedBatch:
     spans: torch.Tensor  # (B, 2) start, length on the tape
     fresh: bool  # a pass over the data, not a replay of coded data
     first_pass: bool  # coded: fresh, in epoch 0 (see PrequelModule.is_first_pass)
-    logits: torch.Tensor  # (B, L, V), detached
+    intervals: torch.Tensor | None  # (B, L, 2) int64 (start, frequency) of each target, for the stream
     targets: torch.Tensor  # (B, L), IGNORE where there is no token
     nll: torch.Tensor  # (B, L) nats, float32, 0 where IGNORE
     nbytes: int  # input bytes the batch's tokens stand for
@@ -60,6 +61,7 @@ class PrequelModule(L.LightningModule):
         self.member_lrs = [lr for _, lr in members]
         self.tape: Tape | None = None  # attached by the DataModule's owner (see attach)
         self.coded: CodedBatch | None = None
+        self.code_intervals = False  # the stream encoder sets it: keep each target's coding interval
         # The GPT and run settings travel in every checkpoint, so a checkpoint alone rebuilds its model
         # (prequel compress/decompress); plain data, loadable with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -105,7 +107,7 @@ class PrequelModule(L.LightningModule):
             spans,
             batch["fresh"],
             first_pass,
-            logits.detach(),
+            self._intervals(logits, y) if first_pass and self.code_intervals else None,
             y,
             nll.detach(),
             self.tape.nbytes(spans),
@@ -126,6 +128,12 @@ class PrequelModule(L.LightningModule):
                 else (x, y)
             )
         return loss
+
+    @torch.no_grad()
+    def _intervals(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The intervals Alice codes the targets with (training/coding.py), while the logits exist: so
+        nothing (B, L, V) outlives the step."""
+        return logit_intervals(logits.flatten(0, 1), y.flatten()).view(*y.shape, 2)
 
     def _count_coded(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """What learns from coded tokens by counting, not by gradient: the n-gram counts and a

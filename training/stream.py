@@ -4,16 +4,16 @@ Layout (little-endian):
 
     b"PRQLSTRM"  u16 version
     u32 header length,  header (JSON),  u32 crc32      what the decoder needs + what changes bits
-    u32 segment count, then per segment:               the arithmetic-coded tokens
-        u64 batches, u64 word count, u32 words...
+    u32 segment count, then per segment:               the rANS-coded tokens (training/coding.py)
+        u64 batches, u32 lanes, u64 word count, u32 words...   (the lanes' final states first)
     u32 crc32 of the segment section
     u32 trailer length, trailer (JSON), u32 crc32       checks only: token/parameter checksums,
                                                         data sha256, final weights hash
 
 The header is the program f (its parts are counted in |f|); the payload words are the Σ part.
 A new segment starts at every training checkpoint, so a resumed run continues the stream
-exactly where its checkpoint sealed it (each seal costs at most a few dozen bits of padding;
-its 16 bytes of framing are reported apart from the payload). The trailer is not needed to
+exactly where its checkpoint sealed it (each seal costs a lane's 64-bit final state per lane,
+`Stream.padding_bits`; its 20 bytes of framing are reported apart from the payload). The trailer is not needed to
 decode and only turns silent drift into a named error. Every length is checked against the
 bytes that remain before anything is allocated, so a forged or truncated file fails fast with
 `StreamError`: the segment table is scanned and its crc checked before any word array is
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"PRQLSTRM"
-VERSION = 1
+VERSION = 2
+LAST_COMMIT = {1: "50e249a"}  # the last commit that reads each earlier version
 MAX_JSON_BYTES = 64 << 20  # no header or trailer is this large; a bigger length is corrupt
-_SEGMENT_FRAMING = 16  # u64 batches + u64 word count
+_SEGMENT_FRAMING = 20  # u64 batches + u32 lanes + u64 word count
 
 
 class StreamError(ValueError):
@@ -42,7 +43,8 @@ class StreamError(ValueError):
 @dataclass
 class Segment:
     batches: int  # training batches coded in this segment
-    words: np.ndarray  # uint32, a sealed range-coder stream
+    lanes: int  # rANS lanes: row r of a batch codes on lane r
+    words: np.ndarray  # uint32: the lanes' final states (two words each), then the rest
 
 
 @dataclass
@@ -54,6 +56,11 @@ class Stream:
     @property
     def payload_bits(self) -> int:
         return 32 * sum(len(s.words) for s in self.segments)
+
+    @property
+    def padding_bits(self) -> int:
+        """What sealing costs at most: every lane's final state, 64 bits, in every segment."""
+        return 64 * sum(s.lanes for s in self.segments)
 
 
 class _Reader:
@@ -95,7 +102,7 @@ def encode_stream(stream: Stream) -> bytes:
     """The file's bytes: the layout above, which `decode_stream` reads back."""
     payload = [struct.pack("<I", len(stream.segments))]
     for seg in stream.segments:
-        payload.append(struct.pack("<QQ", seg.batches, len(seg.words)))
+        payload.append(struct.pack("<QIQ", seg.batches, seg.lanes, len(seg.words)))
         payload.append(np.ascontiguousarray(seg.words, dtype="<u4").tobytes())
     payload = b"".join(payload)
     return b"".join(
@@ -125,16 +132,18 @@ def decode_stream(data: bytes) -> Stream:
         )
     table = []
     for i in range(count):
-        batches, n_words = r.unpack("<Q", f"segment {i} batches"), r.unpack("<Q", f"segment {i} length")
-        if batches == 0 or n_words == 0:
+        batches, lanes = r.unpack("<Q", f"segment {i} batches"), r.unpack("<I", f"segment {i} lanes")
+        n_words = r.unpack("<Q", f"segment {i} length")
+        if batches == 0 or lanes == 0 or n_words < 2 * lanes:
             raise StreamError(
-                f"stream corrupted: segment {i} codes {batches} batches in {n_words} words (both must be > 0)"
+                f"stream corrupted: segment {i} codes {batches} batches on {lanes} lanes in {n_words} words "
+                "(batches and lanes must be > 0, and every lane's state takes two words)"
             )
         if n_words > (len(r.data) - r.pos) // 4:
             raise StreamError(
                 f"stream truncated: segment {i} claims {n_words:,} words but only {len(r.data) - r.pos:,} bytes remain"
             )
-        table.append((batches, r.pos, n_words))
+        table.append((batches, lanes, r.pos, n_words))
         r.pos += 4 * n_words
     if zlib.crc32(memoryview(r.data)[start : r.pos]) != r.unpack("<I", "payload checksum"):
         raise StreamError("payload corrupted: crc32 mismatch")
@@ -142,8 +151,8 @@ def decode_stream(data: bytes) -> Stream:
     if r.pos != len(r.data):
         raise StreamError(f"stream corrupted: {len(r.data) - r.pos} unexpected bytes after the trailer")
     segments = [
-        Segment(batches, np.frombuffer(r.data, dtype="<u4", count=n, offset=at).astype(np.uint32))
-        for batches, at, n in table
+        Segment(batches, lanes, np.frombuffer(r.data, dtype="<u4", count=n, offset=at).astype(np.uint32))
+        for batches, lanes, at, n in table
     ]
     return Stream(header, segments, trailer)
 
@@ -152,6 +161,11 @@ def _check_magic(r: _Reader) -> None:
     if r.take(len(MAGIC), "magic") != MAGIC:
         raise StreamError("not a prequel stream (bad magic bytes)")
     version = r.unpack("<H", "version")
+    if version in LAST_COMMIT:
+        raise StreamError(
+            f"stream format version {version}, which this prequel no longer reads (version {VERSION}: "
+            f"another coder); commit {LAST_COMMIT[version]} is the last that verifies it"
+        )
     if version != VERSION:
         raise StreamError(f"stream format version {version}; this prequel reads version {VERSION}")
 

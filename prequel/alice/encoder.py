@@ -1,31 +1,34 @@
 """Alice's side of the stream, which Bob does not need and f does not hold (prequel/program.py).
 
-`Encoder` queues a batch's symbols for the range coder; `encode_known` codes a batch whose logits
-the training forward has all given, in `code_batch`'s column-major order through the same
-`coding_probabilities` (training/coding.py), so the very words Bob's column-by-column `code_batch`
-decodes (tests/test_stream.py). `StreamEncoder` is the callback that does it after every first-pass
-batch; `state_sha256` fingerprints the training state at each checkpoint for the audit
-(prequel/verify/audit.py). `write_stream` writes a stream file (the layout: training/stream.py).
+`Encoder` queues a segment's intervals and rANS-codes them backwards when the segment is sealed;
+`encode_known` queues a batch whose intervals the training forward has all given
+(training/coding.py `logit_intervals`, computed while the logits exist), in `code_batch`'s
+column-major order, so the very words Bob's column-by-column `code_batch` decodes
+(tests/test_stream.py). A segment is sealed at every checkpoint, at the end, and once it codes
+`SEGMENT_TOKENS` tokens, so Alice holds at most that many intervals. `StreamEncoder` is the
+callback that does it after every first-pass batch; `state_sha256` fingerprints the training
+state at each checkpoint for the audit (prequel/verify/audit.py). `write_stream` writes a stream
+file (the layout: training/stream.py).
 """
 
 import hashlib
 import json
 from pathlib import Path
 
-import constriction
 import lightning as L
+import numba
 import numpy as np
 import torch
 
 from prequel.callbacks.arithmetic_stream import StreamCallback, parameters_sha256
 from prequel.callbacks.contract import ContractError, StreamCoded, StreamModule, require, require_coded
 from prequel.files import write_atomic
-from prequel.training.coding import MODEL, coding_probabilities
+from prequel.training.coding import LOW, P, intervals
 from prequel.training.data import IGNORE, Tape
 from prequel.training.module import PrequelModule
 from prequel.training.stream import Segment, Stream, encode_stream
 
-_ONE_PASS_FLOATS = 1 << 20  # probabilities an Encoder codes per constriction call, at most
+SEGMENT_TOKENS = 1 << 22  # a segment is sealed once it codes this many tokens (Alice's memory: 24 bytes each)
 
 
 def write_stream(path: Path, stream: Stream) -> int:
@@ -34,54 +37,66 @@ def write_stream(path: Path, stream: Stream) -> int:
     return len(data)
 
 
+@numba.njit(cache=True, nogil=True)
+def _encode(lanes, start, freq, n_lanes, out):  # pragma: no cover (compiled)
+    """rANS-encode the intervals backwards (Bob decodes forwards), pushing words onto `out`, then
+    every lane's final state; returns the number of words pushed (read back reversed)."""
+    states = np.full(n_lanes, LOW, np.int64)
+    n = 0
+    for i in range(len(lanes) - 1, -1, -1):
+        x, f = states[lanes[i]], freq[i]
+        if x >= f << 32:
+            out[n] = x & 0xFFFFFFFF
+            n += 1
+            x >>= 32
+        states[lanes[i]] = ((x // f) << P) + x % f + start[i]
+    for lane in range(n_lanes - 1, -1, -1):
+        out[n], out[n + 1] = states[lane] & 0xFFFFFFFF, states[lane] >> 32
+        n += 2
+    return n
+
+
 class Encoder:
-    """Queues symbols and codes them in one call per batch (`flush`): a queue coder gives the
-    same bits as one call per column, without paying constriction's per-call cost 64 times."""
+    """Collects a segment's intervals in Bob's decoding order; `words` codes them (rANS is last in,
+    first out, so nothing is coded before the segment is sealed)."""
 
     def __init__(self):
-        self._coder = constriction.stream.queue.RangeEncoder()
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._lanes: list[np.ndarray] = []
+        self._intervals: list[np.ndarray] = []
 
-    def code(self, symbols: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
-        """Encode `symbols` (R,), row r with the probabilities `probs[r]` (R, V); returns them."""
-        self._pending.append((symbols.numpy().astype(np.int32), probs))
+    def code(self, probs: torch.Tensor, symbols: torch.Tensor, lanes: np.ndarray) -> torch.Tensor:
+        """Queue `symbols` (R,), row r with the probabilities `probs[r]` on lane `lanes[r]`; returns them."""
+        self.add(lanes, intervals(probs, symbols).cpu().numpy())
         return symbols
 
-    def flush(self) -> None:
-        runs: list[tuple[list, list]] = []  # consecutive rows of one width (top-k mixes widths)
-        for symbols, probs in self._pending:
-            if runs and runs[-1][1][-1].shape[1] == probs.shape[1]:
-                runs[-1][0].append(symbols), runs[-1][1].append(probs)
-            else:
-                runs.append(([symbols], [probs]))
-        for symbols, probs in runs:
-            self._coder.encode(np.concatenate(symbols), MODEL, np.concatenate(probs))
-        self._pending = []
+    def add(self, lanes: np.ndarray, spans: np.ndarray) -> None:
+        """Queue symbols by their intervals (N, 2) (start, frequency), in decoding order."""
+        self._lanes.append(np.asarray(lanes, dtype=np.int64))
+        self._intervals.append(np.asarray(spans, dtype=np.int64))
+
+    @property
+    def lanes(self) -> int:
+        return 1 + max((int(lanes.max(initial=0)) for lanes in self._lanes), default=0)
 
     def words(self) -> np.ndarray:
-        """The stream so far as 32-bit words (sealed: decodable as is)."""
-        self.flush()
-        return self._coder.get_compressed()
+        """The segment so far as 32-bit words (sealed: decodable as is, with `lanes` lanes)."""
+        lanes = np.concatenate([np.zeros(0, np.int64), *self._lanes])
+        spans = np.concatenate([np.zeros((0, 2), np.int64), *self._intervals])
+        out = np.empty(len(lanes) + 2 * self.lanes, dtype=np.int64)
+        n = _encode(lanes, np.ascontiguousarray(spans[:, 0]), np.ascontiguousarray(spans[:, 1]), self.lanes, out)
+        return out[:n][::-1].astype(np.uint32)
 
     def num_bits(self) -> int:
-        self.flush()
-        return int(self._coder.num_bits())
+        return 32 * len(self.words())
 
 
-def encode_known(logits: torch.Tensor, targets: torch.Tensor, encoder: Encoder) -> None:
-    """Encode `targets` (B, L) when all the logits (B, L, V) are known before coding (Alice with
-    the training forward): the same rows through the same `coding_probabilities` (row-wise, so
-    the batch shape cannot change its bits) in `code_batch`'s column-major order, hence the same
-    words (tested), in a few passes instead of L, at a tenth of the cost."""
-    present = targets != IGNORE
-    b, length, vocab = logits.shape
-    step = max(1, _ONE_PASS_FLOATS // (b * vocab))  # columns per pass: bounded memory at large V
-    for t in range(0, length, step):
-        columns = logits[:, t : t + step].detach().transpose(0, 1)  # column-major, as code_batch codes
-        rows = present[:, t : t + step].T
-        probs = coding_probabilities(columns.flatten(0, 1))[rows.flatten().numpy()]
-        encoder.code(targets[:, t : t + step].T[rows], probs)
-    encoder.flush()
+def encode_known(spans: torch.Tensor, targets: torch.Tensor, encoder: Encoder) -> None:
+    """Queue a batch whose intervals (B, L, 2) the training forward has all given
+    (training.coding.logit_intervals): in `code_batch`'s column-major order, row r on lane r,
+    hence the same words as Bob's column-by-column decoding (tested)."""
+    present = targets.T != IGNORE  # (L, B): column-major
+    lanes = torch.arange(len(targets)).expand_as(present)
+    encoder.add(lanes[present].numpy(), spans.cpu().transpose(0, 1)[present].numpy())
 
 
 def state_sha256(trainer: L.Trainer, pl_module: L.LightningModule, tokens_hash: str) -> str:
@@ -112,6 +127,7 @@ class StreamEncoder(StreamCallback):
         super().__init__(tape, checksum_every, procedure, Stream(header, [], {}))
         self.coder = Encoder()
         self._segment_start = 0  # coded_batches when the open segment began
+        self._segment_tokens = 0  # coded_tokens then
         self.boundaries: list[dict] = []  # per checkpoint: step, coded batches, state_sha256
         self._coded_checked = False
 
@@ -124,6 +140,7 @@ class StreamEncoder(StreamCallback):
                 "hold another module's code. Measure it with CodeLength alone (no stream)."
             )
         self._coded_checked = False
+        pl_module.code_intervals = self.procedure == "full"  # (incremental: coded before the step, by steps)
         super().setup(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -138,9 +155,11 @@ class StreamEncoder(StreamCallback):
         if not coded.first_pass:
             return
         targets = coded.targets.cpu()
-        if self.procedure == "full":  # with the training forward's logits: all known, one pass
-            encode_known(coded.logits, targets, self.coder)
+        if self.procedure == "full":  # the training forward's intervals: all known, one pass
+            encode_known(coded.intervals, targets, self.coder)
         self._record(self._whole_batch(batch, targets), pl_module)
+        if self.coded_tokens - self._segment_tokens >= SEGMENT_TOKENS:  # (counts every process's rows: global)
+            self._seal()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._seal()
@@ -152,12 +171,13 @@ class StreamEncoder(StreamCallback):
     def _seal(self) -> None:
         """Close the open segment: one sub-stream per process (in rank order), the same on all."""
         if self.coded_batches > self._segment_start:
-            words = [self.coder.words()]
+            sealed = [(self.coder.lanes, self.coder.words())]
             if self.world > 1:  # (every process seals at the same batch: checkpoints and the end are global)
-                words = [None] * self.world
-                torch.distributed.all_gather_object(words, self.coder.words())
-            self.stream.segments += [Segment(self.coded_batches - self._segment_start, w) for w in words]
-            self._segment_start = self.coded_batches
+                sealed = [None] * self.world
+                torch.distributed.all_gather_object(sealed, (self.coder.lanes, self.coder.words()))
+            batches = self.coded_batches - self._segment_start
+            self.stream.segments += [Segment(batches, lanes, words) for lanes, words in sealed]
+            self._segment_start, self._segment_tokens = self.coded_batches, self.coded_tokens
             self.coder = Encoder()
 
     def save(self, path, trailer_extra: dict) -> int:
@@ -180,7 +200,7 @@ class StreamEncoder(StreamCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.boundaries = list(state["boundaries"])
-        self.stream.segments = [Segment(b, w.numpy().astype(np.uint32)) for b, w in state["segments"]]
+        self.stream.segments = [Segment(b, lanes, w.numpy().astype(np.uint32)) for b, lanes, w in state["segments"]]
         self._load_position(state)
-        self._segment_start = self.coded_batches
+        self._segment_start, self._segment_tokens = self.coded_batches, self.coded_tokens
         self.coder = Encoder()

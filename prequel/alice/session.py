@@ -73,6 +73,7 @@ def report(run: Fitted, loggers: list) -> dict:
                 "code/stream_total_bits": summary["code/f_bits"] + payload,
                 "code/stream_total_bpb": (summary["code/f_bits"] + payload) / max(summary["data/bytes"], 1),
                 "stream/segments": len(run.stream.stream.segments),
+                "stream/padding_bits": run.stream.stream.padding_bits,  # the lanes' final states: at most this
                 "stream/path": str(run.stream_path),
                 "stream/file_bytes": run.stream_path.stat().st_size,
             }

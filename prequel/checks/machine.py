@@ -14,7 +14,6 @@ from prequel.training.environment import KernelError, device_of, kernel_env
 BIT_FACTS = (
     "torch",
     "lightning",
-    "constriction",
     "numpy",
     "machine",
     "num_threads",
@@ -64,7 +63,7 @@ def facts(kernels: str, accelerator: str) -> dict:
     out = {
         "torch": torch.__version__,
         "lightning": lightning.__version__,
-        "constriction": version("constriction"),
+        "numba": version("numba"),  # (the coder's integer kernels: exact, so not a bit fact)
         "numpy": version("numpy"),
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -17,35 +17,35 @@ from prequel.checks.memory import MEMORY_ENV
 from prequel.compress.frozen import CompressError
 from prequel.models.gpt import GPT
 from prequel.models.kv_cache import incremental_logits
-from prequel.training.coding import Decoder, code_batch
+from prequel.training.coding import Decoder, P, code_batch
 from prequel.training.data import IGNORE
 from prequel.training.stream import StreamError
 
-PRECISION = 24  # constriction's range coder: probabilities in 24-bit fixed point, 32-bit words, a 64-bit state
 
-
-def code_top_k(logits: torch.Tensor, symbols: torch.Tensor, coder: Encoder | Decoder, k: int) -> torch.Tensor:
+def code_top_k(
+    logits: torch.Tensor, symbols: torch.Tensor, lanes: np.ndarray, coder: Encoder | Decoder, k: int
+) -> torch.Tensor:
     """Code one symbol per row of `logits` (R, V) as its top-k rank, or escape + the symbol
     among the other V - k; returns the symbols (decoded, or the given ones when encoding).
 
     For large vocabularies: the k probabilities are taken from the full softmax (float32) and the
     rest of the mass goes to an escape symbol k; on escape the symbol is then coded with the
     model's distribution over the other V - k symbols. Nothing is lost (the escape path is the
-    exact conditional), and the V-entry quantisation runs only for escaped rows; but the top-k
-    selection is itself a pass over V, so on a CPU it saves little (docs/compress.md)."""
-    logits = logits.detach().float().cpu()
+    exact conditional), and only k + 1 frequencies are quantised for a row that does not escape;
+    but the top-k selection is itself a pass over V, so on a CPU it saves little (docs/compress.md)."""
+    logits = logits.detach().float()
     k = min(k, logits.shape[-1] - 1)
     p_top, index = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)  # sorted: same input, same ranks
-    p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # leaky quantisation keeps it codable
-    hit = index == symbols[:, None]
+    p_escape = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)  # every symbol keeps a frequency ≥ 1
+    hit = index == symbols.to(index.device)[:, None]
     rank = torch.where(hit.any(-1), hit.int().argmax(-1), k)  # the decoder's is a placeholder
-    rank = coder.code(rank, torch.cat([p_top, p_escape], -1).double().numpy())
+    rank = coder.code(torch.cat([p_top, p_escape], -1), rank, lanes).to(index.device)
     out = index.gather(-1, rank.clamp(max=k - 1)[:, None])[:, 0]
     escaped = rank == k
     if escaped.any():  # the exact conditional: the softmax of the logits outside the top k
         rest = torch.softmax(logits[escaped].scatter(-1, index[escaped], -torch.inf), dim=-1)
-        out[escaped] = coder.code(symbols[escaped], rest.double().numpy())
-    return out
+        out[escaped] = coder.code(rest, symbols[escaped.cpu()], lanes[escaped.cpu().numpy()]).to(out.device)
+    return out.cpu()
 
 
 def code_chunks(gpt: GPT, targets: torch.Tensor, coder: Encoder | Decoder, top_k: int = 0) -> None:
@@ -90,47 +90,45 @@ def code_spans(
 
 
 def min_symbol_bits(alphabet: int) -> float:
-    """The least one symbol can cost: the leaky quantisation leaves each other symbol a quantum."""
-    return -math.log2(1 - (alphabet - 1) / 2**PRECISION)
+    """The least one symbol can cost: every other symbol keeps a frequency of at least 1."""
+    return -math.log2(1 - (alphabet - 1) / 2**P)
 
 
 def payload_capacity_bits(words: int) -> int:
-    """The most information a range coder can have coded into `words` words: its range starts
-    at 2**64 and never falls below 2**32, and each emitted word gives back 32 bits."""
-    return 32 * words + 32
+    """The most information rANS can have coded into `words` words: every word holds 32 bits (the
+    lanes' final states are words too, and each state starts at 2**31, so they hold less)."""
+    return 32 * words
 
 
 class BudgetedDecoder(Decoder):
     """A Decoder that stops once the symbols it decoded carry more information than its words can.
 
-    Past the last word the range coder reads zeros and decodes on as if there were more, so the
-    coder alone never says that a header's token count is more than the payload holds. Each
-    symbol cost the encoder at least -log2 of its quantised probability, which is at most
-    p / sum(p) + 2 quanta of 2**-24 (constriction's fast leaky quantisation; 3 for float rounding)
-    and at most 1 - (A - 1) quanta (each of the other A - 1 symbols keeps one); so for a real file
-    this lower bound never exceeds `payload_capacity_bits` (tests/test_compress_hostile.py)."""
+    A symbol of frequency f cost the encoder -log2(f / 2**P) bits (rANS' state grows by that factor,
+    give or take the rounding of one division), and a symbol the model is sure of costs almost
+    nothing, so a header's token count that is more than the payload holds could keep the coder
+    decoding long before its words run out. The budget stops it once the decoded symbols' cost
+    exceeds `payload_capacity_bits` plus a word per lane of slack for rANS' rounding
+    (tests/test_compress_hostile.py: never for a real stream)."""
 
-    def __init__(self, words):
-        super().__init__(words)
-        self.capacity_bits = payload_capacity_bits(len(words))
-        self.bits = 0.0  # a lower bound of what the decoded symbols cost the encoder
+    def __init__(self, words, lanes: int):
+        super().__init__(words, lanes)
+        self.capacity_bits = payload_capacity_bits(len(words)) + 32 * lanes
+        self.bits = 0.0  # what the decoded symbols cost the encoder (the ideal code of their frequencies)
 
-    def code(self, symbols: torch.Tensor | None, probs: np.ndarray) -> torch.Tensor:
+    def code(self, probs: torch.Tensor, symbols: torch.Tensor | None, lanes: np.ndarray) -> torch.Tensor:
         try:
-            decoded = super().code(symbols, probs)
+            decoded = super().code(probs, symbols, lanes)
         except StreamError:
-            if self.exhausted():
+            if self.pos == len(self.words):
                 raise StreamError(self._ran_out()) from None
             raise
-        p = probs[np.arange(len(decoded)), decoded.numpy()] / probs.sum(axis=1)
-        cost = np.maximum(-np.log2(np.minimum(1.0, p + 3 * 2.0**-PRECISION)), min_symbol_bits(probs.shape[1]))
-        self.bits += float(cost.sum())
+        self.bits += float((P - np.log2(self.freq)).sum())
         if self.bits > self.capacity_bits:
             raise StreamError(self._ran_out())
         return decoded
 
     def _ran_out(self) -> str:
-        words = (self.capacity_bits - 32) // 32
+        words = len(self.words)
         return (
             f"the payload ran out: its {words:,} words ({32 * words:,} bits) cannot hold the tokens decoded "
             f"so far (at least {self.bits:,.0f} bits under the model): the header claims more tokens than the "

@@ -50,7 +50,7 @@ from prequel.training.environment import KernelError, ensure_kernels
 from prequel.training.stream import Segment, Stream, StreamError, encode_stream, read_stream
 from prequel.verify.verifier import STREAM_NAME
 
-FORMAT = 1  # bump when the coding procedure changes bits
+FORMAT = 2  # bump when the coding procedure changes bits (2: rANS on integer intervals)
 DEFAULT_BATCH_CHUNKS = 256  # chunks coded at once: fewer Python steps, a bigger KV cache
 # One step is many small ops; with more threads each op ends at an OpenMP barrier, and on a
 # busy machine a descheduled thread stalls it for a time slice (measured 14x slower with 2).
@@ -131,7 +131,7 @@ def compress(
         environment=environment_facts(kernels, "cpu"),
         dtype="float32",
     ).to_dict()
-    segments = [Segment(batches, words)] if len(tokens) else []
+    segments = [Segment(batches, encoder.lanes, words)] if len(tokens) else []
     stream = Stream(header, segments, {"data_sha256": hashlib.sha256(data).hexdigest()})
     packed = encode_stream(stream)
     _write_output(output_path, packed, _files_read(ckpt, input_path), overwrite)
@@ -211,7 +211,7 @@ def decompress(
     started = time.perf_counter()
     data = bytearray()
     if header.tokens:
-        decoder = BudgetedDecoder(stream.segments[0].words)
+        decoder = BudgetedDecoder(stream.segments[0].words, stream.segments[0].lanes)
         try:
             for tokens in code_spans(
                 frozen.gpt, header.tokens, decoder, header.chunk_size, header.batch_chunks, header.top_k
@@ -305,7 +305,7 @@ def _check_sizes_for_model(header: CompressHeader, stream: Stream, frozen: Froze
             f"tokens = {tokens:,}, but its payload of {words:,} words can hold at most "
             f"{most:,} (a token costs at least {min_symbol_bits(alphabet):.2g} bits)",
         )
-    rows = min(header.batch_chunks, -(-tokens // header.chunk_size))
+    rows = min(header.batch_chunks, -(-tokens // header.chunk_size))  # the first batch's: one lane each
     need = coding_batch_bytes(config, rows) + header.original_bytes * TAPE_BYTES_PER_TOKEN
     if need > max_memory_bytes():
         raise CompressError(
@@ -313,6 +313,12 @@ def _check_sizes_for_model(header: CompressHeader, stream: Stream, frozen: Froze
             + over_limit_text(
                 f"batch_chunks = {header.batch_chunks:,} (chunks decoded at once)", need, max_memory_bytes()
             )
+        )
+    if stream.segments[0].lanes != rows:
+        raise _corrupted(
+            input_path,
+            f"tokens = {tokens:,} in chunks of {header.chunk_size:,}, {header.batch_chunks:,} at a time, make "
+            f"{rows:,} rows, but the payload codes {stream.segments[0].lanes:,} lanes",
         )
 
 

@@ -283,7 +283,7 @@ def decode(
 
 
 def _copy(decoder: Decoder) -> Decoder:
-    """A Decoder at `decoder`'s position, to rewind to (constriction's RangeDecoder.clone)."""
+    """A Decoder at `decoder`'s position, to rewind to (its words are shared, never written)."""
     twin = copy.copy(decoder)
-    twin._coder = decoder._coder.clone()
+    twin.states = decoder.states.copy()
     return twin
