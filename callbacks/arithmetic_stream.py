@@ -8,7 +8,7 @@ keep what `StreamCallback` keeps: a hash chain of the tokens coded so far and a 
 parameters every `checksum_every` batches. Alice writes those checks into the stream; Bob
 compares, so he names the first batch where anything drifted instead of producing garbage.
 
-The stream is a list of range-coder segments. Every checkpoint makes Alice seal the open one and
+The stream is a list of rANS segments (training/coding.py). Every checkpoint makes Alice seal the open one and
 store the sealed segments in the checkpoint, so a run resumed from it continues the stream bit
 for bit where it left off; Bob opens each segment where the one before it ended. Alice also
 records each checkpoint's `state_sha256` in the trailer (`boundaries`), so an audit can start

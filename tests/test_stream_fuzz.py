@@ -58,8 +58,8 @@ def sections(data: bytes) -> dict[str, int]:
     at["header"], at["header crc"], at["segment count"] = 14, 14 + n, 18 + n
     pos = 22 + n
     for i in range(struct.unpack_from("<I", data, 18 + n)[0]):
-        at[f"segment {i} framing"], at[f"segment {i} words"] = pos, pos + 16
-        pos += 16 + 4 * struct.unpack_from("<Q", data, pos + 8)[0]
+        at[f"segment {i} framing"], at[f"segment {i} words"] = pos, pos + 20
+        pos += 20 + 4 * struct.unpack_from("<Q", data, pos + 12)[0]
     at["payload crc"], at["trailer length"] = pos, pos + 4
     at["trailer"] = pos + 8
     at["trailer crc"] = pos + 8 + struct.unpack_from("<I", data, pos + 4)[0]
@@ -80,6 +80,7 @@ def test_every_truncation_is_refused_and_names_what_is_missing(real):
         "segment count needs",
         "segments cannot fit",
         r"segment \d+ batches needs",
+        r"segment \d+ lanes needs",
         r"segment \d+ length needs",
         r"segment \d+ claims \d+ words",
         "payload checksum needs",
@@ -134,11 +135,11 @@ def test_bit_flips_truncations_and_splices_of_a_real_stream_are_refused(real, da
 
 
 def forged(
-    header: bytes, table: list[tuple[int, int, bytes]], count: int | None, trailer: bytes, crc_ok: bool
+    header: bytes, table: list[tuple[int, int, int, bytes]], count: int | None, trailer: bytes, crc_ok: bool
 ) -> bytes:
     """A stream with any framing numbers, its checksums recomputed so only the framing can fail."""
     payload = struct.pack("<I", len(table) if count is None else count)
-    payload += b"".join(struct.pack("<QQ", b, n) + words for b, n, words in table)
+    payload += b"".join(struct.pack("<QIQ", b, lanes, n) + words for b, lanes, n, words in table)
     crc = zlib.crc32(payload) if crc_ok else zlib.crc32(payload) ^ 1
     sec = lambda body: struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))  # noqa: E731
     return MAGIC + struct.pack("<H", VERSION) + sec(header) + payload + struct.pack("<I", crc) + sec(trailer)
@@ -160,7 +161,7 @@ JSONISH = st.one_of(
 @FUZZ
 @given(
     JSONISH,
-    st.lists(st.tuples(U64, U64, st.binary(max_size=64)), max_size=6),
+    st.lists(st.tuples(U64, U32, U64, st.binary(max_size=64)), max_size=6),
     st.one_of(st.none(), U32),
     JSONISH,
     st.booleans(),
@@ -179,8 +180,8 @@ def test_forged_counts_and_lengths_with_valid_checksums_fail_cleanly(header, tab
     # Accepted: then it was a consistent file, and it round-trips.
     again = decode_stream(encode_stream(stream))
     assert again.header == stream.header and again.trailer == stream.trailer
-    assert [(s.batches, s.words.tolist()) for s in again.segments] == [
-        (s.batches, s.words.tolist()) for s in stream.segments
+    assert [(s.batches, s.lanes, s.words.tolist()) for s in again.segments] == [
+        (s.batches, s.lanes, s.words.tolist()) for s in stream.segments
     ]
 
 
@@ -195,13 +196,23 @@ def test_forged_counts_and_lengths_with_valid_checksums_fail_cleanly(header, tab
         ),
         (
             "u64 max segment length",
-            lambda: forged(b"{}", [(1, 2**64 - 1, b"abcd")], None, b"{}", True),
+            lambda: forged(b"{}", [(1, 1, 2**64 - 1, b"abcd")], None, b"{}", True),
             "segment 0 claims 18,446,744,073,709,551,615 words",
         ),
         (
             "segment of 0 batches",
-            lambda: forged(b"{}", [(0, 1, b"abcd")], None, b"{}", True),
+            lambda: forged(b"{}", [(0, 1, 2, b"abcdefgh")], None, b"{}", True),
             "segment 0 codes 0 batches",
+        ),
+        (
+            "segment of 0 lanes",
+            lambda: forged(b"{}", [(1, 0, 2, b"abcdefgh")], None, b"{}", True),
+            "segment 0 codes 1 batches on 0 lanes",
+        ),
+        (
+            "lanes without their states",
+            lambda: forged(b"{}", [(1, 3, 2, b"abcdefgh")], None, b"{}", True),
+            "every lane's state takes two words",
         ),
         (
             "header length 4 GiB",

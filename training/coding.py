@@ -45,39 +45,102 @@ CHUNK = 1 << 22  # probabilities quantised at once, at most: O(CHUNK) memory wha
 
 
 def frequencies(probs: torch.Tensor) -> torch.Tensor:
-    """(R, W) probabilities → (R, W) int32 frequencies, each ≥ 1, every row summing to 2**P."""
+    """(R, W) probabilities → (R, W) int64 frequencies, each ≥ 1, every row summing to 2**P: the
+    definition, in torch ops on any device (the CPU runs the same function fused: `_cpu_rows`)."""
     width = probs.shape[-1]
+    if width < 2:
+        raise ValueError("an alphabet of one symbol needs no code")
     budget = (1 << P) - width  # what is left once every symbol has its one
-    q = (probs.float() * budget).int().clamp_(0, budget)  # floor (p ≥ 0); NaN rows become all-ones
-    top = q.argmax(-1, keepdim=True)
+    q = (probs.float() * budget).long().clamp_(0, budget)  # floor (p ≥ 0); NaN rows become all-ones
+    top = q.argmax(-1, keepdim=True)  # (the first of equal ones)
     total = q.sum(-1, keepdim=True)
     over = total - budget > q.gather(-1, top)  # the rounded p summed to more than 1 by more than the
     if over.any():  # largest q can give back (never seen): scale those rows down, exactly
         rows = over[:, 0]
-        q[rows] = (q[rows].long() * budget // total[rows]).int()
+        q[rows] = q[rows] * budget // total[rows]
         total = q.sum(-1, keepdim=True)
     q += 1
-    return q.scatter_add_(-1, top, (budget - total).int())  # the remainder (or the excess) to the largest
+    return q.scatter_add_(-1, top, budget - total)  # the remainder (or the excess) to the largest
 
 
 def _interval(freq: torch.Tensor, symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's (start, frequency) of its symbol: int64 (R,) each."""
-    cdf = freq.cumsum(-1)  # int64: exact
-    f = freq.gather(-1, symbols[:, None])[:, 0].long()
+    cdf = freq.cumsum(-1)
+    f = freq.gather(-1, symbols[:, None])[:, 0]
     return cdf.gather(-1, symbols[:, None])[:, 0] - f, f
 
 
 def intervals(probs: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
     """The encoder's side: (R, 2) int64 (start, frequency) of `symbols` (R,) under `probs` (R, W)."""
+    if probs.device.type == "cpu":
+        return _on_cpu(probs, symbols, 2)
     return torch.stack(_interval(frequencies(probs), symbols.to(probs.device)), -1)
 
 
 def lookup(probs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The decoder's side: the symbol whose interval holds each row's slot, (R, 3) int64
     (symbol, start, frequency), computed on `probs`' device (one transfer back)."""
+    if probs.device.type == "cpu":
+        return _on_cpu(probs, slots, 3)
     freq = frequencies(probs)
     symbols = torch.searchsorted(freq.cumsum(-1), slots.to(probs.device)[:, None], right=True)[:, 0]
     return torch.stack((symbols, *_interval(freq, symbols)), -1)
+
+
+def _on_cpu(probs: torch.Tensor, given: torch.Tensor, columns: int) -> torch.Tensor:
+    if probs.shape[-1] < 2:
+        raise ValueError("an alphabet of one symbol needs no code")
+    out = np.empty((len(probs), columns), dtype=np.int64)
+    p = probs.detach().float().contiguous().numpy()
+    _cpu_rows(p, np.ascontiguousarray(given.numpy(), dtype=np.int64), columns == 3, out)
+    return torch.from_numpy(out)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _floor(p, scale, budget, total, over):  # pragma: no cover (compiled)
+    """`frequencies`' q of one probability (scaled down exactly when the row is `over`)."""
+    v = p * scale  # float32 × float32, as torch's
+    q = min(int(v), budget) if v >= 0 else 0  # (NaN: 0)
+    return q * budget // total if over else q
+
+
+@numba.njit(cache=True, nogil=True)
+def _cpu_rows(probs, given, decode, out):  # pragma: no cover (compiled)
+    """`frequencies` row by row without materialising it: one pass for the encoder (`given`: the
+    symbols; out: start, frequency), about one and a half for the decoder (`given`: the slots; out:
+    symbol, start, frequency). The same float32 product and integer arithmetic, so the same
+    integers (tests/test_coder.py compares the two)."""
+    width = probs.shape[1]
+    budget = (1 << P) - width
+    scale = np.float32(budget)
+    for r in range(probs.shape[0]):
+        row, y = probs[r], given[r]
+        total, top, largest = 0, 0, -1
+        for j in range(width):
+            q = _floor(row[j], scale, budget, 1, False)
+            total += q
+            if q > largest:
+                top, largest = j, q
+        raw, over = total, total - budget > largest
+        if over:  # (never seen: see frequencies)
+            total = 0
+            for j in range(width):
+                total += _floor(row[j], scale, budget, raw, True)
+        rest = budget - total  # goes to `top`
+        if not decode:
+            below = y + (rest if top < y else 0)
+            for j in range(y):
+                below += _floor(row[j], scale, budget, raw, over)
+            out[r, 0] = below
+            out[r, 1] = _floor(row[y], scale, budget, raw, over) + 1 + (rest if top == y else 0)
+            continue
+        start = 0
+        for j in range(width):
+            f = _floor(row[j], scale, budget, raw, over) + 1 + (rest if j == top else 0)
+            if y < start + f or j == width - 1:
+                out[r, 0], out[r, 1], out[r, 2] = j, start, f
+                break
+            start += f
 
 
 def logit_intervals(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,19 +186,27 @@ class Decoder:
     def code(self, probs: torch.Tensor, symbols: torch.Tensor | None, lanes: np.ndarray) -> torch.Tensor:
         """Decode one symbol per row of `probs` (R, W), row r on lane `lanes[r]` (distinct lanes: a
         column); `symbols` (what the encoder had in their place, unknown here) is ignored."""
+        found = lookup(probs, torch.from_numpy(self.slots(lanes))).cpu().numpy()  # the one round trip
+        self.advance(lanes, found[:, 1], found[:, 2])
+        return torch.from_numpy(found[:, 0])
+
+    def slots(self, lanes: np.ndarray) -> np.ndarray:
+        """Where each lane's state points into [0, 2**P): the decoded symbol's interval holds it."""
         if lanes.max(initial=0) >= len(self.states):
             raise StreamError(
                 f"the batch has a row for lane {lanes.max()}, but the segment codes {len(self.states)} lanes: "
                 "the payload does not match the header"
             )
-        found = lookup(probs, torch.from_numpy(self.states[lanes] & (LOW - 1))).cpu().numpy()
-        pos = _advance(self.states, lanes, found[:, 1], found[:, 2], self.words, self.pos)
+        return self.states[lanes] & (LOW - 1)
+
+    def advance(self, lanes: np.ndarray, start: np.ndarray, freq: np.ndarray) -> None:
+        """Step each lane past the symbol it decoded, whose interval is (start, freq)."""
+        pos = _advance(self.states, lanes, start, freq, self.words, self.pos)
         if pos < 0:
             raise StreamError(
                 "the payload ran out: the header claims more tokens than the file holds, or it is corrupted"
             )
-        self.pos, self.freq = pos, found[:, 2]  # (the frequencies: what the symbols cost, for a budget)
-        return torch.from_numpy(found[:, 0])
+        self.pos, self.freq = pos, freq  # (the frequencies: what the symbols cost, for a budget)
 
     def exhausted(self) -> bool:
         """True once every word has been read and every lane is back at its first state."""

@@ -185,8 +185,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
     if config.stream.enabled and config.trainer.strategy == "ddp_spawn":
         raise ConfigError(
-            "trainer.strategy: ddp_spawn cannot write a stream (it pickles the training state into a "
-            "new process, and the range coder cannot be pickled); use trainer.strategy: ddp or auto"
+            "trainer.strategy: ddp_spawn cannot write a stream (it trains in new processes, and the "
+            "stream they encode never comes back to the process that writes it); use trainer.strategy: ddp or auto"
         )
     check_memory(config)
 

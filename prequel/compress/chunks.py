@@ -7,7 +7,6 @@ token count from decoding past what the payload can hold.
 """
 
 import functools
-import math
 
 import numpy as np
 import torch
@@ -87,11 +86,6 @@ def code_spans(
                 "machine)"
             ) from None
         yield targets.flatten()[:n]
-
-
-def min_symbol_bits(alphabet: int) -> float:
-    """The least one symbol can cost: every other symbol keeps a frequency of at least 1."""
-    return -math.log2(1 - (alphabet - 1) / 2**P)
 
 
 def payload_capacity_bits(words: int) -> int:

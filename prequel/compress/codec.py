@@ -41,7 +41,7 @@ from prequel.checks.memory import (
 )
 from prequel.checks.settings import MAX_THREADS, ConfigError, regular_file_size
 from prequel.checks.stream_header import CompressHeader
-from prequel.compress.chunks import BudgetedDecoder, code_spans, min_symbol_bits, payload_capacity_bits
+from prequel.compress.chunks import BudgetedDecoder, code_spans
 from prequel.compress.frozen import CompressError, FrozenModel, load_frozen, run_dir_of
 from prequel.compress.rates import rate_report
 from prequel.files import write_atomic
@@ -296,15 +296,6 @@ def _check_sizes_for_model(header: CompressHeader, stream: Stream, frozen: Froze
         )
     if not tokens:
         return
-    words = len(stream.segments[0].words)
-    alphabet = min(header.top_k, config.vocab_size - 1) + 1 if header.top_k else config.vocab_size
-    most = int(payload_capacity_bits(words) / min_symbol_bits(alphabet))
-    if tokens > most:
-        raise _corrupted(
-            input_path,
-            f"tokens = {tokens:,}, but its payload of {words:,} words can hold at most "
-            f"{most:,} (a token costs at least {min_symbol_bits(alphabet):.2g} bits)",
-        )
     rows = min(header.batch_chunks, -(-tokens // header.chunk_size))  # the first batch's: one lane each
     need = coding_batch_bytes(config, rows) + header.original_bytes * TAPE_BYTES_PER_TOKEN
     if need > max_memory_bytes():

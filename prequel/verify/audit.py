@@ -102,7 +102,7 @@ class AuditDecoder(FastStreamDecoder):
         return StreamEncoder.__qualname__  # the encoder's state in the checkpoint: where decoding resumes
 
     def load_state_dict(self, state: dict) -> None:
-        sealed = [batches for batches, _ in state["segments"]]
+        sealed = [batches for batches, _lanes, _words in state["segments"]]
         if sealed != [segment.batches for segment in self.stream.segments[: len(sealed)]]:
             raise StreamError(
                 f"{self._name()}: {self.stretch.checkpoint} holds other stream segments than the "

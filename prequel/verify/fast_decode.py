@@ -21,7 +21,7 @@ guess about kernels, not a proof.
 Nothing here is trusted. After decoding a batch by steps, `FastStreamDecoder` runs f's full forward once
 on what it decoded and compares the logits of every coded position bit for bit. Equal logits give equal
 probabilities, so (column by column, by induction) every decoded symbol is the one Alice coded. If any
-differ (another CPU, another library build), the range decoder is rewound to where the batch began and
+differ (another CPU, another library build), the rANS decoder is rewound to where the batch began and
 the batch is decoded again by f's own procedure: a stream decodes to the same bits with or without this
 module, only faster with it. That makes it a verifier's accelerator, not part of f (prequel/program.py).
 """
