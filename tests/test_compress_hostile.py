@@ -46,7 +46,7 @@ def payload_words(packed: Path) -> int:
 
 
 @pytest.mark.parametrize("tokens", [2**28, 2**29])
-def test_a_token_count_that_does_not_fit_the_payloads_lanes_is_refused_before_decoding(run_dir, packed, tmp_path, tokens):
+def test_a_token_count_at_odds_with_the_payloads_lanes_is_refused_before_decoding(run_dir, packed, tmp_path, tokens):
     forged = forge(packed, tmp_path, tokens=tokens, original_bytes=tokens, batches=-(-tokens // PER_BATCH))
     out = tmp_path / "out.txt"
     started = time.perf_counter()
