@@ -9,6 +9,7 @@ For each vocabulary V and tokens a step (a step of 512 tokens is 8 rows × 64 co
   runs when a segment is sealed), per step;
 * host decode tokens/s: per column, `Decoder.slots` (what goes to the device) and `Decoder.advance`
   (the rANS step with what comes back), the host's whole share of a decode;
+* bits a token, and what they exceed the ideal Σ -log2 p by, a token, less the lanes' 64-bit final states;
 * device (here: this CPU) µs per token: `logit_intervals` (Alice's quantisation from logits) and
   `lookup` (Bob's: softmax, quantisation, searchsorted) next to the LM head's forward matmul
   (d × V) at each `--d`.
@@ -32,14 +33,17 @@ SHAPES = {512: (8, 64), 65536: (64, 1024)}  # tokens a step -> rows, columns
 DISTINCT_ROWS = 256
 
 
-def step_intervals(vocab: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """(rows, cols, 2) intervals of targets drawn from random distributions at `vocab`."""
+def step_intervals(vocab: int, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, float]:
+    """(rows, cols, 2) intervals of targets drawn from random distributions at `vocab`, and their
+    ideal code length Σ -log2 p (bits, float64 of the float32 softmax the coder quantises)."""
     g = torch.Generator().manual_seed(seed)
     logits = 3.0 * torch.randn(DISTINCT_ROWS, vocab, generator=g)
-    targets = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+    probs = torch.softmax(logits, -1)
+    targets = torch.multinomial(probs, 1, generator=g)[:, 0]
     spans = logit_intervals(logits, targets).numpy()
+    ideal = -probs.gather(-1, targets[:, None])[:, 0].double().log2().numpy()
     pick = torch.randint(0, DISTINCT_ROWS, (rows * cols,), generator=g).numpy()
-    return spans[pick].reshape(rows, cols, 2)
+    return spans[pick].reshape(rows, cols, 2), float(ideal[pick].sum())
 
 
 def host_rates(spans: np.ndarray, repeats: int) -> tuple[float, float, int]:
@@ -48,21 +52,24 @@ def host_rates(spans: np.ndarray, repeats: int) -> tuple[float, float, int]:
     column_major = np.ascontiguousarray(spans.transpose(1, 0, 2)).reshape(-1, 2)
     lanes = np.tile(np.arange(rows, dtype=np.int64), cols)
     one_column = np.arange(rows, dtype=np.int64)
+    inner = max(1, (1 << 17) // (rows * cols))  # steps a timing: a small step alone is too short to time
     best_encode = best_decode = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        encoder = Encoder()
-        encoder.add(lanes, column_major)
-        words = encoder.words()
+        for _ in range(inner):
+            encoder = Encoder()
+            encoder.add(lanes, column_major)
+            words = encoder.words()
         t1 = time.perf_counter()
-        decoder = Decoder(words, rows)
-        for t in range(cols):
-            decoder.slots(one_column)
-            decoder.advance(one_column, spans[:, t, 0], spans[:, t, 1])
+        for _ in range(inner):
+            decoder = Decoder(words, rows)
+            for t in range(cols):
+                decoder.slots(one_column)
+                decoder.advance(one_column, spans[:, t, 0], spans[:, t, 1])
         t2 = time.perf_counter()
         assert decoder.exhausted()
         best_encode, best_decode = min(best_encode, t1 - t0), min(best_decode, t2 - t1)
-    n = rows * cols
+    n = rows * cols * inner
     return n / best_encode, n / best_decode, len(words)
 
 
@@ -103,20 +110,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     heads = "".join(f" {'head d=' + str(w) + ' µs':>14}" for w in args.d)
     print(
-        f"{'V':>7} {'tok/step':>8} {'encode tok/s':>13} {'decode tok/s':>13} {'bits/tok':>9}"
+        f"{'V':>7} {'tok/step':>8} {'encode tok/s':>13} {'decode tok/s':>13} {'bits/tok':>9} {'- ideal':>11}"
         f" | {'quantise µs/tok (Alice)':>23} {'lookup µs/tok (Bob)':>19}{heads}"
     )
     rates = {}  # (side, tokens a step) -> tok/s at each V
     for vocab in args.vocab:
         device = device_us_per_token(vocab, args.d, args.repeats)
         for step in args.steps:
-            spans = step_intervals(vocab, *SHAPES[step])
+            spans, ideal = step_intervals(vocab, *SHAPES[step])
             encode, decode, words = host_rates(spans, args.repeats)
+            rows = SHAPES[step][0]  # lanes: each has a 64-bit final state
+            excess = (32 * words - 64 * rows - ideal) / step
             rates.setdefault(("encode", step), []).append(encode)
             rates.setdefault(("decode", step), []).append(decode)
             head_cols = "".join(f" {device[f'head{w}']:>14.3f}" for w in args.d)
             print(
-                f"{vocab:>7} {step:>8} {encode:>13,.0f} {decode:>13,.0f} {32 * words / step:>9.3f}"
+                f"{vocab:>7} {step:>8} {encode:>13,.0f} {decode:>13,.0f} {32 * words / step:>9.3f} {excess:>+11.2e}"
                 f" | {device['encode']:>23.3f} {device['decode']:>19.3f}{head_cols}"
             )
     print()

@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from prequel.alice.encoder import Encoder, encode_known
-from prequel.training.coding import Decoder, P, _interval, code_batch, frequencies, intervals, logit_intervals, lookup
+from prequel.training.coding import (
+    Decoder,
+    P,
+    SoftmaxNLL,
+    _interval,
+    code_batch,
+    frequencies,
+    intervals,
+    logit_intervals,
+    lookup,
+)
 from prequel.training.data import IGNORE
 from prequel.training.stream import StreamError
 from tests.test_stream import fixed_batch, round_trip
@@ -87,3 +97,20 @@ def test_decoder_refuses_words_that_cannot_be_a_segment():
         Decoder(words[:5], 3)
     with pytest.raises(StreamError, match="row for lane 2, but the segment codes 2 lanes"):
         code_batch(lambda t: logits[:, t], decoded.clone(), Decoder(words, 2))
+
+
+def test_the_steps_softmax_nll_is_cross_entropy_with_its_gradient():
+    """training_step's loss: one softmax for the loss, its backward and the stream (SoftmaxNLL)."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(40, 300, generator=g) * 8).requires_grad_()
+    logits.data[3, 7] = 200.0  # row 3 is sure of 7 and its target is elsewhere: p underflows
+    targets = torch.randint(0, 300, (40,), generator=g)
+    targets[[1, 5]] = IGNORE
+    nll, probs = SoftmaxNLL.apply(logits, targets)
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    assert torch.equal(probs, torch.softmax(logits.detach(), -1))  # what code_batch codes a column with
+    assert torch.isfinite(nll).all() and nll[3] > 100 and (nll[[1, 5]] == 0).all()
+    assert torch.allclose(nll, expected, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad((nll * torch.arange(40.0)).sum(), logits)
+    (want,) = torch.autograd.grad((expected * torch.arange(40.0)).sum(), logits)
+    assert torch.allclose(grad, want, atol=1e-5)

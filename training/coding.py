@@ -32,6 +32,7 @@ import numba
 import numpy as np
 import torch
 
+from prequel.models import portable_math
 from prequel.training.data import IGNORE
 from prequel.training.stream import StreamError
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # names for the annotations only: none of these is imported t
     from prequel.models.mixture import ColumnMixer
 
 P = 31  # a row's frequencies sum to 2**P
+_CAP = 2147483520.0  # the largest float32 below 2**31: a product clamped to it converts to int32
 LOW = 1 << 31  # a lane's state lives in [LOW, 2**63): it fits int64 on the host and on any device
 CHUNK = 1 << 22  # probabilities quantised at once, at most: O(CHUNK) memory whatever the batch
 
@@ -51,7 +53,7 @@ def frequencies(probs: torch.Tensor) -> torch.Tensor:
     if width < 2:
         raise ValueError("an alphabet of one symbol needs no code")
     budget = (1 << P) - width  # what is left once every symbol has its one
-    q = (probs.float() * budget).long().clamp_(0, budget)  # floor (p ≥ 0); NaN rows become all-ones
+    q = (probs.float() * budget).clamp_(max=_CAP).int().clamp_(0, budget).long()  # floor; NaN: 0
     top = q.argmax(-1, keepdim=True)  # (the first of equal ones)
     total = q.sum(-1, keepdim=True)
     over = total - budget > q.gather(-1, top)  # the rounded p summed to more than 1 by more than the
@@ -96,62 +98,130 @@ def _on_cpu(probs: torch.Tensor, given: torch.Tensor, columns: int) -> torch.Ten
     return torch.from_numpy(out)
 
 
+_BLOCK = 256  # the fused CPU pass sums and maxes a row in blocks of this many symbols
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def _floor(p, scale, budget, total, over):  # pragma: no cover (compiled)
-    """`frequencies`' q of one probability (scaled down exactly when the row is `over`)."""
-    v = p * scale  # float32 × float32, as torch's
-    q = min(int(v), budget) if v >= 0 else 0  # (NaN: 0)
-    return q * budget // total if over else q
+def _q(p, scale, budget):  # pragma: no cover (compiled)
+    """`frequencies`' q of one probability: the float32 product as torch's, NaN and below 0 to 0,
+    then as in `frequencies` (int32 throughout, so the loops over it vectorise)."""
+    v = p * scale
+    v = v if v >= 0 else np.float32(0.0)
+    v = v if v <= _CAP else np.float32(_CAP)
+    return min(np.int32(v), budget)
 
 
 @numba.njit(cache=True, nogil=True)
 def _cpu_rows(probs, given, decode, out):  # pragma: no cover (compiled)
-    """`frequencies` row by row without materialising it: one pass for the encoder (`given`: the
-    symbols; out: start, frequency), about one and a half for the decoder (`given`: the slots; out:
-    symbol, start, frequency). The same float32 product and integer arithmetic, so the same
-    integers (tests/test_coder.py compares the two)."""
+    """`frequencies` row by row without materialising it: one vectorised pass of block sums and
+    maxima, then walks inside one block (the largest q's, and the symbol's or the slot's). The
+    encoder's `given` are the symbols (out: start, frequency), the decoder's the slots (out: symbol,
+    start, frequency); the same integers as `frequencies` (tests/test_coder.py compares them)."""
     width = probs.shape[1]
-    budget = (1 << P) - width
+    budget = np.int32((1 << P) - width)
     scale = np.float32(budget)
+    blocks = -(-width // _BLOCK)
+    sums, maxima = np.empty(blocks, np.int64), np.empty(blocks, np.int32)
     for r in range(probs.shape[0]):
         row, y = probs[r], given[r]
-        total, top, largest = 0, 0, -1
-        for j in range(width):
-            q = _floor(row[j], scale, budget, 1, False)
-            total += q
-            if q > largest:
-                top, largest = j, q
-        raw, over = total, total - budget > largest
-        if over:  # (never seen: see frequencies)
-            total = 0
-            for j in range(width):
-                total += _floor(row[j], scale, budget, raw, True)
+        for b in range(blocks):
+            total, largest = 0, np.int32(0)
+            for j in range(b * _BLOCK, min((b + 1) * _BLOCK, width)):
+                q = _q(row[j], scale, budget)
+                total += q
+                largest = max(largest, q)
+            sums[b], maxima[b] = total, largest
+        total, largest = sums.sum(), maxima.max()
+        if total - budget > largest:  # (never seen: see frequencies)
+            _exact_row(row, y, decode, out[r])
+            continue
+        b = 0
+        while maxima[b] != largest:
+            b += 1
+        top = b * _BLOCK
+        while _q(row[top], scale, budget) != largest:  # the first of the largest
+            top += 1
         rest = budget - total  # goes to `top`
         if not decode:
-            below = y + (rest if top < y else 0)
-            for j in range(y):
-                below += _floor(row[j], scale, budget, raw, over)
-            out[r, 0] = below
-            out[r, 1] = _floor(row[y], scale, budget, raw, over) + 1 + (rest if top == y else 0)
+            b = y // _BLOCK
+            below = sums[:b].sum() + y + (rest if top < y else 0)
+            for j in range(b * _BLOCK, y):
+                below += _q(row[j], scale, budget)
+            out[r, 0], out[r, 1] = below, _q(row[y], scale, budget) + 1 + (rest if top == y else 0)
             continue
-        start = 0
-        for j in range(width):
-            f = _floor(row[j], scale, budget, raw, over) + 1 + (rest if j == top else 0)
+        start, b = 0, 0
+        while b < blocks - 1:  # the block that holds the slot
+            mass = sums[b] + min(_BLOCK, width - b * _BLOCK) + (rest if b == top // _BLOCK else 0)
+            if y < start + mass:
+                break
+            start, b = start + mass, b + 1
+        for j in range(b * _BLOCK, min((b + 1) * _BLOCK, width)):
+            f = _q(row[j], scale, budget) + 1 + (rest if j == top else 0)
             if y < start + f or j == width - 1:
                 out[r, 0], out[r, 1], out[r, 2] = j, start, f
                 break
             start += f
 
 
-def logit_intervals(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits and (N,) targets (IGNORE allowed) → (N, 2) intervals, chunk by chunk: the
-    very rows `code_batch` codes one column at a time (the softmax of a row ignores the others)."""
-    out = torch.zeros(len(targets), 2, dtype=torch.long, device=logits.device)
-    rows = max(1, CHUNK // logits.shape[-1])
+@numba.njit(cache=True, nogil=True)
+def _exact_row(row, y, decode, out):  # pragma: no cover (compiled)
+    """One row whose q must be scaled down, in integers (`frequencies`' rare branch)."""
+    width = len(row)
+    budget = (1 << P) - width
+    scale = np.float32(budget)
+    q = np.empty(width, np.int64)
+    for j in range(width):
+        q[j] = int(_q(row[j], scale, budget))
+    top, raw = np.argmax(q), q.sum()
+    q = q * budget // raw + 1
+    q[top] += budget + width - q.sum()
+    cdf = np.cumsum(q)
+    if not decode:
+        out[0], out[1] = cdf[y] - q[y], q[y]
+        return
+    s = min(np.searchsorted(cdf, y, side="right"), width - 1)
+    out[0], out[1], out[2] = s, cdf[s] - q[s], q[s]
+
+
+def target_intervals(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, W) probabilities and (N,) targets (IGNORE allowed) → (N, 2) intervals, chunk by chunk:
+    the very rows `code_batch` codes one column at a time (a row's softmax ignores the others)."""
+    out = torch.zeros(len(targets), 2, dtype=torch.long, device=probs.device)
+    rows = max(1, CHUNK // probs.shape[-1])
     for at in range(0, len(targets), rows):
-        probs = torch.softmax(logits[at : at + rows].detach().float(), dim=-1)
-        out[at : at + rows] = intervals(probs, targets[at : at + rows].clamp(min=0))
+        out[at : at + rows] = intervals(probs[at : at + rows], targets[at : at + rows].clamp(min=0))
     return out
+
+
+def logit_intervals(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`target_intervals` of the softmax of (N, V) logits."""
+    return target_intervals(torch.softmax(logits.detach().float(), dim=-1), targets)
+
+
+class SoftmaxNLL(torch.autograd.Function):
+    """(N, V) float32 logits, (N,) targets → per-token NLL (nats, 0 where IGNORE) and the softmax
+    itself: the probabilities the stream codes with, computed once a step (the backward, p − onehot,
+    reuses them in place). Its NLL is −log p of that softmax (portable math), where p underflows
+    (< 1e-30) the logsumexp form, so it stays finite."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits, dim=-1)
+        coded, safe = targets != IGNORE, targets.clamp(min=0)
+        nll = -portable_math.log(probs.gather(-1, safe[:, None])[:, 0])
+        tiny = coded & ~(nll < 69.0)  # p < 1e-30 (or NaN)
+        if tiny.any():
+            lse = portable_math.logsumexp(logits[tiny], dim=-1)
+            nll[tiny] = lse - logits[tiny].gather(-1, safe[tiny, None])[:, 0]
+        ctx.save_for_backward(probs, safe, coded)
+        ctx.mark_non_differentiable(probs)
+        return torch.where(coded, nll, 0.0), probs
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor, _grad_probs) -> tuple[torch.Tensor, None]:
+        probs, safe, coded = ctx.saved_tensors
+        g = torch.where(coded, grad_nll, 0.0)[:, None]
+        return probs.mul_(g).scatter_add_(-1, safe[:, None], -g), None
 
 
 @numba.njit(cache=True, nogil=True)

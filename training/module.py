@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from prequel.models import portable_math
 from prequel.models.gpt import GPT
-from prequel.training.coding import logit_intervals
+from prequel.training.coding import SoftmaxNLL, target_intervals
 from prequel.training.config import Config, mixture_members, program_dict
 from prequel.training.data import IGNORE, Tape
 
@@ -99,7 +99,7 @@ class PrequelModule(L.LightningModule):
             loss = (member_nll.sum((0, 1)) / tokens.clamp(min=1)).sum()  # each member learns from its own loss
             logits, log_w = self.model.mix_batch(logits.detach(), y, mask)  # the code: the mixture
             member_nll = member_nll.detach()
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+        nll, probs = SoftmaxNLL.apply(logits.float().flatten(0, 1), y.flatten())  # one softmax: loss and code
         nll = nll.view_as(y)
         if member_nll is None:
             loss = nll.sum() / tokens.clamp(min=1)
@@ -107,7 +107,7 @@ class PrequelModule(L.LightningModule):
             spans,
             batch["fresh"],
             first_pass,
-            self._intervals(logits, y) if first_pass and self.code_intervals else None,
+            self._intervals(probs, y) if first_pass and self.code_intervals else None,
             y,
             nll.detach(),
             self.tape.nbytes(spans),
@@ -130,10 +130,10 @@ class PrequelModule(L.LightningModule):
         return loss
 
     @torch.no_grad()
-    def _intervals(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The intervals Alice codes the targets with (training/coding.py), while the logits exist: so
-        nothing (B, L, V) outlives the step."""
-        return logit_intervals(logits.flatten(0, 1), y.flatten()).view(*y.shape, 2)
+    def _intervals(self, probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The intervals Alice codes the targets with (training/coding.py), while the step's softmax
+        exists: so nothing (B, L, V) outlives the step."""
+        return target_intervals(probs, y.flatten()).view(*y.shape, 2)
 
     def _count_coded(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """What learns from coded tokens by counting, not by gradient: the n-gram counts and a
