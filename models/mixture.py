@@ -58,9 +58,11 @@ class Mixture(nn.Module):
     def num_params(self) -> int:
         return sum(m.num_params() for m in self.members)
 
-    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Member log-probabilities (B, T, K, V), float32."""
-        return torch.stack([torch.log_softmax(m(idx, leave_out).float(), -1) for m in self.members], dim=2)
+    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None, logits: bool = False) -> torch.Tensor:
+        """Member log-probabilities (B, T, K, V), float32 (`logits`: the members' logits, which training
+        takes its members' losses from exactly as each would alone: training/module.py)."""
+        out = torch.stack([m(idx, leave_out).float() for m in self.members], dim=2)
+        return out if logits else torch.log_softmax(out, -1)
 
     def new_cache(self, batch: int, device=None) -> MixtureCache:
         return MixtureCache([m.new_cache(batch, device) for m in self.members])

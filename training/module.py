@@ -71,13 +71,13 @@ class PrequelModule(L.LightningModule):
     def attach(self, tape: Tape) -> None:
         self.tape = tape
 
-    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Logits of the coded positions: the last idx.shape[1] - data.context (the context before
         them is only read). `leave_out`: their targets, when the n-gram prior has counted them."""
         context = self.config.data.context
         if context and leave_out is not None:
             leave_out = F.pad(leave_out, (context, 0), value=IGNORE)
-        return self.model(idx, leave_out)[:, context:]
+        return self.model(idx, leave_out, **kwargs)[:, context:]
 
     def is_first_pass(self, batch: dict) -> bool:
         """Is this batch coded? Only the data's first visit is: a replay, or any batch of a later
@@ -89,15 +89,18 @@ class PrequelModule(L.LightningModule):
         spans = batch["spans"]
         x, y = (t.to(self.device) for t in self.tape.batch(spans, batch.get("known")))
         first_pass = self.is_first_pass(batch)
-        logits = self(x, None if first_pass else y)  # replayed tokens are in the n-gram counts already
+        mixture = {"logits": True} if self.is_mixture else {}
+        logits = self(x, None if first_pass else y, **mixture)  # replayed tokens are in the n-gram counts already
         mask = y != IGNORE
         tokens = mask.sum()
         log_w = member_nll = None
-        if self.is_mixture:  # logits: the members' log-probabilities (B, L, K, V)
-            member_nll = -logits.gather(-1, y.clamp(min=0)[:, :, None, None].expand(*logits.shape[:3], 1))[..., 0]
-            member_nll = member_nll * mask[..., None]
-            loss = (member_nll.sum((0, 1)) / tokens.clamp(min=1)).sum()  # each member learns from its own loss
-            logits, log_w = self.model.mix_batch(logits.detach(), y, mask)  # the code: the mixture
+        if self.is_mixture:  # logits: the members' (B, L, K, V); each learns from its own loss, as alone
+            member_nll = torch.stack(
+                [SoftmaxNLL.apply(logits[:, :, k].flatten(0, 1), y.flatten())[0] for k in range(logits.shape[2])], -1
+            ).view(*y.shape, -1)
+            loss = (member_nll.sum((0, 1)) / tokens.clamp(min=1)).sum()
+            member_lp = torch.log_softmax(logits.detach(), -1)  # what Bob's forward gives him
+            logits, log_w = self.model.mix_batch(member_lp, y, mask)  # the code: the mixture
             member_nll = member_nll.detach()
         nll, probs = SoftmaxNLL.apply(logits.float().flatten(0, 1), y.flatten())  # one softmax: loss and code
         nll = nll.view_as(y)
