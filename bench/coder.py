@@ -120,12 +120,12 @@ def main() -> None:
             spans, ideal = step_intervals(vocab, *SHAPES[step])
             encode, decode, words = host_rates(spans, args.repeats)
             rows = SHAPES[step][0]  # lanes: each has a 64-bit final state
-            excess = (32 * words - 64 * rows - ideal) / step
+            excess = (16 * words - 64 * rows - ideal) / step
             rates.setdefault(("encode", step), []).append(encode)
             rates.setdefault(("decode", step), []).append(decode)
             head_cols = "".join(f" {device[f'head{w}']:>14.3f}" for w in args.d)
             print(
-                f"{vocab:>7} {step:>8} {encode:>13,.0f} {decode:>13,.0f} {32 * words / step:>9.3f} {excess:>+11.2e}"
+                f"{vocab:>7} {step:>8} {encode:>13,.0f} {decode:>13,.0f} {16 * words / step:>9.3f} {excess:>+11.2e}"
                 f" | {device['encode']:>23.3f} {device['decode']:>19.3f}{head_cols}"
             )
     print()

@@ -92,7 +92,7 @@ def test_decoder_refuses_words_that_cannot_be_a_segment():
     with pytest.raises(StreamError, match="the payload ran out"):
         code_batch(lambda t: logits[:, t], decoded, Decoder(words[:-4], 3))
     with pytest.raises(StreamError, match="a lane's state is out of range"):
-        Decoder(np.concatenate([[2**31], words[1:]]), 3)
+        Decoder(np.concatenate([[0x8000], words[1:]]), 3)  # a state of 2**63 or more
     with pytest.raises(StreamError, match="cannot hold the states of 3 lanes"):
         Decoder(words[:5], 3)
     with pytest.raises(StreamError, match="row for lane 2, but the segment codes 2 lanes"):

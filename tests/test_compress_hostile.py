@@ -176,7 +176,7 @@ def test_more_batches_than_the_payload_codes_stop_when_its_words_run_out(run_dir
 
 def test_a_payload_word_altered_with_its_crc_recomputed_is_reported(run_dir, packed, tmp_path):
     def alter(words):
-        words[5] ^= 0xDEADBEEF
+        words[5] ^= 0xBEEF
         return words
 
     forged = forge(packed, tmp_path, words=alter)

@@ -59,7 +59,7 @@ def sections(data: bytes) -> dict[str, int]:
     pos = 22 + n
     for i in range(struct.unpack_from("<I", data, 18 + n)[0]):
         at[f"segment {i} framing"], at[f"segment {i} words"] = pos, pos + 20
-        pos += 20 + 4 * struct.unpack_from("<Q", data, pos + 12)[0]
+        pos += 20 + 2 * struct.unpack_from("<Q", data, pos + 12)[0]
     at["payload crc"], at["trailer length"] = pos, pos + 4
     at["trailer"] = pos + 8
     at["trailer crc"] = pos + 8 + struct.unpack_from("<I", data, pos + 4)[0]
@@ -212,7 +212,7 @@ def test_forged_counts_and_lengths_with_valid_checksums_fail_cleanly(header, tab
         (
             "lanes without their states",
             lambda: forged(b"{}", [(1, 3, 2, b"abcdefgh")], None, b"{}", True),
-            "every lane's state takes two words",
+            "every lane's state takes four words",
         ),
         (
             "header length 4 GiB",

@@ -17,7 +17,7 @@ agree whatever the device. The code loses at most −log2(1 − W / 2^P) bits a 
 at W = 131,072).
 
 The entropy coder is interleaved rANS (Duda; Giesen's rans64 parameters): one 63-bit state per
-lane, 32-bit words, lane r codes row r of every batch. Alice encodes a segment backwards once it
+lane, 16-bit words, lane r codes row r of every batch. Alice encodes a segment backwards once it
 is sealed (prequel/alice/encoder.py); Bob decodes a column of rows at once: the lanes' slots go
 to the device, `lookup` finds each slot's symbol by searchsorted on the row's cumulative
 frequencies, and only (symbol, start, frequency) come back. The host's work a token is a few
@@ -42,7 +42,9 @@ if TYPE_CHECKING:  # names for the annotations only: none of these is imported t
 
 P = 31  # a row's frequencies sum to 2**P
 _CAP = 2147483520.0  # the largest float32 below 2**31: a product clamped to it converts to int32
-LOW = 1 << 31  # a lane's state lives in [LOW, 2**63): it fits int64 on the host and on any device
+LOW = 1 << 47  # a lane's state lives in [LOW, 2**63), int64 anywhere: 2**16 above 2**P, so rANS loses ~nothing
+WORD = 16  # bits a word; a lane's state is 4 words
+MASK = (1 << P) - 1
 CHUNK = 1 << 22  # probabilities quantised at once, at most: O(CHUNK) memory whatever the batch
 
 
@@ -230,11 +232,11 @@ def _advance(states, lanes, start, freq, words, pos):  # pragma: no cover (compi
     Returns the next word's position, or -1 if the words ran out."""
     for i in range(len(lanes)):
         x = states[lanes[i]]
-        x = freq[i] * (x >> P) + (x & (LOW - 1)) - start[i]
-        if x < LOW:
+        x = freq[i] * (x >> P) + (x & MASK) - start[i]
+        while x < LOW:  # (twice at most: x >= 2**16 here)
             if pos == len(words):
                 return -1
-            x = (x << 32) | np.int64(words[pos])
+            x = (x << WORD) | np.int64(words[pos])
             pos += 1
         states[lanes[i]] = x
     return pos
@@ -244,14 +246,14 @@ class Decoder:
     """Bob's coder for one segment: its lanes' states, read from the head of its words."""
 
     def __init__(self, words: np.ndarray, lanes: int):
-        words = np.ascontiguousarray(words, dtype=np.uint32)
-        if lanes < 1 or len(words) < 2 * lanes:
+        words = np.ascontiguousarray(words, dtype=np.uint16)
+        if lanes < 1 or len(words) < 4 * lanes:
             raise StreamError(f"segment of {len(words):,} words cannot hold the states of {lanes:,} lanes")
-        head = words[: 2 * lanes].astype(np.int64)
-        self.states = (head[0::2] << 32) | head[1::2]
-        if (head[0::2] >= LOW).any() or (self.states < LOW).any():
+        head = words[: 4 * lanes].astype(np.int64).reshape(lanes, 4)
+        self.states = (head[:, 0] << 48) | (head[:, 1] << 32) | (head[:, 2] << 16) | head[:, 3]
+        if (head[:, 0] >= 1 << 15).any() or (self.states < LOW).any():
             raise StreamError("the payload is corrupted: a lane's state is out of range")
-        self.words, self.pos = words, 2 * lanes
+        self.words, self.pos = words, 4 * lanes
 
     def code(self, probs: torch.Tensor, symbols: torch.Tensor | None, lanes: np.ndarray) -> torch.Tensor:
         """Decode one symbol per row of `probs` (R, W), row r on lane `lanes[r]` (distinct lanes: a
@@ -267,7 +269,7 @@ class Decoder:
                 f"the batch has a row for lane {lanes.max()}, but the segment codes {len(self.states)} lanes: "
                 "the payload does not match the header"
             )
-        return self.states[lanes] & (LOW - 1)
+        return self.states[lanes] & MASK
 
     def advance(self, lanes: np.ndarray, start: np.ndarray, freq: np.ndarray) -> None:
         """Step each lane past the symbol it decoded, whose interval is (start, freq)."""

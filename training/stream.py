@@ -5,7 +5,7 @@ Layout (little-endian):
     b"PRQLSTRM"  u16 version
     u32 header length,  header (JSON),  u32 crc32      what the decoder needs + what changes bits
     u32 segment count, then per segment:               the rANS-coded tokens (training/coding.py)
-        u64 batches, u32 lanes, u64 word count, u32 words...   (the lanes' final states first)
+        u64 batches, u32 lanes, u64 word count, u16 words...   (the lanes' final states first)
     u32 crc32 of the segment section
     u32 trailer length, trailer (JSON), u32 crc32       checks only: token/parameter checksums,
                                                         data sha256, final weights hash
@@ -44,7 +44,7 @@ class StreamError(ValueError):
 class Segment:
     batches: int  # training batches coded in this segment
     lanes: int  # rANS lanes: row r of a batch codes on lane r
-    words: np.ndarray  # uint32: the lanes' final states (two words each), then the rest
+    words: np.ndarray  # uint16: the lanes' final states (four words each), then the rest
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Stream:
 
     @property
     def payload_bits(self) -> int:
-        return 32 * sum(len(s.words) for s in self.segments)
+        return 16 * sum(len(s.words) for s in self.segments)
 
     @property
     def padding_bits(self) -> int:
@@ -103,7 +103,7 @@ def encode_stream(stream: Stream) -> bytes:
     payload = [struct.pack("<I", len(stream.segments))]
     for seg in stream.segments:
         payload.append(struct.pack("<QIQ", seg.batches, seg.lanes, len(seg.words)))
-        payload.append(np.ascontiguousarray(seg.words, dtype="<u4").tobytes())
+        payload.append(np.ascontiguousarray(seg.words, dtype="<u2").tobytes())
     payload = b"".join(payload)
     return b"".join(
         [
@@ -134,24 +134,24 @@ def decode_stream(data: bytes) -> Stream:
     for i in range(count):
         batches, lanes = r.unpack("<Q", f"segment {i} batches"), r.unpack("<I", f"segment {i} lanes")
         n_words = r.unpack("<Q", f"segment {i} length")
-        if batches == 0 or lanes == 0 or n_words < 2 * lanes:
+        if batches == 0 or lanes == 0 or n_words < 4 * lanes:
             raise StreamError(
                 f"stream corrupted: segment {i} codes {batches} batches on {lanes} lanes in {n_words} words "
-                "(batches and lanes must be > 0, and every lane's state takes two words)"
+                "(batches and lanes must be > 0, and every lane's state takes four words)"
             )
-        if n_words > (len(r.data) - r.pos) // 4:
+        if n_words > (len(r.data) - r.pos) // 2:
             raise StreamError(
                 f"stream truncated: segment {i} claims {n_words:,} words but only {len(r.data) - r.pos:,} bytes remain"
             )
         table.append((batches, lanes, r.pos, n_words))
-        r.pos += 4 * n_words
+        r.pos += 2 * n_words
     if zlib.crc32(memoryview(r.data)[start : r.pos]) != r.unpack("<I", "payload checksum"):
         raise StreamError("payload corrupted: crc32 mismatch")
     trailer = r.json_section("trailer")
     if r.pos != len(r.data):
         raise StreamError(f"stream corrupted: {len(r.data) - r.pos} unexpected bytes after the trailer")
     segments = [
-        Segment(batches, lanes, np.frombuffer(r.data, dtype="<u4", count=n, offset=at).astype(np.uint32))
+        Segment(batches, lanes, np.frombuffer(r.data, dtype="<u2", count=n, offset=at).astype(np.uint16))
         for batches, lanes, at, n in table
     ]
     return Stream(header, segments, trailer)

@@ -23,11 +23,12 @@ import torch
 from prequel.callbacks.arithmetic_stream import StreamCallback, parameters_sha256
 from prequel.callbacks.contract import ContractError, StreamCoded, StreamModule, require, require_coded
 from prequel.files import write_atomic
-from prequel.training.coding import LOW, P, intervals
+from prequel.training.coding import LOW, WORD, P, intervals
 from prequel.training.data import IGNORE, Tape
 from prequel.training.module import PrequelModule
 from prequel.training.stream import Segment, Stream, encode_stream
 
+_SHIFT = (LOW >> P).bit_length() - 1 + WORD  # a state at or above f << _SHIFT emits a word first
 SEGMENT_TOKENS = 1 << 22  # a segment is sealed once it codes this many tokens (Alice's memory: 24 bytes each)
 
 
@@ -45,14 +46,15 @@ def _encode(lanes, start, freq, n_lanes, out):  # pragma: no cover (compiled)
     n = 0
     for i in range(len(lanes) - 1, -1, -1):
         x, f = states[lanes[i]], freq[i]
-        if x >= f << 32:
-            out[n] = x & 0xFFFFFFFF
+        while x >= f << _SHIFT:
+            out[n] = x & 0xFFFF
             n += 1
-            x >>= 32
+            x >>= WORD
         states[lanes[i]] = ((x // f) << P) + x % f + start[i]
     for lane in range(n_lanes - 1, -1, -1):
-        out[n], out[n + 1] = states[lane] & 0xFFFFFFFF, states[lane] >> 32
-        n += 2
+        for shift in range(0, 64, WORD):
+            out[n] = (states[lane] >> shift) & 0xFFFF
+            n += 1
     return n
 
 
@@ -79,15 +81,15 @@ class Encoder:
         return 1 + max((int(lanes.max(initial=0)) for lanes in self._lanes), default=0)
 
     def words(self) -> np.ndarray:
-        """The segment so far as 32-bit words (sealed: decodable as is, with `lanes` lanes)."""
+        """The segment so far as 16-bit words (sealed: decodable as is, with `lanes` lanes)."""
         lanes = np.concatenate([np.zeros(0, np.int64), *self._lanes])
         spans = np.concatenate([np.zeros((0, 2), np.int64), *self._intervals])
-        out = np.empty(len(lanes) + 2 * self.lanes, dtype=np.int64)
+        out = np.empty(2 * len(lanes) + 4 * self.lanes, dtype=np.int64)
         n = _encode(lanes, np.ascontiguousarray(spans[:, 0]), np.ascontiguousarray(spans[:, 1]), self.lanes, out)
-        return out[:n][::-1].astype(np.uint32)
+        return out[:n][::-1].astype(np.uint16)
 
     def num_bits(self) -> int:
-        return 32 * len(self.words())
+        return WORD * len(self.words())
 
 
 def encode_known(spans: torch.Tensor, targets: torch.Tensor, encoder: Encoder) -> None:
@@ -200,7 +202,7 @@ class StreamEncoder(StreamCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.boundaries = list(state["boundaries"])
-        self.stream.segments = [Segment(b, lanes, w.numpy().astype(np.uint32)) for b, lanes, w in state["segments"]]
+        self.stream.segments = [Segment(b, lanes, w.numpy().astype(np.uint16)) for b, lanes, w in state["segments"]]
         self._load_position(state)
         self._segment_start, self._segment_tokens = self.coded_batches, self.coded_tokens
         self.coder = Encoder()

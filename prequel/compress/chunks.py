@@ -89,9 +89,9 @@ def code_spans(
 
 
 def payload_capacity_bits(words: int) -> int:
-    """The most information rANS can have coded into `words` words: every word holds 32 bits (the
-    lanes' final states are words too, and each state starts at 2**31, so they hold less)."""
-    return 32 * words
+    """The most information rANS can have coded into `words` words: every word holds 16 bits (the
+    lanes' final states are words too, and each state starts at 2**47, so they hold less)."""
+    return 16 * words
 
 
 class BudgetedDecoder(Decoder):
@@ -106,7 +106,7 @@ class BudgetedDecoder(Decoder):
 
     def __init__(self, words, lanes: int):
         super().__init__(words, lanes)
-        self.capacity_bits = payload_capacity_bits(len(words)) + 32 * lanes
+        self.capacity_bits = payload_capacity_bits(len(words)) + 32 * lanes  # (slack for rANS' rounding)
         self.bits = 0.0  # what the decoded symbols cost the encoder (the ideal code of their frequencies)
 
     def code(self, probs: torch.Tensor, symbols: torch.Tensor | None, lanes: np.ndarray) -> torch.Tensor:
@@ -124,7 +124,7 @@ class BudgetedDecoder(Decoder):
     def _ran_out(self) -> str:
         words = len(self.words)
         return (
-            f"the payload ran out: its {words:,} words ({32 * words:,} bits) cannot hold the tokens decoded "
+            f"the payload ran out: its {words:,} words ({16 * words:,} bits) cannot hold the tokens decoded "
             f"so far (at least {self.bits:,.0f} bits under the model): the header claims more tokens than the "
             "file holds, or the payload is corrupted"
         )
