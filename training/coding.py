@@ -16,8 +16,10 @@ the model thinks impossible, stays codable. Integer sums are exact in any order,
 agree whatever the device. The code loses at most −log2(1 − W / 2^P) bits a token to it (9e-5
 at W = 131,072).
 
-The entropy coder is interleaved rANS (Duda; Giesen's rans64 parameters): one 63-bit state per
-lane, 16-bit words, lane r codes row r of every batch. Alice encodes a segment backwards once it
+The entropy coder is interleaved rANS (Duda; laid out like Giesen's rans64, with 16-bit words so
+that a state in [2^47, 2^63) keeps 2^16 of headroom over the total 2^31: with 32-bit words and
+states from 2^31, rANS' rounding cost 2e-3 bits a token). One state per lane; lane r codes row r
+of every batch. Alice encodes a segment backwards once it
 is sealed (prequel/alice/encoder.py); Bob decodes a column of rows at once: the lanes' slots go
 to the device, `lookup` finds each slot's symbol by searchsorted on the row's cumulative
 frequencies, and only (symbol, start, frequency) come back. The host's work a token is a few
@@ -242,6 +244,17 @@ def _advance(states, lanes, start, freq, words, pos):  # pragma: no cover (compi
     return pos
 
 
+@numba.njit(cache=True, nogil=True)
+def _slots(states, lanes, out):  # pragma: no cover (compiled)
+    """`Decoder.slots` (one call a column: cheaper than numpy's indexing at a few lanes); False if a
+    lane is not in the segment."""
+    for i in range(len(lanes)):
+        if lanes[i] >= len(states):
+            return False
+        out[i] = states[lanes[i]] & MASK
+    return True
+
+
 class Decoder:
     """Bob's coder for one segment: its lanes' states, read from the head of its words."""
 
@@ -264,12 +277,13 @@ class Decoder:
 
     def slots(self, lanes: np.ndarray) -> np.ndarray:
         """Where each lane's state points into [0, 2**P): the decoded symbol's interval holds it."""
-        if lanes.max(initial=0) >= len(self.states):
+        out = np.empty(len(lanes), dtype=np.int64)
+        if not _slots(self.states, lanes, out):
             raise StreamError(
                 f"the batch has a row for lane {lanes.max()}, but the segment codes {len(self.states)} lanes: "
                 "the payload does not match the header"
             )
-        return self.states[lanes] & MASK
+        return out
 
     def advance(self, lanes: np.ndarray, start: np.ndarray, freq: np.ndarray) -> None:
         """Step each lane past the symbol it decoded, whose interval is (start, freq)."""
