@@ -65,6 +65,7 @@ class Encoder:
     def __init__(self):
         self._lanes: list[np.ndarray] = []
         self._intervals: list[np.ndarray] = []
+        self.lanes = 1  # lanes in use: one more than the highest queued
 
     def code(self, probs: torch.Tensor, symbols: torch.Tensor, lanes: np.ndarray) -> torch.Tensor:
         """Queue `symbols` (R,), row r with the probabilities `probs[r]` on lane `lanes[r]`; returns them."""
@@ -75,10 +76,7 @@ class Encoder:
         """Queue symbols by their intervals (N, 2) (start, frequency), in decoding order."""
         self._lanes.append(np.asarray(lanes, dtype=np.int64))
         self._intervals.append(np.asarray(spans, dtype=np.int64))
-
-    @property
-    def lanes(self) -> int:
-        return 1 + max((int(lanes.max(initial=0)) for lanes in self._lanes), default=0)
+        self.lanes = max(self.lanes, 1 + int(self._lanes[-1].max(initial=0)))
 
     def words(self) -> np.ndarray:
         """The segment so far as 16-bit words (sealed: decodable as is, with `lanes` lanes)."""
