@@ -141,7 +141,7 @@ class StreamDecoder(StreamCallback):
         if self.world > 1:  # every process needs every row: the n-gram counts, replays, the output
             targets = self._gather_rows(pl_module, targets, batch["all_spans"])
             pos, valid = self.tape.positions(batch["all_spans"])
-        self.tape.tokens[pos[valid]] = targets[valid]
+        self.tape.write(pos[valid], targets[valid])
 
     def _gather_rows(self, pl_module, rows: torch.Tensor, all_spans: torch.Tensor) -> torch.Tensor:
         """This process's decoded rows → the whole batch's: row j is process j % world's row j // world."""

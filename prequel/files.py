@@ -9,9 +9,10 @@ _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by se
 os.umask(_UMASK)  # ... and put back at once
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data) -> None:
     """Temp file + fsync + rename (+ fsync of the directory): a reader, or a run resumed after a
-    crash, sees the old file or the whole new one, never a part. A failed write (disk full,
+    crash, sees the old file or the whole new one, never a part. `data`: bytes, or an iterable of
+    pieces (written as they come: a file larger than memory). A failed write (disk full,
     read-only directory) removes its temp file and raises the OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,7 +20,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would make it, not mkstemp's 0600
-            f.write(data)
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

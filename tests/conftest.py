@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from prequel.training import environment
@@ -17,6 +18,8 @@ os.environ.update(environment.PORTABLE_PINS)
 # The suite runs tests side by side (pytest -n 2) and tests start train.py processes: OpenMP
 # threads that spin while they wait would slow every process sharing the cores 4-8x. No bit changes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Token shards (and named datasets) go to a cache of the suite's own, never the user's.
+os.environ["PREQUEL_CACHE"] = tempfile.mkdtemp(prefix="prequel-test-cache-")
 
 import pytest  # noqa: E402
 

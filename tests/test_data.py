@@ -241,7 +241,7 @@ def test_strided_rows_continue_the_rows_of_the_batch_before_and_read_them_as_con
             assert k == (0 if first_batch_of_part else context + 1), (start, fresh)
     tape = Tape(torch.arange(n) % 200, bos_id=256, context=context)
     spans = batches[3]
-    x, y = tape.batch(spans, known[next(i for i, (s, _) in enumerate(steps) if s is spans)])
+    x, y = tape.batch(spans, known[next(i for i, (s, fresh) in enumerate(steps) if fresh and torch.equal(s, spans))])
     assert x.shape == (len(spans), context + seq_len) and torch.equal(x[:, context + 1 :], y[:, :-1])
     for row, (start, _) in zip(x, spans.tolist()):  # the context: the tokens right before the span
         assert torch.equal(row[: context + 1], tape.tokens[start - context - 1 : start])

@@ -28,7 +28,9 @@ from prequel.training.header import TrainingHeader
 from prequel.training.run import decode, receiver
 from prequel.training.stream import read_stream
 stream = read_stream(Path(sys.argv[1]))
-data, _, _ = decode(receiver(TrainingHeader.from_dict(stream.header)), stream)
+bob = receiver(TrainingHeader.from_dict(stream.header))
+tape, _, _ = decode(bob, stream)
+data = b"".join(tape.decoded(bob.tokenizer))
 files = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
 files = [p.resolve() for p in files if p.is_absolute()]  # (some torch modules have a bare file name)
 print(json.dumps({"data": data.hex(), "files": [p.as_posix() for p in files if ".venv" not in p.parts]}))

@@ -13,6 +13,8 @@ The natural orders are here; `shuffle`, `length_warmup` and `difficulty` are in 
 part of f only for a run that uses one (prequel/program.py).
 """
 
+from collections.abc import Sequence
+
 import torch
 
 CURRICULA = ("sequential", "strided", "shuffle", "length_warmup", "difficulty")
@@ -25,23 +27,64 @@ def chunk_spans(n_tokens: int, seq_len: int) -> torch.Tensor:
     return torch.stack([starts, lengths], dim=1)
 
 
-def sequential(n_tokens: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+class ChunkBatches(Sequence):
+    """Batches of whole chunks, each built when it is asked for, so a plan over any corpus takes
+    no memory (a permutation: 8 bytes a chunk). Batch i holds chunks ``order[i*B : (i+1)*B]``
+    (`order` None: 0, 1, 2, ...), or with `stride` chunks i, i + S, i + 2S, ... for S batches."""
+
+    def __init__(self, n_tokens: int, seq_len: int, batch_size: int, order=None, stride: bool = False):
+        self.n_tokens, self.seq_len, self.batch_size, self.order = n_tokens, seq_len, batch_size, order
+        self.chunks = -(-n_tokens // seq_len)
+        self.stride = -(-self.chunks // batch_size) if stride else 0
+
+    def __len__(self) -> int:
+        return self.stride or -(-self.chunks // self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        i %= len(self)
+        if self.stride:
+            chunks = torch.arange(i, self.chunks, self.stride)
+        else:
+            chunks = torch.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.chunks))
+            chunks = chunks if self.order is None else self.order[chunks]
+        starts = chunks * self.seq_len
+        return torch.stack([starts, torch.clamp(self.n_tokens - starts, max=self.seq_len)], dim=1)
+
+
+def sequential(n_tokens: int, seq_len: int, batch_size: int) -> ChunkBatches:
     """Natural order. Free: nothing to transmit."""
-    return list(torch.split(chunk_spans(n_tokens, seq_len), batch_size))
+    return ChunkBatches(n_tokens, seq_len, batch_size)
 
 
-def strided(n_tokens: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+def strided(n_tokens: int, seq_len: int, batch_size: int) -> ChunkBatches:
     """Natural order in `batch_size` parts read side by side: batch i holds chunk i of each part,
     so each row continues the row above it a batch earlier, whose end is coded by then and can be
     read as context (data.context). Free: a function of the data length."""
-    spans = chunk_spans(n_tokens, seq_len)
-    per_part = -(-len(spans) // batch_size)
-    return [spans[i::per_part] for i in range(per_part)]
+    return ChunkBatches(n_tokens, seq_len, batch_size, stride=True)
+
+
+class _FirstPass(Sequence):
+    """`with_replay` without replay: each batch once, fresh; built when asked for."""
+
+    def __init__(self, batches: Sequence):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.batches[i], True
 
 
 def with_replay(
-    batches: list[torch.Tensor], replay_steps: int, window: int, seed: int
-) -> list[tuple[torch.Tensor, bool]]:
+    batches: Sequence[torch.Tensor], replay_steps: int, window: int, seed: int
+) -> Sequence[tuple[torch.Tensor, bool]]:
     """NNCP-style replay: after each fresh batch, `replay_steps` extra optimizer steps on
     batches drawn (seeded) from chunks already coded, the last `window` fresh batches' worth
     (0 = all of them). Free in bits: Bob has decoded those chunks by then, so he draws and
@@ -49,8 +92,8 @@ def with_replay(
 
     Returns the step list as (spans, fresh) pairs."""
     if replay_steps == 0:
-        return [(b, True) for b in batches]
-    coded = torch.cat(batches)
+        return _FirstPass(batches)
+    coded = torch.cat(list(batches))
     ends = torch.tensor([len(b) for b in batches]).cumsum(0).tolist()
     generator = torch.Generator().manual_seed(seed + 1)
     steps = []
@@ -74,8 +117,8 @@ def plan_batches(
     pacing_start: float = 0.125,
     warmup_tokens: int = 0,
     labels: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """The first pass as a list of (B, 2) span batches; every token in exactly one span.
+) -> Sequence[torch.Tensor]:
+    """The first pass as a sequence of (B, 2) span batches; every token in exactly one span.
 
     `warmup_tokens` = 0 means the whole first pass. `labels` are the transmitted difficulty
     levels (only for `difficulty`)."""

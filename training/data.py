@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prequel.training.curriculum import plan_batches, with_replay
+from prequel.training.tokens import TokenShards
 
 IGNORE = -100  # target id of padding positions
 
@@ -22,10 +23,11 @@ class DataError(ValueError):
 
 
 class Tape:
-    """The corpus as one row of token ids, plus how many bytes each token id stands for."""
+    """The corpus as one row of token ids (`TokenShards`: on disk, or a tensor held in memory),
+    plus how many bytes each token id stands for."""
 
-    def __init__(self, tokens: torch.Tensor, bos_id: int, nbytes_per_id: torch.Tensor | None = None, context: int = 0):
-        self.tokens = tokens
+    def __init__(self, tokens, bos_id: int, nbytes_per_id: torch.Tensor | None = None, context: int = 0):
+        self.tokens = tokens if isinstance(tokens, TokenShards) else TokenShards.in_memory(tokens)
         self.bos_id = bos_id
         self.nbytes_per_id = nbytes_per_id  # None: one byte per token
         self.context = context  # inputs read before each span (data.context)
@@ -61,6 +63,18 @@ class Tape:
         """x = `before` (or BOS) + y[:, :-1]: position t sees only targets before t."""
         first = torch.full_like(y[:, :1], self.bos_id) if before is None else before.to(y.device)
         return torch.cat([first, y[:, :-1].clamp(min=0)], dim=1)  # pad inputs are never attended to
+
+    def write(self, pos: torch.Tensor, ids: torch.Tensor) -> None:
+        """Bob: decoded ids onto their positions."""
+        self.tokens[pos] = ids
+
+    def decoded(self, tokenizer, spans: torch.Tensor | None = None):
+        """The bytes of the whole tape (or of `spans`, in order), a piece at a time."""
+        if spans is None:
+            yield from map(tokenizer.decode, self.tokens.slices())
+            return
+        for start, length in spans.tolist():
+            yield tokenizer.decode(self.tokens.slice(start, start + length))
 
     def nbytes(self, spans: torch.Tensor) -> int:
         pos, valid = self.positions(spans)

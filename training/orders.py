@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import torch
 
-from prequel.training.curriculum import chunk_spans
+from prequel.training.curriculum import ChunkBatches, chunk_spans
 
 STEP_STAGES = 4  # `step` pacing: this many equal jumps
 LEVEL_BYTES = (
@@ -26,11 +26,11 @@ def pace(progress: float, pacing: str, start: float) -> float:
     return start + (1.0 - start) * grown
 
 
-def shuffle(n_tokens: int, seq_len: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+def shuffle(n_tokens: int, seq_len: int, batch_size: int, seed: int) -> ChunkBatches:
     """A permutation of the chunks drawn from the seed. Free: the seed is part of f."""
-    spans = chunk_spans(n_tokens, seq_len)
-    spans = spans[torch.randperm(len(spans), generator=torch.Generator().manual_seed(seed))]
-    return list(torch.split(spans, batch_size))
+    chunks = -(-n_tokens // seq_len)
+    order = torch.randperm(chunks, generator=torch.Generator().manual_seed(seed))
+    return ChunkBatches(n_tokens, seq_len, batch_size, order)
 
 
 def length_warmup(

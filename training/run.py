@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 from prequel.callbacks.arithmetic_stream import StreamDecoder
@@ -20,6 +21,7 @@ from prequel.training.header import TrainingHeader
 from prequel.training.kernels import device_of, ensure_kernels
 from prequel.training.module import PrequelModule
 from prequel.training.stream import Stream
+from prequel.training.tokens import TokenShards, dtype_for
 
 
 def set_determinism(config: Config) -> None:
@@ -102,13 +104,12 @@ class Receiver:
     tokenizer: object
     labels: torch.Tensor | None
 
-    def tape(self) -> Tape:
-        """The tape Bob decodes onto: data_tokens long, filled as batches are decoded."""
-        return Tape(
-            torch.zeros(self.header.data_tokens, dtype=torch.long),
-            bos_id=self.tokenizer.vocab_size,
-            nbytes_per_id=self.tokenizer.nbytes_per_id(),
-        )
+    def tape(self, directory: Path | None = None) -> Tape:
+        """The tape Bob decodes onto: data_tokens long, filled as batches are decoded; as shard
+        files in `directory`, else in memory."""
+        n, dtype = self.header.data_tokens, dtype_for(self.tokenizer.vocab_size)
+        tokens = TokenShards.create(directory, n, dtype) if directory else TokenShards.in_memory(np.zeros(n, dtype))
+        return Tape(tokens, bos_id=self.tokenizer.vocab_size, nbytes_per_id=self.tokenizer.nbytes_per_id())
 
     def trainer(self, tape: Tape, callbacks: list, run_dir: Path):
         return build_trainer(self.config, tape, self.tokenizer.vocab_size, callbacks, [], run_dir, labels=self.labels)
@@ -127,12 +128,16 @@ def receiver(header: TrainingHeader, threads: int | None = None) -> Receiver:
     return Receiver(header, config, header.tokenizer(), header.labels())
 
 
-def decode(bob: Receiver, stream: Stream, callbacks: list = ()) -> tuple[bytes | None, PrequelModule, StreamDecoder]:
-    """Train as the encoder did, decoding each batch before its step: the data, as bytes (on the
-    first of N processes; the others return None), and the trained module and the decoder."""
-    tape = bob.tape()
-    decoder = StreamDecoder(tape, bob.config.stream.checksum_every, bob.config.stream.procedure, stream=stream)
+def decode(
+    bob: Receiver, stream: Stream, callbacks: list = (), tape_dir: Path | None = None, decoder_type=StreamDecoder
+) -> tuple[Tape | None, PrequelModule, StreamDecoder]:
+    """Train as the encoder did, decoding each batch before its step: the decoded tape (in
+    `tape_dir`, else in memory; on the first of N processes, the others get None; its bytes:
+    `Tape.decoded`), and the trained module and the decoder (a `decoder_type`: verify's
+    checked single steps are a StreamDecoder too)."""
+    tape = bob.tape(tape_dir)
+    decoder = decoder_type(tape, bob.config.stream.checksum_every, bob.config.stream.procedure, stream=stream)
     with tempfile.TemporaryDirectory() as tmp:
         module, datamodule, trainer = bob.trainer(tape, [*callbacks, decoder], Path(tmp))
         trainer.fit(module, datamodule, weights_only=True)
-    return bob.tokenizer.decode(tape.tokens) if trainer.is_global_zero else None, module, decoder
+    return tape if trainer.is_global_zero else None, module, decoder

@@ -81,7 +81,7 @@ def fetch_dataset(name: str) -> Path:
         raise DataError(f"data.path: unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
     url, sha256 = DATASETS[name]
     path = cache_dir() / name
-    if path.is_file() and hashlib.sha256(_read_file(path)).hexdigest() == sha256:
+    if path.is_file() and file_sha256(path) == sha256:
         return path
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -95,6 +95,15 @@ def fetch_dataset(name: str) -> Path:
         raise DataError(f"data.path: dataset {name!r} from {url} does not match its sha256 {sha256}; not using it")
     write_atomic(path, data)  # a reader, or another process fetching it too, never sees half a file
     return path
+
+
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    """sha256 of a file, read a block at a time (any size, little memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_file(path: Path) -> bytes:
@@ -113,40 +122,42 @@ def _read_file(path: Path) -> bytes:
     return data
 
 
+def corpus_files(path: str | None) -> tuple[list[str], list[Path]]:
+    """The files of a corpus, by name and path, in their fixed order: a file; every file under a
+    directory (recursive, hidden ones skipped) or matching a glob, sorted by path; `dataset:NAME`;
+    or null = bundled. Each a regular file; nothing is read."""
+    if path is None:
+        return [BUNDLED_CORPUS.name], [BUNDLED_CORPUS]
+    if path.startswith(DATASET_PREFIX):
+        return [path], [fetch_dataset(path[len(DATASET_PREFIX) :])]
+    if glob.has_magic(path):
+        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise DataError(f"data.path: the glob {path!r} matches no files")
+        return [str(f) for f in files], files
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data.path: file not found: {p}")
+    if not p.is_dir():
+        return [str(p)], [p]
+    files = sorted(
+        (f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+        key=lambda f: f.relative_to(p).as_posix(),
+    )
+    if not files:
+        raise DataError(f"data.path: directory {p} has no files")
+    return [f.relative_to(p).as_posix() for f in files], files
+
+
 def read_documents(path: str | None) -> list[Document]:
-    """The corpus as documents, each the exact bytes of one file (no newline or encoding
-    conversion), in a fixed order: a file; every file under a directory (recursive, hidden
-    ones skipped) or matching a glob, sorted by path; `dataset:NAME`; or null = bundled."""
+    """The corpus as documents (`corpus_files`), each the exact bytes of one file (no newline or
+    encoding conversion), held in memory: at most `max_corpus_bytes` in all."""
+    names, files = corpus_files(path)
     if path is None:
         data = BUNDLED_CORPUS.read_bytes()
         if hashlib.sha256(data).hexdigest() != BUNDLED_SHA256:
             raise DataError(f"bundled corpus {BUNDLED_CORPUS} does not match its sha256; reinstall prequel")
         return [Document(BUNDLED_CORPUS.name, data)]
-    if path.startswith(DATASET_PREFIX):
-        return [Document(path, _read_file(fetch_dataset(path[len(DATASET_PREFIX) :])))]
-    if glob.has_magic(path):
-        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if Path(p).is_file()]
-        if not files:
-            raise DataError(f"data.path: the glob {path!r} matches no files")
-        names = [str(f) for f in files]
-    else:
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise DataError(f"data.path: file not found: {p}")
-        if p.is_dir():
-            files = sorted(
-                (
-                    f
-                    for f in p.rglob("*")
-                    if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                ),
-                key=lambda f: f.relative_to(p).as_posix(),
-            )
-            if not files:
-                raise DataError(f"data.path: directory {p} has no files")
-            names = [f.relative_to(p).as_posix() for f in files]
-        else:
-            files, names = [p], [str(p)]
     limit = max_corpus_bytes()
     total = sum(
         regular_file_size(f, "data.path", limit, corpus_limit_text(), error=DataError) for f in files
@@ -167,10 +178,10 @@ def read_corpus(path: str | None) -> bytes:
     return data
 
 
-def order_labels(data, seq_len: int, tokenizer, tokens: torch.Tensor) -> torch.Tensor | None:
+def order_labels(data, seq_len: int, tokenizer, tokens) -> torch.Tensor | None:
     """The encoder's content-dependent part of the order (None if the order is free): for
     `difficulty`, each chunk's level, which the stream header transmits to the decoder."""
     if data.curriculum != "difficulty":
         return None
-    chunks = [tokenizer.decode(tokens[s : s + n]) for s, n in chunk_spans(len(tokens), seq_len).tolist()]
+    chunks = (tokenizer.decode(tokens[s : s + n]) for s, n in chunk_spans(len(tokens), seq_len).tolist())
     return difficulty_labels(chunks, data.difficulty_score, data.difficulty_levels)

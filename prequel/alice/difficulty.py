@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-def difficulty_labels(chunks: list[bytes], score: str, levels: int) -> torch.Tensor:
+def difficulty_labels(chunks, score: str, levels: int) -> torch.Tensor:
     """The encoder's side of `difficulty`: rank chunks by a score (lower = easier; ties by
     position) and cut the ranking into `levels` equal parts. Level sizes then depend only on
     the number of chunks, which the decoder knows, so only the assignment must be sent.
@@ -17,15 +17,15 @@ def difficulty_labels(chunks: list[bytes], score: str, levels: int) -> torch.Ten
     - ``zlib``: compressed size / raw size (repetitive text is easy);
     - ``length``: bytes in the chunk (with BPE, many bytes per token = common words)."""
     if score == "zlib":
-        scores = [len(zlib.compress(c, 9)) / max(len(c), 1) for c in chunks]
+        scores = np.fromiter((len(zlib.compress(c, 9)) / max(len(c), 1) for c in chunks), dtype=np.float64)
     elif score == "length":
-        scores = [len(c) for c in chunks]
+        scores = np.fromiter((len(c) for c in chunks), dtype=np.float64)
     else:
         raise ValueError(f"data.difficulty_score: unknown score {score!r} (known: zlib, length)")
-    ranking = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
-    levels = min(levels, len(chunks))
-    labels = np.empty(len(chunks), dtype=np.int64)
-    labels[ranking] = np.arange(len(chunks)) * levels // max(len(chunks), 1)
+    ranking = np.argsort(scores, kind="stable")  # (chunks may be a generator: one chunk in memory at a time)
+    n = len(scores)
+    labels = np.empty(n, dtype=np.int64)
+    labels[ranking] = np.arange(n) * min(levels, n) // max(n, 1)
     return torch.from_numpy(labels)
 
 

@@ -6,7 +6,6 @@ owns a run directory (identity, lock, atomic checkpoints, resume) and writes the
 """
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -20,9 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from prequel.alice.corpus import order_labels, read_corpus
+from prequel.alice.corpus import order_labels
 from prequel.alice.difficulty import labels_to_header, order_bits
 from prequel.alice.encoder import StreamEncoder
+from prequel.alice.shards import Corpus, open_corpus, token_shards
 from prequel.alice.tokenizing import build_tokenizer
 from prequel.callbacks.code_length import CodeLength
 from prequel.checks.machine import facts as environment_facts
@@ -66,11 +66,12 @@ class _TrainStarted(L.Callback):
         self.ran = True
 
 
-def tokenize(config: Config, data: bytes):
+def tokenize(config: Config, corpus: Corpus):
+    """The tokenizer and the corpus's ids as token shards (tokenised once, then from the cache)."""
     tokenizer = build_tokenizer(
-        config.data.tokenizer, data=data, vocab_size=config.data.vocab_size, pretrained=config.data.tokenizer_file
+        config.data.tokenizer, data=corpus, vocab_size=config.data.vocab_size, pretrained=config.data.tokenizer_file
     )
-    tokens = tokenizer.encode(data)
+    tokens = token_shards(corpus, tokenizer)
     if len(tokens) < config.model.block_size:
         raise DataError(
             f"corpus too short: {len(tokens)} tokens, less than one sequence "
@@ -79,8 +80,8 @@ def tokenize(config: Config, data: bytes):
     return tokenizer, tokens
 
 
-def _identity(config: Config, data: bytes) -> dict:
-    return {"config": program_dict(config), "data_sha256": hashlib.sha256(data).hexdigest()}
+def _identity(config: Config, data_sha256: str) -> dict:
+    return {"config": program_dict(config), "data_sha256": data_sha256}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -90,7 +91,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_run_dir(run_dir: Path, config: Config, data: bytes) -> None:
+def check_run_dir(run_dir: Path, config: Config, data_sha256: str) -> None:
     """Refuse to resume (or report) a run directory that holds a run of other settings or data:
     its checkpoint and stream would be mixed into this command's code length."""
     path = Path(run_dir) / IDENTITY_NAME
@@ -103,7 +104,7 @@ def check_run_dir(run_dir: Path, config: Config, data: bytes) -> None:
         raise ConfigError(
             f"run_dir: {path} is damaged; use another --run_dir (or delete {run_dir} to start over)"
         ) from None
-    ours = _identity(config, data)
+    ours = _identity(config, data_sha256)
     ours_config = _flat(ours["config"])
     diffs = [
         f"{k}: the run has {theirs_config.get(k)!r}, this command {ours_config.get(k)!r}"
@@ -170,15 +171,21 @@ class Fitted:
     stream_path: Path | None
 
 
-def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callbacks: list | None = None) -> Fitted:
+def fit(
+    config: Config,
+    run_dir: Path,
+    loggers: list | None = None,
+    extra_callbacks: list | None = None,
+    corpus: Corpus | None = None,
+) -> Fitted:
     """Alice: train with the code length (and the stream) on, resuming from the run's last
     checkpoint, and write the stream. `loggers` and `extra_callbacks` watch or stop training
     (a size sweep's wall-clock budget); they change no bit of it."""
-    data = read_corpus(config.data.path)  # errors before anything is created
+    corpus = corpus or open_corpus(config.data.path)  # errors before anything is created
     set_determinism(config)
-    tokenizer, tokens = tokenize(config, data)  # a too-short corpus fails before the run directory exists
+    tokenizer, tokens = tokenize(config, corpus)  # a too-short corpus fails before the run directory exists
     check_memory(config, len(tokens))  # the plan and replay over this many tokens, before anything is built
-    check_run_dir(run_dir, config, data)
+    check_run_dir(run_dir, config, corpus.sha256())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -186,7 +193,9 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
     if os.environ.get("LOCAL_RANK", "0") == "0":  # (DDP's other ranks re-run this while rank 0 writes)
         _lock(run_dir)
         remove_stale_temps(run_dir)  # what a kill mid-write left; the files themselves are whole
-        write_atomic(run_dir / IDENTITY_NAME, json.dumps(_identity(config, data), indent=1, sort_keys=True).encode())
+        write_atomic(
+            run_dir / IDENTITY_NAME, json.dumps(_identity(config, corpus.sha256()), indent=1, sort_keys=True).encode()
+        )
     tape = Tape(tokens, bos_id=tokenizer.vocab_size, nbytes_per_id=tokenizer.nbytes_per_id())
     config_text = dump_yaml(config)
     (run_dir / "config.yaml").write_text(config_text)
@@ -251,10 +260,7 @@ def fit(config: Config, run_dir: Path, loggers: list | None = None, extra_callba
         stream_path = run_dir / STREAM_NAME
         stream.save(
             stream_path,
-            {
-                "data_sha256": hashlib.sha256(data).hexdigest() if totals["complete"] else None,
-                "ideal_bits": totals["data_bits"],
-            },
+            {"data_sha256": corpus.sha256() if totals["complete"] else None, "ideal_bits": totals["data_bits"]},
         )
     return Fitted(config, run_dir, tokenizer, tape, datamodule, module, trainer, code_length, stream, stream_path)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from prequel.alice.corpus import read_corpus
 from prequel.alice.fit import Fitted, check_run_dir, fit
+from prequel.alice.shards import open_corpus
 from prequel.checks.settings import Config, to_dict
 from prequel.files import write_atomic
 from prequel.models.mixture import Mixture
@@ -24,14 +24,14 @@ SUMMARY_NAME = "summary.json"
 def train(config: Config, extra_callbacks: list | None = None) -> dict:
     """Train with the prequential code length (and stream) on; returns the summary.
     `extra_callbacks` watch or stop training (a size sweep's wall-clock budget); they change no bit of it."""
-    data = read_corpus(config.data.path)  # a missing or empty file fails before anything is created
+    corpus = open_corpus(config.data.path)  # a missing or empty file fails before anything is created
     run_dir = Path(config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_dir(run_dir, config, data)  # a finished run of other settings or data is not this one
+    check_run_dir(run_dir, config, corpus.sha256())  # a finished run of other settings or data is not this one
     if (run_dir / SUMMARY_NAME).exists():
         print(f"{run_dir} already finished; not training again. Summary: {run_dir / SUMMARY_NAME}")
         return json.loads((run_dir / SUMMARY_NAME).read_text())
     loggers = _loggers(config, run_dir)
-    fitted = fit(config, run_dir, loggers, extra_callbacks)
+    fitted = fit(config, run_dir, loggers, extra_callbacks, corpus)
     if not fitted.trainer.is_global_zero:
         return {}
     return report(fitted, loggers)
@@ -95,10 +95,10 @@ def report(run: Fitted, loggers: list) -> dict:
     return summary
 
 
-def _covered_bytes(run: Fitted, totals: dict) -> bytes:
-    """The bytes the code covers, in file order (all of them after a full first pass)."""
+def _covered_bytes(run: Fitted, totals: dict):
+    """The bytes the code covers, in file order (all of them after a full first pass), a piece at a time."""
     if totals["complete"]:
-        return run.tokenizer.decode(run.tape.tokens)
+        return run.tape.decoded(run.tokenizer)
     done, spans = 0, []
     for batch in run.datamodule.batches:
         if done >= totals["tokens"]:
@@ -106,8 +106,7 @@ def _covered_bytes(run: Fitted, totals: dict) -> bytes:
         spans.append(batch)
         done += int(batch[:, 1].sum())
     spans = torch.cat(spans)
-    spans = spans[spans[:, 0].argsort()]
-    return b"".join(run.tokenizer.decode(run.tape.tokens[s : s + n]) for s, n in spans.tolist())
+    return run.tape.decoded(run.tokenizer, spans[spans[:, 0].argsort()])
 
 
 def _log_summary(loggers: list, summary: dict) -> None:

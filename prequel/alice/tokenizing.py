@@ -13,22 +13,27 @@ from prequel.training.tokenizer import ByteTokenizer, TokenizerError, restore_to
 BPE_MAX_VOCAB = 1 << 16  # a sane upper bound: the embedding and softmax grow with it
 
 
-def train_bpe(data: bytes, vocab_size: int) -> BPETokenizer:
-    """Deterministic: the trainer breaks count ties by pair id, and the alphabet is fixed."""
+def train_bpe(data, vocab_size: int) -> BPETokenizer:
+    """Deterministic: the trainer breaks count ties by pair id, and the alphabet is fixed. `data`
+    is bytes or a streamed `Corpus` (prequel/alice/shards.py): the words are counted piece by
+    piece, in memory that grows with the distinct words, not the corpus."""
     from tokenizers import Tokenizer, models, trainers
 
     if not 256 < vocab_size <= BPE_MAX_VOCAB:
         raise TokenizerError(f"data.vocab_size: BPE needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {vocab_size}")
     hf = Tokenizer(models.BPE())
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=ALPHABET)
-    counts = collections.Counter(_words(data))
+    counts, size = collections.Counter(), 0
+    for piece in [data] if isinstance(data, bytes) else data.pieces():
+        counts.update(_words(piece))  # (pieces cut where words split: the counts of the whole)
+        size += len(piece)
     # Without a pre-tokenizer each item is one word, so a word is fed once per occurrence.
     hf.train_from_iterator(([_to_text(w)] * n for w, n in counts.items()), trainer)
     tokenizer = BPETokenizer([tuple(m) for m in _merges_of(json.loads(hf.to_str()))])
     if tokenizer.vocab_size < vocab_size:
         raise TokenizerError(
             f"data.vocab_size {vocab_size} is larger than BPE can learn from this corpus "
-            f"({len(data):,} bytes give only {tokenizer.vocab_size} tokens); choose at most {tokenizer.vocab_size}"
+            f"({size:,} bytes give only {tokenizer.vocab_size} tokens); choose at most {tokenizer.vocab_size}"
         )
     return tokenizer
 

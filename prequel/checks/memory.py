@@ -33,7 +33,8 @@ DEFAULT_MAX_MEMORY_GB = 16.0  # generous for every shipped config (configs/compr
 _GB = 10**9
 _ACTIVATIONS_PER_LAYER = 20  # floats kept per token per layer for backward (qkv, attention, MLP 4x twice, norms)
 _LOGITS_COPIES = 4  # logits, log-softmax, their gradient and a spare, per vocabulary entry and n-gram order
-TAPE_BYTES_PER_TOKEN = 16  # an int64 token, plus the bytes it decodes to and the tokenizer's work
+TAPE_BYTES_PER_TOKEN = 16  # a corpus held in memory (compress): an int64 token, its bytes, the tokenizer's work
+LAZY_ORDERS = ("sequential", "strided", "shuffle")  # plans whose batches are built when asked for
 _SPAN_BYTES = 160  # per chunk of a plan: its span, rank, tie-break and draw (curriculum.py)
 _STEP_BYTES = 256  # per step of a plan: a (B, 2) span tensor's object (plus 16 bytes a row)
 
@@ -116,28 +117,29 @@ def run_memory(config: Config, data_tokens: int | None = None) -> list[tuple[str
             kv_cache=config.stream.enabled and config.stream.procedure == "incremental",
         )
     ]
-    if data_tokens is not None:
-        parts.append((f"{data_tokens:,} tokens of data", data_tokens * TAPE_BYTES_PER_TOKEN))
+    if data_tokens is not None:  # the tape is on disk (training/tokens.py); what grows with it is the plan
         chunks, steps = plan_size(
             data_tokens, config.chunk_len, d.batch_size, d.curriculum, d.pacing_start, d.replay_steps
         )
-        parts.append(
-            (
-                f"the plan of {steps:,} training steps over {chunks:,} chunks",
-                chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size),
-            )
-        )
+        if d.curriculum in LAZY_ORDERS and not d.replay_steps:  # batches built when asked for
+            plan = 8 * chunks if d.curriculum == "shuffle" else 0  # (a shuffle keeps its permutation)
+        else:
+            plan = chunks * _SPAN_BYTES + steps * (_STEP_BYTES + 16 * d.batch_size)
+        if d.context:  # `context_known`: a flag a token, and a row count a step
+            plan += data_tokens + steps * (_STEP_BYTES + 8 * d.batch_size)
+        parts.append((f"the plan of {steps:,} training steps over {chunks:,} chunks", plan))
     return parts
 
 
 def max_corpus_bytes() -> int:
-    """The largest corpus the memory limit allows: training holds ~TAPE_BYTES_PER_TOKEN per byte."""
+    """The largest corpus the memory limit allows read into memory (compress, a size sweep's
+    baselines; training reads its corpus into token shards on disk instead)."""
     return max_memory_bytes() // TAPE_BYTES_PER_TOKEN
 
 
 def corpus_limit_text() -> str:
     return (
-        f"training holds about {TAPE_BYTES_PER_TOKEN} bytes per byte of data, and the memory limit is "
+        f"a corpus read into memory takes about {TAPE_BYTES_PER_TOKEN} bytes per byte, and the memory limit is "
         f"{format_bytes(max_memory_bytes())}: raise it with {MEMORY_ENV} if this machine has the memory"
     )
 

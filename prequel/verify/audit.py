@@ -17,7 +17,6 @@ comparison: replay steps read tokens of earlier stretches.
 Outside f: Bob decodes with `verify`; this only schedules the same decoding differently.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -30,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from prequel.alice.corpus import read_corpus
 from prequel.alice.encoder import StreamEncoder, state_sha256
+from prequel.alice.shards import open_corpus, token_shards
 from prequel.training.data import Tape
 from prequel.training.run import Receiver
 from prequel.training.stream import Stream, StreamError, read_stream
@@ -181,14 +180,15 @@ def audit_segment(
         raise StreamError(f"{missing[0]}: the audit starts each stretch from a checkpoint the run kept")
     checked = checked_receiver(stream, allow_env_mismatch, threads)
     bob = checked.bob
-    data = read_corpus(data_path if data_path is not None else bob.config.data.path)
+    corpus = open_corpus(data_path if data_path is not None else bob.config.data.path)
     expected_sha = stream.trailer.get("data_sha256")
-    if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+    if expected_sha is not None and corpus.sha256() != expected_sha:
         raise StreamError(f"--data: {data_path or 'the bundled data'} is not the data of this run (sha256 differs)")
-    tokens = bob.tokenizer.encode(data)
+    tokens = token_shards(corpus, bob.tokenizer)  # (the cache Alice trained from, if it is on this machine)
     if len(tokens) != bob.header.data_tokens:
         raise StreamError(f"--data: {len(tokens):,} tokens, the run coded {bob.header.data_tokens:,}")
-    tape = Tape(tokens.clone(), bos_id=bob.tokenizer.vocab_size, nbytes_per_id=bob.tokenizer.nbytes_per_id())
+    # Bob's tape: the data's shards, copy-on-write (what he decodes lands in memory, never in the cache)
+    tape = Tape(tokens.copy_on_write(), bos_id=bob.tokenizer.vocab_size, nbytes_per_id=bob.tokenizer.nbytes_per_id())
     decoder = AuditDecoder(bob, tape, tokens, stream, stretch)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,6 @@ module, only faster with it. That makes it a verifier's accelerator, not part of
 import contextlib
 import copy
 import functools
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,9 +37,9 @@ from einops import einsum
 
 from prequel.callbacks.arithmetic_stream import StreamDecoder
 from prequel.models.gpt import GPT, apply_rope
+from prequel.training import run
 from prequel.training.coding import Decoder, code_batch
 from prequel.training.data import IGNORE
-from prequel.training.module import PrequelModule
 from prequel.training.run import Receiver
 from prequel.training.stream import Stream, StreamError
 
@@ -268,18 +267,9 @@ class FastStreamDecoder(StreamDecoder):
         return stepped
 
 
-def decode(
-    bob: Receiver, stream: Stream, callbacks: list = ()
-) -> tuple[bytes | None, PrequelModule, FastStreamDecoder]:
-    """f's `training.run.decode` with a FastStreamDecoder in its StreamDecoder's place. (Repeated here, not a
-    parameter of f's: so f is the same file as before this module, and every stream written since decodes
-    with it.)"""
-    tape = bob.tape()
-    decoder = FastStreamDecoder(tape, bob.config.stream.checksum_every, bob.config.stream.procedure, stream=stream)
-    with tempfile.TemporaryDirectory() as tmp:
-        module, datamodule, trainer = bob.trainer(tape, [*callbacks, decoder], Path(tmp))
-        trainer.fit(module, datamodule, weights_only=True)
-    return bob.tokenizer.decode(tape.tokens) if trainer.is_global_zero else None, module, decoder
+def decode(bob: Receiver, stream: Stream, callbacks: list = (), tape_dir: Path | None = None):
+    """f's `training.run.decode` with a FastStreamDecoder in its StreamDecoder's place."""
+    return run.decode(bob, stream, callbacks, tape_dir, decoder_type=FastStreamDecoder)
 
 
 def _copy(decoder: Decoder) -> Decoder:

@@ -9,6 +9,7 @@ real size (the code-length callback). None of it changes a decoded bit, so none 
 """
 
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from prequel.checks import stream_header as headers
 from prequel.checks.machine import check as check_environment
 from prequel.checks.machine import require_device
 from prequel.checks.settings import MAX_THREADS, ConfigError, counted_yaml
-from prequel.files import write_atomic
+from prequel.files import TEMP_SUFFIX, write_atomic
 from prequel.program import code_hash, f_parts
 from prequel.training.environment import KernelError
 from prequel.training.module import PrequelModule
@@ -110,26 +111,29 @@ def verify(
     checked = checked_receiver(stream, allow_env_mismatch, threads)
     code_length = checked.code_length()
     started = time.perf_counter()
-    try:  # (the header's data_tokens passed the memory limit: the tape fits)
-        decoded, module, decoder = (fast_decode if fast else decode)(checked.bob, stream, [code_length])
-    except StreamError as e:
-        raise checked.explain(e) from None
-    seconds = time.perf_counter() - started
-    totals = code_length.totals()  # (synced: every process takes part)
-    if decoded is None:
-        return None
-    expected_sha = stream.trailer.get("data_sha256")
-    if expected_sha is not None and hashlib.sha256(decoded).hexdigest() != expected_sha:
-        raise StreamError("decoded bytes do not match the original's sha256")
+    with tempfile.TemporaryDirectory(prefix="prequel-verify-") as tape_dir:  # Bob's tape: shard files
+        try:
+            tape, module, decoder = (fast_decode if fast else decode)(
+                checked.bob, stream, [code_length], Path(tape_dir)
+            )
+        except StreamError as e:
+            raise checked.explain(e) from None
+        seconds = time.perf_counter() - started
+        totals = code_length.totals()  # (synced: every process takes part)
+        if tape is None:
+            return None
+        expected_sha = stream.trailer.get("data_sha256")
+        out = (Path(out) if out else stream_path.with_suffix(".decoded")) if expected_sha is not None else None
+        digest, nbytes = _decoded_output(tape.decoded(checked.bob.tokenizer), out, expected_sha)
     weights_checked = _compare_checkpoint(Path(path), module)
     report = {
         "stream": str(stream_path),
         "tokens": decoder.coded_tokens,
-        "bytes": len(decoded),
+        "bytes": nbytes,
         "ideal_bits": totals["data_bits"],
         "stream_bits": stream.payload_bits,
         "overhead_bits": stream.payload_bits - totals["data_bits"],
-        "sha256": hashlib.sha256(decoded).hexdigest(),
+        "sha256": digest,
         "complete": expected_sha is not None,
         "final_weights_equal_checkpoint": weights_checked,
         "environment_differences": checked.environment_differences,
@@ -137,11 +141,38 @@ def verify(
         "fast_batches": getattr(decoder, "fast_batches", 0),
         "slow_batches": getattr(decoder, "slow_batches", 0),
     }
-    if expected_sha is not None:
-        out = Path(out) if out else stream_path.with_suffix(".decoded")
-        write_atomic(out, decoded)
+    if out is not None:
         report["output"] = str(out)
     return report
+
+
+def _decoded_output(pieces, out: Path | None, expected_sha: str | None) -> tuple[str, int]:
+    """(sha256, bytes) of the decoded pieces; with `out`, also written there (atomically), and
+    kept only if the sha256 is the original's."""
+    digest, nbytes = hashlib.sha256(), 0
+
+    def hashed():
+        nonlocal nbytes
+        for piece in pieces:
+            digest.update(piece)
+            nbytes += len(piece)
+            yield piece
+
+    if out is None:
+        for _ in hashed():
+            pass
+    else:
+        tmp = out.with_name(f".{out.name}.unchecked{TEMP_SUFFIX}")
+        try:
+            write_atomic(tmp, hashed())
+            if expected_sha is not None and digest.hexdigest() != expected_sha:
+                raise StreamError("decoded bytes do not match the original's sha256")
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if expected_sha is not None and digest.hexdigest() != expected_sha:
+        raise StreamError("decoded bytes do not match the original's sha256")
+    return digest.hexdigest(), nbytes
 
 
 def _compare_checkpoint(path: Path, module: PrequelModule) -> bool | str | None:
