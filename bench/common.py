@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (tests.helpers, bench modules)
 
-from prequel.alice.corpus import read_corpus  # noqa: E402
 from prequel.alice.fit import tokenize  # noqa: E402
+from prequel.alice.shards import open_corpus  # noqa: E402
 from prequel.callbacks.code_length import CodeLength  # noqa: E402
 from prequel.checks.settings import Config, counted_yaml, load_config  # noqa: E402
 from prequel.cli.commands import quiet_warnings  # noqa: E402
@@ -80,7 +80,7 @@ def print_environment(config: Config) -> None:
 
 def corpus_prefix(config: Config, n_tokens: int):
     """(tokenizer, tokens, tape) for the first `n_tokens` tokens of the configured corpus."""
-    tokenizer, tokens = tokenize(config, read_corpus(config.data.path))
+    tokenizer, tokens = tokenize(config, open_corpus(config.data.path))
     if n_tokens > len(tokens):
         raise SystemExit(f"the corpus has only {len(tokens):,} tokens; asked for {n_tokens:,}")
     tokens = tokens[:n_tokens]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from prequel.alice.shards import MANIFEST, open_corpus, safe_cut, token_shards
@@ -68,7 +69,8 @@ def test_shards_read_and_write_across_their_boundaries(tmp_path):
     assert TokenShards.open(tmp_path, 1_000, dtype_for(50_000), 64)[torch.tensor([0])].item() == ids[0]  # untouched
 
 
-def test_the_cache_tokenises_once_and_a_damaged_shard_is_rebuilt_with_a_notice(tmp_path, capfd):
+def test_the_cache_tokenises_once_and_a_damaged_shard_is_rebuilt_with_a_notice(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("PREQUEL_CACHE", str(tmp_path / "cache"))  # (other tests may have cached this text)
     path = tmp_path / "text.txt"
     path.write_bytes(SHAKESPEARE[:20_000])
     corpus, tokenizer = open_corpus(str(path)), ByteTokenizer()
@@ -121,6 +123,7 @@ def test_a_run_on_a_corpus_larger_than_the_memory_limit_is_killed_resumed_and_ve
         assert resumes_from_step(run_dir) >= 3
         resumed = run_cli(*args)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "prequel: tokenising" not in resumed.stderr  # the same command again: from the cache
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["data/tokens"] == 12 * 4 * 32 and not summary["data/complete"]
         verify = subprocess.run(
@@ -134,3 +137,33 @@ def test_a_run_on_a_corpus_larger_than_the_memory_limit_is_killed_resumed_and_ve
         assert verify.returncode == 0, verify.stderr[-3000:]
     finally:
         os.environ.pop(MEMORY_ENV)
+
+
+def test_a_zipped_named_dataset_is_extracted_checked_and_cached(tmp_path, monkeypatch):
+    """enwik8/enwik9 come as zips: the member is extracted to the cache and its sha256 checked
+    (a stand-in zip served in place of the network, which tests never touch)."""
+    import hashlib
+    import io
+    import zipfile
+
+    from prequel.alice import corpus as corpus_module
+    from prequel.training.data import DataError
+
+    data = SHAKESPEARE[:50_000]
+    archive = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("enwik8", data)
+    monkeypatch.setenv("PREQUEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(
+        corpus_module.DATASETS, "enwik8", ("http://x/enwik8.zip", hashlib.sha256(data).hexdigest(), "enwik8")
+    )
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: io.BytesIO(archive.read_bytes()))
+    corpus = open_corpus("dataset:enwik8")
+    assert corpus.size == len(data) and b"".join(corpus.blocks()) == data
+    assert (tmp_path / "cache" / "enwik8").read_bytes() == data
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: io.BytesIO(b"not a zip"))
+    assert open_corpus("dataset:enwik8").size == len(data)  # cached: not downloaded again
+    (tmp_path / "cache" / "enwik8").unlink()
+    with pytest.raises(DataError, match="dataset 'enwik8' from http://x/enwik8.zip is not a zip holding enwik8"):
+        open_corpus("dataset:enwik8")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left behind

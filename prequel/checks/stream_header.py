@@ -125,7 +125,27 @@ def checked_settings(header: TrainingHeader, vocab_size: int | None = None):
         raise StreamError(f"{claim}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:  # ConfigError names the dotted key
         raise StreamError(f"header corrupted: {e}") from None
+    check_tape_disk(header.data_tokens, vocab_size or config.data.vocab_size)
     return config
+
+
+def check_tape_disk(data_tokens: int, vocab_size: int) -> None:
+    """Bob decodes onto shard files in the temp directory (training/tokens.py): refuse a token
+    count their disk cannot hold, before a file is made."""
+    import shutil
+    import tempfile
+
+    from prequel.checks.memory import format_bytes
+    from prequel.training.tokens import dtype_for
+
+    directory = tempfile.gettempdir()
+    need, free = data_tokens * dtype_for(max(vocab_size, 256)).itemsize, shutil.disk_usage(directory).free
+    if need > free:
+        raise StreamError(
+            f"the header claims {data_tokens:,} tokens: more than this machine can hold: decoding them "
+            f"needs {format_bytes(need)} of disk in {directory}, which has {format_bytes(free)} free "
+            "(set TMPDIR to a larger disk)"
+        )
 
 
 def checked_order(header: TrainingHeader):
