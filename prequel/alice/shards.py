@@ -102,11 +102,11 @@ def open_corpus(path: str | None) -> Corpus:
     return corpus
 
 
-def _progress(corpus: Corpus, what: str):
+def progress_bar(total_bytes: int, what: str):
     """A bytes bar with its rate and ETA (tqdm: hidden when stderr is not a terminal)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=corpus.size, unit="B", unit_scale=True, desc=what, disable=None, leave=False)
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what, disable=None, leave=False)
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def _build(corpus: Corpus, tokenizer, directory: Path, shard_tokens: int) -> dic
     print(f"prequel: tokenising {format_bytes(corpus.size)} ({tokenizer.name}) into {directory}", file=sys.stderr)
     started, tokens, shards = time.perf_counter(), 0, []
     writer = _ShardWriter(directory, dtype, shard_tokens, shards)
-    with _progress(corpus, "tokenising") as bar:
+    with progress_bar(corpus.size, "tokenising") as bar:
         for piece in corpus.pieces():
             ids = tokenizer.encode(piece).numpy()
             writer.write(ids)

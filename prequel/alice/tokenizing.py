@@ -6,6 +6,7 @@ tokenizer file; either way only its merges are kept, and their serialisation is 
 
 import collections
 import json
+import sys
 
 from prequel.training.bpe import ALPHABET, BPETokenizer, _to_text, _words
 from prequel.training.tokenizer import ByteTokenizer, TokenizerError, restore_tokenizer
@@ -22,11 +23,19 @@ def train_bpe(data, vocab_size: int) -> BPETokenizer:
     if not 256 < vocab_size <= BPE_MAX_VOCAB:
         raise TokenizerError(f"data.vocab_size: BPE needs 256 < vocab_size <= {BPE_MAX_VOCAB}, got {vocab_size}")
     hf = Tokenizer(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=ALPHABET)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=sys.stderr.isatty(), initial_alphabet=ALPHABET)
     counts, size = collections.Counter(), 0
-    for piece in [data] if isinstance(data, bytes) else data.pieces():
-        counts.update(_words(piece))  # (pieces cut where words split: the counts of the whole)
-        size += len(piece)
+    if isinstance(data, bytes):
+        counts.update(_words(data))
+        size = len(data)
+    else:
+        from prequel.alice.shards import progress_bar
+
+        with progress_bar(data.size, "counting BPE words") as bar:
+            for piece in data.pieces():
+                counts.update(_words(piece))  # (pieces cut where words split: the counts of the whole)
+                size += len(piece)
+                bar.update(len(piece))
     # Without a pre-tokenizer each item is one word, so a word is fed once per occurrence.
     hf.train_from_iterator(([_to_text(w)] * n for w, n in counts.items()), trainer)
     tokenizer = BPETokenizer([tuple(m) for m in _merges_of(json.loads(hf.to_str()))])
