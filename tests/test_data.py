@@ -96,7 +96,7 @@ def test_named_dataset_offline_error_and_cache(tmp_path, monkeypatch):
         read_corpus("dataset:nope")
     # A cached copy with the right sha256 is used without the network; a wrong one is not.
     bundled = read_corpus(None)
-    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").mkdir(exist_ok=True)  # (the failed download made it)
     (tmp_path / "cache" / "tinyshakespeare").write_bytes(bundled)
     assert read_corpus("dataset:tinyshakespeare") == bundled
     (tmp_path / "cache" / "tinyshakespeare").write_bytes(bundled[:-1])
