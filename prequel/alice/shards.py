@@ -226,7 +226,7 @@ class _ShardWriter:
 
     def write(self, ids: np.ndarray) -> None:
         ids = ids.astype(self.dtype)
-        while len(ids) or self.file is None:
+        while len(ids):
             if self.file is None:
                 self._open()
             take = ids[: self.shard_tokens - self.count]
@@ -237,8 +237,6 @@ class _ShardWriter:
             ids = ids[len(take) :]
             if self.count == self.shard_tokens:
                 self._seal()
-            if not len(ids):
-                break
 
     def _seal(self) -> None:
         self.file.close()
@@ -247,8 +245,8 @@ class _ShardWriter:
         self.file = None
 
     def close(self) -> None:
-        if self.file is not None and (self.count or not self.shards):
+        """Seal the last, partial shard (or the one empty shard of no tokens)."""
+        if self.file is None and not self.shards:
+            self._open()
+        if self.file is not None:
             self._seal()
-        elif self.file is not None:
-            self.file.close()
-            self.tmp.unlink()
