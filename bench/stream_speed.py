@@ -80,9 +80,9 @@ def encode_overhead(config, n_tokens: int, warmup: int, repeats: int) -> float:
     return on
 
 
-def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
+def decode_train_ratio(config, n_tokens: int, train_rate: float | None, label: str = "(b)") -> None:
     tokenizer, tokens, _ = corpus_prefix(config, n_tokens)
-    print(f"(b) decode / train time: {n_tokens:,} tokens, train with the stream, then verify the run")
+    print(f"{label} decode / train time: {n_tokens:,} tokens, train with the stream, then verify the run")
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "prefix.txt"
         data_path.write_bytes(tokenizer.decode(tokens))
@@ -121,7 +121,7 @@ def decode_train_ratio(config, n_tokens: int, train_rate: float | None) -> None:
     if train_rate is not None:  # train()'s fixed costs (|f|, Trainer, checkpoint) weigh on short runs
         decode_rate = n_tokens / report["seconds"]
         print(
-            f"    steady state: (a)'s stream-on {train_rate:,.0f} tok/s / "
+            f"    steady state: the stream-on training's {train_rate:,.0f} tok/s / "
             f"decode's Trainer.fit {decode_rate:,.0f} tok/s "
             f"= {train_rate / decode_rate:.2f}x"
         )

@@ -92,12 +92,17 @@ class StreamCallback(L.Callback):
     def _record(self, targets: torch.Tensor, pl_module: L.LightningModule) -> None:
         """Chain the batch's coded tokens (all processes') into the hash; every `checksum_every`
         batches, check."""
-        symbols = targets[targets != IGNORE].to(torch.int32).numpy()
-        self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.tobytes()).hexdigest()
-        self.coded_tokens += len(symbols)
+        self._chain(targets.numpy())
         self.coded_batches += 1
         if self.coded_batches % self.checksum_every == 0:
             self._check(str(self.coded_batches), pl_module)
+
+    def _chain(self, targets: np.ndarray) -> None:
+        """The hash chain and count of coded tokens, on by one batch's (B, L) targets (numpy only:
+        Alice runs it on her background thread, prequel/alice/background.py)."""
+        symbols = targets[targets != IGNORE].astype(np.int32)
+        self.tokens_hash = hashlib.sha256(bytes.fromhex(self.tokens_hash) + symbols.tobytes()).hexdigest()
+        self.coded_tokens += len(symbols)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._check("final", pl_module)

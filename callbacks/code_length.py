@@ -23,6 +23,8 @@ from torchmetrics import Metric
 
 from prequel.callbacks.contract import Coded, CodeLengthModule, require, require_coded
 
+_MAX_PENDING = 1024  # steps held on the device at most before they are read back (log_every_n_steps may be large)
+
 
 class BitsMetric(Metric):
     """Σ bits, tokens and bytes; float64 sums, summed across processes."""
@@ -49,7 +51,8 @@ class CodeLength(L.Callback):
         self.total_tokens = total_tokens  # tokens in one full pass
         self.first_pass = BitsMetric()
         self.last_epoch = BitsMetric()
-        self.curve: list[tuple[int, float, int]] = []  # (tokens seen, bits of step, tokens of step)
+        self._curve: list[tuple[int, float, int]] = []  # (tokens seen, bits of step, tokens of step)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps not yet read back: on the device
 
     @property
     def f_bits(self) -> int:
@@ -79,13 +82,15 @@ class CodeLength(L.Callback):
         if not coded.first_pass:  # a later epoch: reported as last_epoch, never as code length
             return
         self.first_pass.update(bits, tokens, coded.nbytes)
-        seen = int(self.first_pass.tokens)
-        self.curve.append((seen, bits.item(), int(tokens)))
+        self._pending.append((bits, tokens))  # read back at log intervals: no host sync on the other steps
+        if batch_idx % trainer.log_every_n_steps and len(self._pending) < _MAX_PENDING:
+            return
+        self._read_back()
         if batch_idx % trainer.log_every_n_steps:
             return
-        # Running values are this process's (no sync on the hot path); the final report syncs.
+        # Running values are this process's (no sync across processes); the final report syncs.
         data_bits, nbytes = self.first_pass.bits.item(), self.first_pass.nbytes.item()
-        total = self.f_bits + seen + data_bits
+        total = self.f_bits + self._curve[-1][0] + data_bits
         pl_module.log_dict(
             {
                 "code/data_bits": data_bits,
@@ -98,6 +103,24 @@ class CodeLength(L.Callback):
             sync_dist=False,
             batch_size=1,
         )
+
+    @property
+    def curve(self) -> list[tuple[int, float, int]]:
+        """(tokens seen, bits, tokens) of every first-pass step so far."""
+        self._read_back()
+        return self._curve
+
+    def _read_back(self) -> None:
+        """The pending steps' sums to the host: one transfer (a sync on a GPU) for all of them."""
+        if not self._pending:
+            return
+        bits = torch.stack([b for b, _ in self._pending]).tolist()
+        tokens = torch.stack([n for _, n in self._pending]).tolist()
+        self._pending = []
+        seen = self._curve[-1][0] if self._curve else 0
+        for b, n in zip(bits, tokens):
+            seen += n
+            self._curve.append((seen, b, n))
 
     def totals(self) -> dict[str, Any]:
         """The synced first-pass sums, |f| parts and the last epoch's cross-entropy."""
@@ -141,5 +164,5 @@ class CodeLength(L.Callback):
             if trainer.global_rank == 0:
                 for name in ("bits", "tokens", "nbytes"):
                     setattr(metric, name, getattr(metric, name) + state[key][name])
-        self.curve = [tuple(c) for c in state["curve"]]
+        self._curve, self._pending = [tuple(c) for c in state["curve"]], []
         self._restored_epoch = state["epoch"]

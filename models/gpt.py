@@ -45,6 +45,9 @@ class GPTConfig:
     z_loss: float = 0.0  # coefficient of the auxiliary loss z_loss * logsumexp(logits)^2
     ngram_order: int = 0  # > 0: mix adaptive context counts of orders 1..K into the logits (models/ngram.py)
     ngram_hash_bits: int = HASH_BITS  # orders >= 2 hash contexts into 2**bits rows of V counts each (memory!)
+    # > 0: the head computes this many rows of logits at a time, in training (training/loss.py HeadNLL)
+    # and coding alike, so no (batch, block, vocab) float32 logits exist; 0 = all at once. Changes bits
+    head_chunk: int = 0
 
     @property
     def bos_id(self) -> int:
@@ -118,6 +121,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2)
 
 
+def chunked_logits(h: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, C) features times the (V, C) head matrix, `rows` rows at a time: the products the
+    chunked loss (training/loss.py) computes, so both sides of a stream get the same bits."""
+    if len(h) <= rows:
+        return F.linear(h, w)
+    return torch.cat([F.linear(part, w) for part in h.split(rows)])
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -165,9 +176,21 @@ class GPT(nn.Module):
         # parameters() yields a shared tensor once, so a tied embedding is counted once.
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T, vocab_size). `leave_out`: the
-        targets, when the n-gram prior has counted them already (see NGramPrior.forward)."""
+    def forward(self, idx: torch.Tensor, leave_out: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+        """idx: (B, T) ids in [0, vocab_size]; returns logits (B, T - first, vocab_size) of positions
+        first.. . `leave_out`: the targets, when the n-gram prior has counted them already (see
+        NGramPrior.forward)."""
+        if self.config.head_chunk:  # (never with the n-gram prior: prequel/checks/settings.py)
+            h = self.features(idx, first)
+            return chunked_logits(h.flatten(0, 1), self.output_weight, self.config.head_chunk).unflatten(0, h.shape[:2])
+        logits = self._head(self._trunk(idx), self.ngram(idx, leave_out) if self.ngram is not None else None)
+        return logits[:, first:] if first else logits
+
+    def features(self, idx: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """What the head reads at positions first.. : (B, T - first, n_embd)."""
+        return self.ln_f(self._trunk(idx)[:, first:])
+
+    def _trunk(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
@@ -175,7 +198,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        return self._head(x, self.ngram(idx, leave_out) if self.ngram is not None else None)
+        return x
 
     def _embed(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Embeddings of the ids `idx` (B, T) at positions start..start + T - 1, and those
@@ -188,12 +211,15 @@ class GPT(nn.Module):
             return x, None
         return x, (self.rope_cos[start:end], self.rope_sin[start:end])
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The matrix the head multiplies by: normalised rows for NormHead."""
+        w = self.head_weight
+        return F.normalize(w, dim=1) if self.config.head == "norm" else w  # (a new tensor: the parameter is untouched)
+
     def _head(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         x = self.ln_f(x)
-        w = self.head_weight
-        if self.config.head == "norm":
-            w = F.normalize(w, dim=1)  # a new tensor: the parameter itself is untouched
-        logits = F.linear(x, w)
+        logits = F.linear(x, self.output_weight)
         if prior is not None:  # product of experts: GPT logits + weighted context log-probs
             logits = logits + einsum(self.ngram_mix(x), prior, "b t k, b t k v -> b t v")
         return logits

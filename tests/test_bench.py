@@ -8,6 +8,7 @@ import pytest
 from tests.helpers import ROOT, TINY
 
 SCRIPTS = {
+    "gpu.py": (["--steps", "3", "--warmup", "2", "--verify-steps", "3", "--trainer.accelerator", "cpu"], "(c)/(a)"),
     "step_overhead.py": (["--steps", "3", "--warmup", "1", "--repeats", "1"], "ratio"),
     "stream_speed.py": (
         ["--tokens", "1500", "--warmup", "2", "--repeats", "1", "--decode-tokens", "800"],

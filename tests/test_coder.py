@@ -8,18 +8,9 @@ import pytest
 import torch
 
 from prequel.alice.encoder import Encoder, encode_known
-from prequel.training.coding import (
-    Decoder,
-    P,
-    SoftmaxNLL,
-    _interval,
-    code_batch,
-    frequencies,
-    intervals,
-    logit_intervals,
-    lookup,
-)
+from prequel.training.coding import Decoder, P, _interval, code_batch, frequencies, intervals, logit_intervals, lookup
 from prequel.training.data import IGNORE
+from prequel.training.loss import SoftmaxNLL
 from prequel.training.stream import StreamError
 from tests.test_stream import fixed_batch, round_trip
 

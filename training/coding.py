@@ -34,7 +34,6 @@ import numba
 import numpy as np
 import torch
 
-from prequel.models import portable_math
 from prequel.training.data import IGNORE
 from prequel.training.stream import StreamError
 
@@ -60,11 +59,11 @@ def frequencies(probs: torch.Tensor) -> torch.Tensor:
     q = (probs.float() * budget).clamp_(max=_CAP).int().clamp_(0, budget).long()  # floor; NaN: 0
     top = q.argmax(-1, keepdim=True)  # (the first of equal ones)
     total = q.sum(-1, keepdim=True)
-    over = total - budget > q.gather(-1, top)  # the rounded p summed to more than 1 by more than the
-    if over.any():  # largest q can give back (never seen): scale those rows down, exactly
-        rows = over[:, 0]
-        q[rows] = q[rows] * budget // total[rows]
-        total = q.sum(-1, keepdim=True)
+    # Rows whose rounded p summed to more than 1 by more than the largest q can give back (never
+    # seen) are scaled down, exactly; without a branch, so the host never waits for the device.
+    over = total - budget > q.gather(-1, top)
+    q = torch.where(over, q * budget // torch.where(over, total, 1), q)  # (a row of NaN sums to 0)
+    total = torch.where(over, q.sum(-1, keepdim=True), total)
     q += 1
     return q.scatter_add_(-1, top, budget - total)  # the remainder (or the excess) to the largest
 
@@ -200,32 +199,6 @@ def target_intervals(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def logit_intervals(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """`target_intervals` of the softmax of (N, V) logits."""
     return target_intervals(torch.softmax(logits.detach().float(), dim=-1), targets)
-
-
-class SoftmaxNLL(torch.autograd.Function):
-    """(N, V) float32 logits, (N,) targets → per-token NLL (nats, 0 where IGNORE) and the softmax
-    itself: the probabilities the stream codes with, computed once a step (the backward, p − onehot,
-    reuses them in place). Its NLL is −log p of that softmax (portable math), where p underflows
-    (< 1e-30) the logsumexp form, so it stays finite."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(logits, dim=-1)
-        coded, safe = targets != IGNORE, targets.clamp(min=0)
-        nll = -portable_math.log(probs.gather(-1, safe[:, None])[:, 0])
-        tiny = coded & ~(nll < 69.0)  # p < 1e-30 (or NaN)
-        if tiny.any():
-            lse = portable_math.logsumexp(logits[tiny], dim=-1)
-            nll[tiny] = lse - logits[tiny].gather(-1, safe[tiny, None])[:, 0]
-        ctx.save_for_backward(probs, safe, coded)
-        ctx.mark_non_differentiable(probs)
-        return torch.where(coded, nll, 0.0), probs
-
-    @staticmethod
-    def backward(ctx, grad_nll: torch.Tensor, _grad_probs) -> tuple[torch.Tensor, None]:
-        probs, safe, coded = ctx.saved_tensors
-        g = torch.where(coded, grad_nll, 0.0)[:, None]
-        return probs.mul_(g).scatter_add_(-1, safe[:, None], -g), None
 
 
 @numba.njit(cache=True, nogil=True)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from prequel.models import portable_math
 from prequel.models.gpt import GPT
-from prequel.training.coding import SoftmaxNLL, target_intervals
+from prequel.training.coding import target_intervals
 from prequel.training.config import Config, mixture_members, program_dict
 from prequel.training.data import IGNORE, Tape
+from prequel.training.loss import HeadNLL, SoftmaxNLL
 
 
 @dataclass
@@ -75,6 +76,8 @@ class PrequelModule(L.LightningModule):
         """Logits of the coded positions: the last idx.shape[1] - data.context (the context before
         them is only read). `leave_out`: their targets, when the n-gram prior has counted them."""
         context = self.config.data.context
+        if self.config.model.head_chunk:  # (one GPT, no n-gram prior)
+            return self.model(idx, first=context)
         if context and leave_out is not None:
             leave_out = F.pad(leave_out, (context, 0), value=IGNORE)
         return self.model(idx, leave_out, **kwargs)[:, context:]
@@ -87,13 +90,16 @@ class PrequelModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         spans = batch["spans"]
-        x, y = (t.to(self.device) for t in self.tape.batch(spans, batch.get("known")))
+        x, y = map(self._to_device, self.tape.batch(spans, batch.get("known")))
         first_pass = self.is_first_pass(batch)
-        mixture = {"logits": True} if self.is_mixture else {}
-        logits = self(x, None if first_pass else y, **mixture)  # replayed tokens are in the n-gram counts already
         mask = y != IGNORE
         tokens = mask.sum()
-        log_w = member_nll = None
+        log_w = member_nll = intervals = None
+        if self.config.model.head_chunk:  # never the whole batch's logits (training/loss.py)
+            nll, intervals = self._chunked_nll(x, y, first_pass and self.code_intervals)
+            return self._finish(batch, batch_idx, y, nll, nll.sum() / tokens.clamp(min=1), tokens, intervals, x)
+        mixture = {"logits": True} if self.is_mixture else {}
+        logits = self(x, None if first_pass else y, **mixture)  # replayed tokens are in the n-gram counts already
         if self.is_mixture:  # logits: the members' (B, L, K, V); each learns from its own loss, as alone
             member_nll = torch.stack(
                 [SoftmaxNLL.apply(logits[:, :, k].flatten(0, 1), y.flatten())[0] for k in range(logits.shape[2])], -1
@@ -106,24 +112,27 @@ class PrequelModule(L.LightningModule):
         nll = nll.view_as(y)
         if member_nll is None:
             loss = nll.sum() / tokens.clamp(min=1)
+        if first_pass and self.code_intervals:
+            intervals = self._intervals(probs, y)
+        if self.config.model.z_loss:
+            z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
+            z_loss = self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
+        else:
+            z_loss = None
+        return self._finish(batch, batch_idx, y, nll, loss, tokens, intervals, x, log_w, member_nll, z_loss)
+
+    def _finish(self, batch, batch_idx, y, nll, loss, tokens, intervals, x, log_w=None, member_nll=None, z_loss=None):
+        """Keep what the step predicted (`coded`), log at intervals, count what learns by counting."""
+        spans, first_pass = batch["spans"], self.is_first_pass(batch)
         self.coded = CodedBatch(
-            spans,
-            batch["fresh"],
-            first_pass,
-            self._intervals(probs, y) if first_pass and self.code_intervals else None,
-            y,
-            nll.detach(),
-            self.tape.nbytes(spans),
-            log_w,
-            member_nll,
+            spans, batch["fresh"], first_pass, intervals, y, nll.detach(), self.tape.nbytes(spans), log_w, member_nll
         )
-        if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call
+        if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call (and reads the device)
             bits = nll.detach().sum() / math.log(2)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
             self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
-        if self.config.model.z_loss:
-            z = portable_math.logsumexp(logits.float(), dim=-1)[mask]
-            loss = loss + self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
+        if z_loss is not None:
+            loss = loss + z_loss
         if first_pass:  # every process counts the whole batch (its rows and the others', on the tape by now)
             self._count_coded(
                 *(t.to(self.device) for t in self.tape.batch(batch["all_spans"], batch.get("all_known")))
@@ -131,6 +140,19 @@ class PrequelModule(L.LightningModule):
                 else (x, y)
             )
         return loss
+
+    def _chunked_nll(self, x: torch.Tensor, y: torch.Tensor, intervals: bool):
+        """NLL (B, L) and, if asked, the targets' intervals (B, L, 2), `head_chunk` rows of logits at a time."""
+        h = self.model.features(x, self.config.data.context).flatten(0, 1)
+        nll, spans = HeadNLL.apply(h, self.model.output_weight, y.flatten(), self.config.model.head_chunk, intervals)
+        return nll.view_as(y), spans.view(*y.shape, 2) if intervals else None
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor to the module's device without the host waiting (pinned memory, then a
+        non-blocking copy: a plain `.to` would wait for the device's queue to empty each step)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def _intervals(self, probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from prequel.callbacks.arithmetic_stream import StreamDecoder
 from prequel.training.config import Config
@@ -71,6 +72,9 @@ def build_trainer(
         **plan_options(config.data),
     )
     t = config.trainer
+    if config.logging.progress_bar and device_of(t.accelerator) == "cuda":
+        # The bar reads the logged values back at each refresh (a host sync): on a GPU, once per log interval.
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=t.log_every_n_steps)]
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,

@@ -35,16 +35,15 @@ class TokenShards:
     Indexing takes integer position arrays (numpy or torch) and gives int64 torch tensors;
     assignment writes ids back (a writable or copy-on-write store)."""
 
-    def __init__(self, arrays: list[np.ndarray], shard_tokens: int):
+    def __init__(self, arrays: list[np.ndarray], shard_tokens: int, directory: Path | None = None):
         self.arrays, self.shard_tokens = arrays, shard_tokens
+        self.directory = directory  # where the shard files are (None: in memory)
         self.dtype = arrays[0].dtype
         self.n = sum(len(a) for a in arrays)
 
     @classmethod
-    def in_memory(cls, tokens, vocab_size: int | None = None) -> "TokenShards":
+    def in_memory(cls, tokens) -> "TokenShards":
         array = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-        if vocab_size is not None:
-            array = array.astype(dtype_for(vocab_size))
         return cls([array], max(len(array), 1))
 
     @classmethod
@@ -54,7 +53,7 @@ class TokenShards:
         for i, name in enumerate(shard_names(n_tokens, shard_tokens)):
             length = min(shard_tokens, n_tokens - i * shard_tokens)
             arrays.append(np.memmap(Path(directory) / name, dtype=dtype, mode=mode, shape=(length,)))
-        return cls(arrays, shard_tokens)
+        return cls(arrays, shard_tokens, Path(directory))
 
     @classmethod
     def create(cls, directory: Path, n_tokens: int, dtype, shard_tokens: int = SHARD_TOKENS) -> "TokenShards":

@@ -20,6 +20,8 @@ import numba
 import numpy as np
 import torch
 
+from prequel.alice import background
+from prequel.alice.background import Worker, to_host
 from prequel.callbacks.arithmetic_stream import StreamCallback, parameters_sha256
 from prequel.callbacks.contract import ContractError, StreamCoded, StreamModule, require, require_coded
 from prequel.files import write_atomic
@@ -90,13 +92,14 @@ class Encoder:
         return WORD * len(self.words())
 
 
-def encode_known(spans: torch.Tensor, targets: torch.Tensor, encoder: Encoder) -> None:
+def encode_known(spans, targets, encoder: Encoder) -> None:
     """Queue a batch whose intervals (B, L, 2) the training forward has all given
     (training.coding.logit_intervals): in `code_batch`'s column-major order, row r on lane r,
-    hence the same words as Bob's column-by-column decoding (tested)."""
+    hence the same words as Bob's column-by-column decoding (tested). Arrays or CPU tensors."""
+    spans, targets = np.asarray(spans), np.asarray(targets)
     present = targets.T != IGNORE  # (L, B): column-major
-    lanes = torch.arange(len(targets)).expand_as(present)
-    encoder.add(lanes[present].numpy(), spans.cpu().transpose(0, 1)[present].numpy())
+    lanes = np.broadcast_to(np.arange(len(targets)), present.shape)
+    encoder.add(lanes[present], spans.transpose(1, 0, 2)[present])
 
 
 def state_sha256(trainer: L.Trainer, pl_module: L.LightningModule, tokens_hash: str) -> str:
@@ -123,11 +126,17 @@ def state_sha256(trainer: L.Trainer, pl_module: L.LightningModule, tokens_hash: 
 class StreamEncoder(StreamCallback):
     """Alice: codes each first-pass batch into `self.stream`; `save` writes it."""
 
-    def __init__(self, tape: Tape, checksum_every: int, procedure: str = "full", *, header: dict):
+    def __init__(
+        self, tape: Tape, checksum_every: int, procedure: str = "full", *, header: dict, background: int | None = None
+    ):
         super().__init__(tape, checksum_every, procedure, Stream(header, [], {}))
         self.coder = Encoder()
+        # batches the coder may lag behind training (0: code in the hook; None: background.DEPTH)
+        self.background = background
+        self._worker = Worker(0)  # (setup starts the thread)
         self._segment_start = 0  # coded_batches when the open segment began
-        self._segment_tokens = 0  # coded_tokens then
+        self._segment_tokens = 0  # the tokens counted when it began
+        self._queued_tokens = 0  # tokens of the batches handed to the worker (coded_tokens, once it is done)
         self.boundaries: list[dict] = []  # per checkpoint: step, coded batches, state_sha256
         self._coded_checked = False
 
@@ -142,6 +151,11 @@ class StreamEncoder(StreamCallback):
         self._coded_checked = False
         pl_module.code_intervals = self.procedure == "full"  # (incremental: coded before the step, by steps)
         super().setup(trainer, pl_module, stage)
+        # full: a batch's integers are coded on a background thread; incremental codes before the
+        # step on this one (its coder is fed column by column), so it keeps the work here too.
+        self._worker.close()
+        depth = background.DEPTH if self.background is None else self.background
+        self._worker = Worker(depth if self.procedure == "full" else 0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.procedure == "incremental" and pl_module.is_first_pass(batch):
@@ -154,31 +168,64 @@ class StreamEncoder(StreamCallback):
         coded = pl_module.coded
         if not coded.first_pass:
             return
-        targets = coded.targets.cpu()
-        if self.procedure == "full":  # the training forward's intervals: all known, one pass
-            encode_known(coded.intervals, targets, self.coder)
-        self._record(self._whole_batch(batch, targets), pl_module)
-        if self.coded_tokens - self._segment_tokens >= SEGMENT_TOKENS:  # (counts every process's rows: global)
+        # This thread only starts the copies and counts; the coding and hashing wait on the copies
+        # in the worker. Every process's tokens count (the whole batch), from the host's spans.
+        spans, targets = to_host(coded.intervals if self.procedure == "full" else None), to_host(coded.targets)
+        whole = None if self.world == 1 else self.tape.batch(batch["all_spans"])[1]
+        self.coded_batches += 1
+        self._queued_tokens += int(batch["all_spans"][:, 1].sum())
+        key = str(self.coded_batches) if self.coded_batches % self.checksum_every == 0 else None
+        params = parameters_sha256(pl_module) if key else None  # (the weights after this step, as Bob's)
+        self._worker.submit(lambda: self._code(spans, targets, whole, key, params), f"batch {self.coded_batches}")
+        if self._queued_tokens - self._segment_tokens >= SEGMENT_TOKENS:
             self._seal()
+
+    def _code(self, spans, targets, whole, key: str | None, params: str | None) -> None:
+        """One batch, in order: its intervals onto the open segment, its tokens into the hash chain."""
+        targets = targets.numpy()
+        if spans is not None:
+            encode_known(spans.numpy(), targets, self.coder)
+        self._chain(targets if whole is None else whole.numpy())
+        if key:
+            self.checksums[key] = {"tokens": self.tokens_hash, "params": params}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._seal()
-        super().on_train_end(trainer, pl_module)
+        self._worker.drain()
+        self._check("final", pl_module)
+        self._worker.close()
         self.stream.trailer.update(
             coded_tokens=self.coded_tokens, coded_batches=self.coded_batches, checksums=self.checksums
         )
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._worker.close()  # (what it still holds is lost with the run; a checkpoint resumes it)
+
     def _seal(self) -> None:
-        """Close the open segment: one sub-stream per process (in rank order), the same on all."""
-        if self.coded_batches > self._segment_start:
-            sealed = [(self.coder.lanes, self.coder.words())]
-            if self.world > 1:  # (every process seals at the same batch: checkpoints and the end are global)
-                sealed = [None] * self.world
-                torch.distributed.all_gather_object(sealed, (self.coder.lanes, self.coder.words()))
-            batches = self.coded_batches - self._segment_start
-            self.stream.segments += [Segment(batches, lanes, words) for lanes, words in sealed]
-            self._segment_start, self._segment_tokens = self.coded_batches, self.coded_tokens
-            self.coder = Encoder()
+        """Close the open segment: one sub-stream per process (in rank order), the same on all. On
+        one process the worker seals it after the batches before it; with several, the processes
+        gather their segments here (a collective belongs on the training thread)."""
+        if self.coded_batches == self._segment_start:
+            return
+        batches, self._segment_start, self._segment_tokens = (
+            self.coded_batches - self._segment_start,
+            self.coded_batches,
+            self._queued_tokens,
+        )
+        if self.world == 1:
+            end = f"the segment ending at batch {self.coded_batches}"
+            self._worker.submit(lambda: self._close_segment(batches), end)
+        else:
+            self._worker.drain()
+            self._close_segment(batches)
+
+    def _close_segment(self, batches: int) -> None:
+        sealed = [(self.coder.lanes, self.coder.words())]
+        if self.world > 1:  # (every process seals at the same batch: checkpoints and the end are global)
+            sealed = [None] * self.world
+            torch.distributed.all_gather_object(sealed, (self.coder.lanes, self.coder.words()))
+        self.stream.segments += [Segment(batches, lanes, words) for lanes, words in sealed]
+        self.coder = Encoder()
 
     def save(self, path, trailer_extra: dict) -> int:
         """Write the finished stream; returns its size in bytes."""
@@ -187,6 +234,7 @@ class StreamEncoder(StreamCallback):
 
     def state_dict(self) -> dict:
         self._seal()  # the checkpoint holds a stream that decodes up to exactly this batch
+        self._worker.drain()
         trainer = self._trainer
         if trainer is not None and not (self.boundaries and self.boundaries[-1]["step"] == trainer.global_step):
             self.boundaries.append(
@@ -202,5 +250,6 @@ class StreamEncoder(StreamCallback):
         self.boundaries = list(state["boundaries"])
         self.stream.segments = [Segment(b, lanes, w.numpy().astype(np.uint16)) for b, lanes, w in state["segments"]]
         self._load_position(state)
-        self._segment_start, self._segment_tokens = self.coded_batches, self.coded_tokens
+        self._segment_start = self.coded_batches
+        self._segment_tokens = self._queued_tokens = self.coded_tokens
         self.coder = Encoder()

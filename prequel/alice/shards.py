@@ -138,9 +138,7 @@ def token_shards(corpus: Corpus, tokenizer, shard_tokens: int = SHARD_TOKENS) ->
             if problem:
                 print(f"prequel: token cache {directory}: {problem}; tokenising again", file=sys.stderr)
             manifest = _build(corpus, tokenizer, directory, shard_tokens)
-    shards = TokenShards.open(directory, manifest["tokens"], np.dtype(manifest["dtype"]), manifest["shard_tokens"])
-    shards.directory = directory
-    return shards
+    return TokenShards.open(directory, manifest["tokens"], np.dtype(manifest["dtype"]), manifest["shard_tokens"])
 
 
 def _checked_manifest(directory: Path) -> tuple[dict | None, str | None]:

@@ -93,8 +93,15 @@ def model_memory(
     if K:
         tables = (V + 1) * V + (K - 1) * (1 << m.ngram_hash_bits) * V
         parts.append((f"the n-gram count tables of orders 1..{K} ({tables:,} counts)", tables * width))
-    per_token = (L * _ACTIVATIONS_PER_LAYER * E if training else 8 * E) + _LOGITS_COPIES * V * (1 + K)
-    parts.append((f"activations and logits of {batch:,} sequences of {T:,} tokens", batch * T * per_token * width))
+    per_token = L * _ACTIVATIONS_PER_LAYER * E if training else 8 * E
+    logit_rows = min(batch * T, m.head_chunk or batch * T)  # head_chunk: that many rows of logits at a time
+    logits = logit_rows * _LOGITS_COPIES * V * (1 + K)
+    parts.append(
+        (
+            f"activations and logits of {batch:,} sequences of {T:,} tokens",
+            batch * T * per_token * width + logits * width,
+        )
+    )
     if kv_cache:
         parts.append(("the incremental coder's key/value cache", 2 * L * batch * T * E * width))
     return parts

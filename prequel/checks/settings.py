@@ -56,6 +56,7 @@ _MODEL_LIMITS = {
     "z_loss": NON_NEGATIVE,
     "ngram_order": Limit("in 0..6 (0 = off)", lambda v: 0 <= v <= 6),
     "ngram_hash_bits": Limit("in 8..24", lambda v: 8 <= v <= 24),
+    "head_chunk": NON_NEGATIVE,
 }
 
 
@@ -181,6 +182,21 @@ def _validate(config: Config) -> None:
         )
     _validate_data(config.data)
     mixture_members(config)  # checks the members
+    if m.head_chunk:
+        clash = [
+            f"{key}: {value}"
+            for key, value in (
+                ("model.ngram_order", m.ngram_order),
+                ("model.z_loss", m.z_loss),
+                ("mixture.members", config.mixture.members.strip()),
+            )
+            if value
+        ]
+        if clash:
+            raise ConfigError(
+                f"model.head_chunk (one GPT's logits, chunk by chunk) does not combine with {', '.join(clash)}: "
+                "set model.head_chunk: 0 to use them"
+            )
     if config.stream.enabled and m.dropout > 0:
         raise ConfigError("stream.enabled needs model.dropout: 0 (dropout masks are not replayable)")
     if config.stream.enabled and config.trainer.strategy == "ddp_spawn":
