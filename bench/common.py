@@ -11,10 +11,12 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (tests.helpers, bench modules)
 
@@ -25,7 +27,10 @@ from prequel.checks.settings import Config, counted_yaml, load_config  # noqa: E
 from prequel.cli.commands import quiet_warnings  # noqa: E402
 from prequel.program import f_parts  # noqa: E402
 from prequel.training import environment  # noqa: E402
-from prequel.training.data import Tape  # noqa: E402
+from prequel.training.curriculum import plan_batches  # noqa: E402
+from prequel.training.data import IGNORE, Tape  # noqa: E402
+from prequel.training.kernels import device_of  # noqa: E402
+from prequel.training.module import PrequelModule  # noqa: E402
 from prequel.training.run import build_trainer, set_determinism  # noqa: E402
 
 # Nothing but training: no loggers, plots or progress bar (the scripts' overrides may turn them on).
@@ -118,6 +123,50 @@ def lightning_tokens_per_s(config: Config, tape: Tape, vocab_size: int, callback
         module, data, trainer = build_trainer(config, tape, vocab_size, callbacks + [clock], [], Path(tmp))
         trainer.fit(module, data)
     return clock.tokens_per_s()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_tokens_per_s(config: Config, tape: Tape, vocab_size: int, warmup: int) -> float:
+    """The same training in a plain nanoGPT-style loop: no Trainer, no callbacks, no logging; the
+    batches copied to a GPU without blocking, the device synchronised at the timed window's ends."""
+    set_determinism(config)
+    device = torch.device(device_of(config.trainer.accelerator))
+    plain = replace(config, model=replace(config.model, head_chunk=0))  # nanoGPT's head: the whole logits
+    module = PrequelModule(plain, vocab_size).to(device)  # for its GPT and configure_optimizers
+    model = module.model.train()
+    if config.trainer.compile:
+        model.compile()
+    optimizers = module.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.trainer.precision == "bf16-mixed")
+    batches = plan_batches(
+        len(tape), config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed
+    )
+    tokens, t0 = 0, None
+    for i, spans in enumerate(batches):
+        x, y = tape.batch(spans)
+        if device.type == "cuda":
+            x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        loss.backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i == warmup - 1:
+            sync(device)
+            t0 = time.perf_counter()
+        elif i >= warmup:
+            tokens += int(spans[:, 1].sum())
+    sync(device)
+    return tokens / (time.perf_counter() - t0)
 
 
 def median(values: list[float]) -> float:

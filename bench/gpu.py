@@ -21,29 +21,29 @@ tests/test_bench.py does, to keep it working.
 
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from common import bench_config, bench_parser, code_length_callback, corpus_prefix, median, print_environment
+from common import (
+    bare_tokens_per_s,
+    bench_config,
+    bench_parser,
+    code_length_callback,
+    corpus_prefix,
+    median,
+    print_environment,
+    sync,
+)
 from stream_speed import decode_train_ratio
 
 from prequel.alice.encoder import StreamEncoder
 from prequel.alice.fit import stream_header
-from prequel.training.curriculum import plan_batches
-from prequel.training.data import IGNORE, Tape
-from prequel.training.kernels import device_of
+from prequel.training.data import Tape
 from prequel.training.module import PrequelModule
 from prequel.training.run import build_trainer, set_determinism
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class SyncedClock(L.Callback):
@@ -64,42 +64,6 @@ class SyncedClock(L.Callback):
         if self.t0 is None or not self.tokens:
             raise SystemExit(f"no batch after the {self.warmup} warm-up batches: give more steps")
         self.seconds = time.perf_counter() - self.t0
-
-
-def bare(config, tape: Tape, vocab_size: int, warmup: int) -> float:
-    """(a): tokens/s of the plain loop."""
-    set_determinism(config)
-    device = torch.device(device_of(config.trainer.accelerator))
-    plain = replace(config, model=replace(config.model, head_chunk=0))  # nanoGPT's head: the whole logits
-    module = PrequelModule(plain, vocab_size).to(device)  # for its GPT and configure_optimizers
-    model = module.model.train()
-    if config.trainer.compile:
-        model.compile()
-    optimizers = module.configure_optimizers()
-    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.trainer.precision == "bf16-mixed")
-    batches = plan_batches(len(tape), config.model.block_size, config.data.batch_size, "sequential", config.seed)
-    tokens, t0 = 0, None
-    for i, spans in enumerate(batches):
-        x, y = tape.batch(spans)
-        if device.type == "cuda":
-            x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
-        with autocast:
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-        loss.backward()
-        if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i == warmup - 1:
-            sync(device)
-            t0 = time.perf_counter()
-        elif i >= warmup:
-            tokens += int(spans[:, 1].sum())
-    sync(device)
-    return tokens / (time.perf_counter() - t0)
 
 
 def prequel(config, tape: Tape, tokenizer, warmup: int, stream: bool) -> float:
@@ -155,7 +119,7 @@ def main() -> None:
 
     rows = {"(a) bare loop": [], "(b) prequel, no stream": [], "(c) prequel + stream": []}
     for _ in range(args.repeats):
-        rows["(a) bare loop"].append(bare(config, tape, vocab, args.warmup))
+        rows["(a) bare loop"].append(bare_tokens_per_s(config, tape, vocab, args.warmup))
         rows["(b) prequel, no stream"].append(prequel(config, tape, tokenizer, args.warmup, stream=False))
         rows["(c) prequel + stream"].append(prequel(config, tape, tokenizer, args.warmup, stream=True))
     base = median(rows["(a) bare loop"])

@@ -15,11 +15,8 @@ Prints tokens/s of each and the ratio prequel / bare (target ≥ 0.95).
     python bench/step_overhead.py [--steps 300] [--config configs/small.yaml] [--model.n_layer 4 ...]
 """
 
-import time
-
-import torch
-import torch.nn.functional as F
 from common import (
+    bare_tokens_per_s,
     bench_config,
     bench_parser,
     code_length_callback,
@@ -28,41 +25,6 @@ from common import (
     median,
     print_environment,
 )
-
-from prequel.training.curriculum import plan_batches
-from prequel.training.data import IGNORE
-from prequel.training.module import PrequelModule
-from prequel.training.run import set_determinism
-
-
-def bare_tokens_per_s(config, tape, vocab_size: int, warmup: int) -> float:
-    """The same training in a plain loop: no Trainer, no callbacks, no logging."""
-    set_determinism(config)
-    module = PrequelModule(config, vocab_size)  # only for its model and configure_optimizers
-    model = module.model.train()
-    if config.trainer.compile:
-        model.compile()
-    optimizers = module.configure_optimizers()
-    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    batches = plan_batches(
-        len(tape), config.model.block_size, config.data.batch_size, config.data.curriculum, config.seed
-    )
-    tokens, t0 = 0, None
-    for i, spans in enumerate(batches):
-        x, y = tape.batch(spans)
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-        loss.backward()
-        if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i == warmup - 1:
-            t0 = time.perf_counter()
-        elif i >= warmup:
-            tokens += int(spans[:, 1].sum())
-    return tokens / (time.perf_counter() - t0)
 
 
 def main() -> None:
