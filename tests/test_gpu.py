@@ -1,6 +1,7 @@
 """On a CUDA device (skipped elsewhere): attention by a deterministic kernel, training that replays
 bit for bit, and a bf16 stream with the chunked head that verifies in another process."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -41,3 +42,31 @@ def test_a_bf16_stream_with_the_chunked_head_verifies_in_another_process(text_fi
     r = run_cli("verify", run_dir, "--out", out)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == text_file.read_bytes()
+
+
+class NoSyncBetweenLogs(L.Callback):
+    """Turns CUDA's sync debug mode to "error" for the steps that neither log nor checksum: any op
+    there that makes the host wait for the device raises."""
+
+    def __init__(self, every: int):
+        self.every, self.checked = every, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        quiet = batch_idx % self.every not in (0, self.every - 1)  # neither this step's nor the last's hooks log
+        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+        self.checked += quiet
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")  # the hooks after this one may log
+
+
+def test_steps_between_log_intervals_never_wait_for_the_device(text_file, tmp_path):
+    """The hot path with the stream on: the batch stays on the host, Σ and the curve stay on the
+    device, the stream's integers leave by non-blocking copies (issue 30)."""
+    watch = NoSyncBetweenLogs(every=10)
+    overrides = ("--trainer.log_every_n_steps", "10", "--stream.checksum_every", "1000")
+    try:
+        summary = train(tiny_config(text_file, tmp_path / "run", *GPU, *overrides), [watch])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summary["code/n_bits"] == 4000 and watch.checked > 10

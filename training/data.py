@@ -76,11 +76,10 @@ class Tape:
         for start, length in spans.tolist():
             yield tokenizer.decode(self.tokens.slice(start, start + length))
 
-    def nbytes(self, spans: torch.Tensor) -> int:
-        pos, valid = self.positions(spans)
-        if self.nbytes_per_id is None:
-            return int(valid.sum())
-        return int(self.nbytes_per_id[self.tokens[pos][valid]].sum())
+    def nbytes(self, targets: torch.Tensor) -> int:
+        """The input bytes that a batch's targets (`batch`'s y, on the host) stand for."""
+        ids = targets[targets != IGNORE]
+        return len(ids) if self.nbytes_per_id is None else int(self.nbytes_per_id[ids].sum())
 
 
 def context_known(steps: list[tuple[torch.Tensor, bool]], n_tokens: int, context: int) -> list[torch.Tensor]:
@@ -189,6 +188,12 @@ class PrequelDataModule(L.LightningDataModule):
         # batch_size=None: each item is already a batch; workers would prefetch past the
         # decoder, which must fill the tape first, so data loading stays in-process.
         return DataLoader(_Steps(self.steps, rank, world, self.known), batch_size=None, sampler=sampler)
+
+    def transfer_batch_to_device(self, batch: dict, device, dataloader_idx: int) -> dict:
+        """A batch stays on the host: it is the plan (spans on the tape), which the host reads, and
+        the module's step copies the tokens it names. On a GPU, Lightning's copy of it would make
+        every read of the spans wait for the device."""
+        return batch
 
     def state_dict(self) -> dict:
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current

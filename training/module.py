@@ -90,14 +90,16 @@ class PrequelModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         spans = batch["spans"]
-        x, y = map(self._to_device, self.tape.batch(spans, batch.get("known")))
+        x, y = self.tape.batch(spans, batch.get("known"))
+        nbytes = self.tape.nbytes(y)  # (the host's copy: no device read)
+        x, y = self._to_device(x), self._to_device(y)
         first_pass = self.is_first_pass(batch)
         mask = y != IGNORE
         tokens = mask.sum()
         log_w = member_nll = intervals = None
         if self.config.model.head_chunk:  # never the whole batch's logits (training/loss.py)
             nll, intervals = self._chunked_nll(x, y, first_pass and self.code_intervals)
-            return self._finish(batch, batch_idx, y, nll, nll.sum() / tokens.clamp(min=1), tokens, intervals, x)
+            return self._finish(batch, batch_idx, y, nll, nll.sum() / tokens.clamp(min=1), tokens, nbytes, intervals, x)
         mixture = {"logits": True} if self.is_mixture else {}
         logits = self(x, None if first_pass else y, **mixture)  # replayed tokens are in the n-gram counts already
         if self.is_mixture:  # logits: the members' (B, L, K, V); each learns from its own loss, as alone
@@ -119,13 +121,15 @@ class PrequelModule(L.LightningModule):
             z_loss = self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
         else:
             z_loss = None
-        return self._finish(batch, batch_idx, y, nll, loss, tokens, intervals, x, log_w, member_nll, z_loss)
+        return self._finish(batch, batch_idx, y, nll, loss, tokens, nbytes, intervals, x, log_w, member_nll, z_loss)
 
-    def _finish(self, batch, batch_idx, y, nll, loss, tokens, intervals, x, log_w=None, member_nll=None, z_loss=None):
+    def _finish(
+        self, batch, batch_idx, y, nll, loss, tokens, nbytes, intervals, x, log_w=None, member_nll=None, z_loss=None
+    ):
         """Keep what the step predicted (`coded`), log at intervals, count what learns by counting."""
         spans, first_pass = batch["spans"], self.is_first_pass(batch)
         self.coded = CodedBatch(
-            spans, batch["fresh"], first_pass, intervals, y, nll.detach(), self.tape.nbytes(spans), log_w, member_nll
+            spans, batch["fresh"], first_pass, intervals, y, nll.detach(), nbytes, log_w, member_nll
         )
         if batch_idx % self.trainer.log_every_n_steps == 0:  # self.log costs ~0.2 ms a call (and reads the device)
             bits = nll.detach().sum() / math.log(2)
