@@ -47,6 +47,7 @@ FEATURES = {
     "training/bpe.py": lambda config: config.data.tokenizer == "bpe",
     "training/orders.py": lambda config: config.data.curriculum in ("shuffle", "length_warmup", "difficulty"),
     "training/environment.py": lambda config: config.trainer.kernels == "portable",
+    "training/fixed_gemm.py": lambda config: config.trainer.kernels == "portable",
 }
 
 

@@ -155,16 +155,26 @@ class AtenOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
+        self.overloads: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.overloadpacket.__name__)
+        self.overloads.add(str(func))
         return func(*args, **(kwargs or {}))
 
 
+# ATen ops whose CPU kernels call BLAS (MKL) or a fused kernel that does; portable mode computes the
+# first four by training/fixed_gemm.py (training/environment.py use_fixed_products) and none of the rest.
+FIXED_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
+BLAS_OPS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr", "_addmm_activation"}
+BLAS_OPS |= {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
 @pytest.mark.parametrize("procedure", ["full", "incremental"])
-def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
+def test_nothing_that_computes_bits_calls_mkl(tmp_path, procedure):
     """MKL's vector math (VML) is not the same on every CPU, even under MKL_CBWR=COMPATIBLE: the
-    portable pins cannot make it so, so no bit may depend on it. Every ATen op of a run with every
+    portable pins cannot make it so, so no bit may depend on it; and every matrix product is one of
+    the four that the fixed-order kernels compute (attention too: by its math path). Every ATen op of a run with every
     feature that computes bits on (RoPE, n-gram prior, z-loss, gradient clipping, replay, NormHead,
     tied embeddings), from building the model through Alice's stream to Bob's replay of it."""
     from prequel.alice.session import train
@@ -198,6 +208,9 @@ def test_nothing_that_computes_bits_calls_mkl_vector_math(tmp_path, procedure):
     assert report["complete"] and (tmp_path / "decoded.txt").read_bytes() == text.read_bytes()
     assert {"mm", "_fused_adamw_", "xlogy"} <= ops.names  # the trace saw the run
     assert not ops.names & portable_math.VML_OPS, f"ops MKL computes: {sorted(ops.names & portable_math.VML_OPS)}"
+    blas = {o for o in ops.overloads if o.split(".")[1] in BLAS_OPS}
+    assert "aten.bmm.default" in blas and blas <= FIXED_PRODUCTS, f"products MKL computes: {blas - FIXED_PRODUCTS}"
+    assert environment._products is not None  # and those went to the fixed kernels
 
 
 def test_vml_ops_lists_every_op_mkl_compatible_changes():

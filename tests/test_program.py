@@ -69,7 +69,7 @@ def assert_f_alone_decodes(stream_path: Path, tmp_path: Path) -> None:
 def test_f_alone_as_counted_decodes_the_fixture_and_imports_exactly_its_modules(tmp_path):
     config = TrainingHeader.from_dict(read_stream(FIXTURE).header).program()
     features = set(source_files(config)) & set(FEATURES)
-    assert features == {"training/environment.py"}  # the core and the portable kernel pins
+    assert features == {"training/environment.py", "training/fixed_gemm.py"}  # the core, the portable pins and GEMM
     assert_f_alone_decodes(FIXTURE, tmp_path)
 
 

@@ -10,10 +10,13 @@ AVX2 one, and a stream decodes only where the encoder's kernels run.
 * ``ATEN_CPU_CAPABILITY=avx2``: ATen's vectorised kernels (softmax, layer norm, GELU, reductions)
   use 8-lane AVX2 code on any x86-64 CPU that has AVX2 (all since 2013 from both vendors).
 * ``ONEDNN_MAX_CPU_ISA=AVX2``: the same for oneDNN's JIT kernels.
+* Matrix products do not reach MKL at all: `use_fixed_products` routes torch's float32 mm, addmm,
+  bmm and baddbmm on the CPU to training/fixed_gemm.py, whose bits are the same at any vector width
+  and as fast as MKL's own; attention on the CPU takes its math path (bmm and softmax), because the
+  fused CPU kernel calls MKL from inside. (MKL's one vendor-neutral path, ``MKL_CBWR=COMPATIBLE``,
+  is SSE2 and ran small.yaml at a third of native speed; it stays pinned for anything else of MKL's.)
 * ``MKL_CBWR=COMPATIBLE``: MKL's one code path that its documentation promises gives the same
-  results on Intel and non-Intel CPUs (every other CNR branch is Intel-only; measured: MKL's AVX2
-  branch on Intel does not reproduce an AMD machine's bits). It is an SSE2 path: the price of
-  portable mode (README, "Portable kernels").
+  results on Intel and non-Intel CPUs (every other CNR branch is Intel-only).
 * ``MKL_DYNAMIC=FALSE``, ``OMP_DYNAMIC=FALSE``: the thread count is the one recorded, not one the
   libraries pick per call (MKL's reproducibility conditions).
 
@@ -96,3 +99,87 @@ def ensure_portable() -> None:
             f"portable kernels need a CPU with AVX2; torch runs {capability} kernels here, "
             "so this machine cannot compute portable bits"
         )
+    use_fixed_products(True)
+
+
+_products = None  # the torch.library registration while the fixed products are in use
+
+
+def use_fixed_products(on: bool) -> None:
+    """Portable products on (or, for a native run in the same process, off again): float32 mm,
+    addmm, bmm and baddbmm of CPU tensors by training/fixed_gemm.py, and the CPU's attention by
+    its math path. Forward, backward and Bob's decoding all reach the products through these ops."""
+    global _products
+    import warnings
+
+    import torch
+
+    if on == (_products is not None):
+        return
+    if not on:
+        _products._destroy()
+        _products = None
+        torch.backends.cuda.enable_flash_sdp(True)
+        return
+    fixed_gemm = _fixed_gemm()
+    if fixed_gemm is None:
+        return
+    torch.backends.cuda.enable_flash_sdp(False)  # (despite its name, also the fused CPU attention)
+
+    def threads() -> int:
+        return torch.get_num_threads()
+
+    def arrays(*tensors):
+        if any(t.dtype != torch.float32 for t in tensors):
+            raise KernelError(f"portable kernels compute float32 products only, got {[t.dtype for t in tensors]}")
+        return [t.numpy(force=True) for t in tensors]  # views: no copy
+
+    def mm(a, b):
+        out = torch.empty(a.shape[0], b.shape[1])
+        fixed_gemm.gemm(*arrays(a, b), out.numpy(), threads())
+        return out
+
+    def bmm(a, b):
+        out = torch.empty(a.shape[0], a.shape[1], b.shape[2])
+        fixed_gemm.bgemm(*arrays(a, b), out.numpy(), threads())
+        return out
+
+    def plus(product, c, beta, alpha):  # beta · c + alpha · product, as ATen's addmm defines it
+        product = product if alpha == 1 else product.mul_(alpha)
+        return product if beta == 0 else product.add_(c, alpha=beta)
+
+    library = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        library.impl("mm", mm, "CPU")
+        library.impl("bmm", bmm, "CPU")
+        library.impl("addmm", lambda c, a, b, beta=1, alpha=1: plus(mm(a, b), c, beta, alpha), "CPU")
+        library.impl("baddbmm", lambda c, a, b, beta=1, alpha=1: plus(bmm(a, b), c, beta, alpha), "CPU")
+    _products = library
+
+
+_fallback_said = False
+
+
+def _fixed_gemm():
+    """training/fixed_gemm.py, compiled for this CPU; None (said once, on stderr) where numba cannot
+    build it: products then stay MKL's COMPATIBLE path, recorded as such (`portable_products`)."""
+    global _fallback_said
+    try:
+        from prequel.training import fixed_gemm
+    except Exception as e:  # (numba's compile errors have no common base class but Exception)
+        if not _fallback_said:
+            print(
+                f"prequel: the fixed-order GEMM cannot be built here ({type(e).__name__}: {e}); portable "
+                "products fall back to MKL_CBWR=COMPATIBLE, ~3x slower, and such a stream verifies only where "
+                "the same fallback is used",
+                file=sys.stderr,
+            )
+            _fallback_said = True
+        return None
+    return fixed_gemm
+
+
+def portable_products() -> str:
+    """What computes a portable run's matrix products here (a bit fact of portable streams)."""
+    return "fixed-order" if _fixed_gemm() is not None else "mkl-compatible"

@@ -6,6 +6,8 @@ for a portable run: prequel/program.py). This module imports torch only inside f
 imports it before torch starts.
 """
 
+import sys
+
 KERNEL_MODES = ("native", "portable")
 
 
@@ -21,6 +23,8 @@ def ensure_kernels(mode: str) -> None:
         from prequel.training.environment import ensure_portable
 
         ensure_portable()
+    elif "prequel.training.environment" in sys.modules:  # a portable run came first in this process
+        sys.modules["prequel.training.environment"].use_fixed_products(False)
 
 
 def device_of(accelerator: str) -> str:

@@ -25,6 +25,7 @@ BIT_FACTS = (
     "onednn",
 )
 NATIVE_BIT_FACTS = ("cpu_model",)  # native kernels may depend on the exact CPU
+PORTABLE_BIT_FACTS = ("products",)  # the fixed-order GEMM, or (where it cannot be built) MKL's
 GPU_BIT_FACTS = ("gpu",)
 
 
@@ -76,6 +77,10 @@ def facts(kernels: str, accelerator: str) -> dict:
         "kernel_env": kernel_env(),
         **_library_versions(),
     }
+    if kernels == "portable":
+        from prequel.training.environment import portable_products
+
+        out["products"] = portable_products()
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -85,6 +90,8 @@ def bit_facts(recorded: dict) -> tuple[str, ...]:
     keys = BIT_FACTS
     if recorded.get("kernels", "native") != "portable":
         keys += NATIVE_BIT_FACTS
+    else:
+        keys += PORTABLE_BIT_FACTS
     if recorded.get("device") == "cuda":
         keys += GPU_BIT_FACTS
     return keys
