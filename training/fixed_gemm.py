@@ -6,7 +6,7 @@ rounds once on every target (in hardware with FMA, in libm's exact fmaf without)
 vectorises only across output columns j, where lanes are independent chains, so any vector width
 (AVX-512, AVX2, SSE2) and any thread count give the same bits. MKL gives no such promise across
 vendors except on its slow SSE2 path (``MKL_CBWR=COMPATIBLE``); this kernel runs at MKL's speed
-(bench/fixed_gemm.py).
+(bench/gemm_speed.py).
 
 Speed: a microkernel in LLVM IR (`_define_ukernel`) keeps an MR × NR tile of accumulators, MR values
 of type <NR x float>, in registers for the whole k loop; each step loads an NR-wide row of a packed B

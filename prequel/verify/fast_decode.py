@@ -7,12 +7,12 @@ on its shape (models/kv_cache.py). `ExactSteps` keeps each kernel's shape where 
 
 * linear layers: MKL's sgemm rounds a row the same among 8 or 16 rows (by shape) as among the full
   forward's B·T rows, but not among 1-4 (another code path); a step pads its rows to the fewest that
-  round alike (`linear_rows`);
+  round alike (`linear_rows`). Portable mode's fixed-order GEMM computes each element alone: 1 row;
 * attention: ATen's CPU flash kernel takes the queries in blocks of 32 (64 from 192 positions, 256 from
-  768), each against every key slot; a query rounds the same in a block of 2 rows here (8 under portable
-  kernels), so a step runs that many query rows (the position in row 0, the causal mask as an additive
-  mask) against the cached keys (`query_rows`), or, where no smaller block does, the flash block that
-  holds the position;
+  768), each against every key slot; a query rounds the same in a block of 2 rows here, so a step runs
+  that many query rows (the position in row 0, the causal mask as an additive mask) against the cached
+  keys (`query_rows`), or, where no smaller block does, the flash block that holds the position.
+  Portable mode's math attention rounds each query row alone: 1 row;
 * layer norm, GELU, softmax, the n-gram prior and the embeddings are row by row already.
 
 The fewest rows are measured on the decoding machine, on random data, once per shape: that choice is a

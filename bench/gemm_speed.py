@@ -3,9 +3,9 @@
 Each output element is one FMA chain in k order, vectorised only across output columns, so any
 vector width gives the same bits (the kernel's docstring says how it is fast).
 
-    python bench/fixed_gemm.py                 # GFLOP/s at small.yaml's shapes, three layouts, vs torch (MKL)
-    python bench/fixed_gemm.py --check         # exactness: vs float64, and bit for bit vs the scalar FMA chain
-    python bench/fixed_gemm.py --targets       # the same digest compiled for x86-64 (SSE2), haswell, host
+    python bench/gemm_speed.py                 # GFLOP/s at small.yaml's shapes, three layouts, vs torch (MKL)
+    python bench/gemm_speed.py --check         # exactness: vs float64, and bit for bit vs the scalar FMA chain
+    python bench/gemm_speed.py --targets       # the same digest compiled for x86-64 (SSE2), haswell, host
 """
 
 import argparse
