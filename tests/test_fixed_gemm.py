@@ -44,6 +44,13 @@ def test_every_layout_is_the_fma_chain_bit_for_bit_and_within_rounding_of_float6
 
 
 def test_thread_counts_and_batching_change_no_bit():
+    """Threads split column panels, and rows too where there are fewer panels than threads (n <= 32)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((61, 19), dtype=np.float32), rng.standard_normal((19, 30), dtype=np.float32)
+    one = fixed_gemm.reference(a, b)
+    assert all(np.array_equal(fixed_gemm.gemm(a, b, threads=t), one) for t in range(1, 10))
+    readonly = np.broadcast_to(a[:1], (61, 19))  # a read-only, zero-stride view: copied, the same bits
+    assert np.array_equal(fixed_gemm.gemm(readonly, b), fixed_gemm.reference(np.ascontiguousarray(readonly), b))
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((3, 70, 45), dtype=np.float32), rng.standard_normal((3, 45, 100), dtype=np.float32)
     one = [fixed_gemm.gemm(a[i], b[i], threads=1) for i in range(3)]
@@ -69,26 +76,36 @@ def test_the_same_bits_compiled_for_sse2_avx2_and_this_cpu(tmp_path):
 
 
 def test_torch_products_in_portable_mode_are_the_kernels():
-    """mm, addmm, bmm and baddbmm of float32 CPU tensors (strided views, as autograd passes them)
-    give the kernel's bits; a native run in the same process gets torch's own kernels back."""
-    environment.use_fixed_products(True)
+    """Every float32 product op of CPU tensors (strided views, as autograd passes them; out= and in-place
+    forms) gives the kernel's bits; the others are refused; a native run in the same process gets
+    torch's own kernels back."""
+    from prequel.training.kernels import ensure_kernels
+
     g = torch.Generator().manual_seed(0)
     x, w, bias = torch.randn(50, 40, generator=g), torch.randn(30, 40, generator=g), torch.randn(30, generator=g)
     q, k = torch.randn(4, 9, 16, generator=g), torch.randn(4, 11, 16, generator=g)
-    assert torch.equal(x @ w.T, torch.from_numpy(fixed_gemm.reference(x.numpy(), w.numpy().T)))
-    assert torch.equal(torch.nn.functional.linear(x, w, bias), (x @ w.T) + bias)
-    expected = np.stack([fixed_gemm.reference(q[i].numpy(), k[i].numpy().T) for i in range(4)])
-    assert torch.equal(q @ k.transpose(1, 2), torch.from_numpy(expected))
-    assert torch.equal(
-        torch.baddbmm(q @ k.transpose(1, 2), q, k.transpose(1, 2), alpha=0.5), torch.from_numpy(1.5 * expected)
-    )
-    with pytest.raises(environment.KernelError, match="float32 products only"):
-        x.double() @ w.double().T
-    from prequel.training.kernels import ensure_kernels
-
-    ensure_kernels("native")
+    c = torch.randn(4, 9, 11, generator=g)
+    products = torch.from_numpy(np.stack([fixed_gemm.reference(q[i].numpy(), k[i].numpy().T) for i in range(4)]))
+    environment.use_fixed_products(True)
+    try:
+        expected = torch.from_numpy(fixed_gemm.reference(x.numpy(), w.numpy().T))
+        assert torch.equal(x @ w.T, expected) and torch.equal(torch.mm(x, w.T, out=torch.empty(0)), expected)
+        assert torch.equal(torch.nn.functional.linear(x, w, bias), expected + bias)
+        assert torch.equal(torch.zeros(50, 30).addmm_(x, w.T, beta=0), expected)
+        assert torch.equal(x @ w[0], expected[:, 0]) and torch.equal(x[0] @ w[0], expected[0, 0])  # mv, dot
+        assert torch.equal(q @ k.transpose(1, 2), products)
+        assert torch.equal(torch.baddbmm(c, q, k.transpose(1, 2), beta=2, alpha=0.5), (products * 0.5).add(c, alpha=2))
+        nan = torch.full_like(c, float("nan"))
+        assert torch.equal(torch.baddbmm(nan, q, k.transpose(1, 2), beta=0), products)  # beta 0: c is not read
+        assert torch.equal(c.clone().baddbmm_(q, k.transpose(1, 2)), products + c)
+        with pytest.raises(environment.KernelError, match="float32 products only"):
+            x.double() @ w.double().T
+        with pytest.raises(environment.KernelError, match="no fixed-order aten.addr"):
+            torch.addr(torch.zeros(3, 3), torch.ones(3), torch.ones(3))
+    finally:
+        ensure_kernels("native")
     assert environment._products is None and torch.backends.cuda.flash_sdp_enabled()
-    assert torch.allclose(x.double() @ w.double().T, (x @ w.T).double(), atol=1e-4)
+    assert torch.allclose(x.double() @ w.double().T, expected.double(), atol=1e-4)
 
 
 def test_where_the_kernel_cannot_be_built_portable_products_fall_back_and_say_so(monkeypatch, capsys):
@@ -98,10 +115,11 @@ def test_where_the_kernel_cannot_be_built_portable_products_fall_back_and_say_so
     ensure_kernels("native")
     monkeypatch.setitem(sys.modules, "prequel.training.fixed_gemm", None)  # its import now fails
     monkeypatch.delattr(sys.modules["prequel.training"], "fixed_gemm")
-    monkeypatch.setattr(environment, "_fallback_said", False)
+    environment._fixed_gemm.cache_clear()
     environment.use_fixed_products(True)
     assert environment._products is None and torch.backends.cuda.flash_sdp_enabled()
     assert "fixed-order GEMM cannot be built here (ModuleNotFoundError" in capsys.readouterr().err
     assert facts("portable", "cpu")["products"] == "mkl-compatible"
     monkeypatch.undo()
+    environment._fixed_gemm.cache_clear()
     assert facts("portable", "cpu")["products"] == "fixed-order" and "products" not in facts("native", "cpu")

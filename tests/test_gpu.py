@@ -45,8 +45,10 @@ def test_a_bf16_stream_with_the_chunked_head_verifies_in_another_process(text_fi
 
 
 class NoSyncBetweenLogs(L.Callback):
-    """Turns CUDA's sync debug mode to "error" for the steps that neither log nor checksum: any op
-    there that makes the host wait for the device raises."""
+    """Turns CUDA's sync debug mode to "error" for the steps that neither log nor checksum, from this
+    callback's batch start to its batch end (listed last: after the other callbacks' batch-start hooks,
+    before none of their batch-end ones): an op there that torch flags as synchronizing (a blocking
+    copy to the host, .item(), nonzero, a stream sync) raises. Explicit event waits are not flagged."""
 
     def __init__(self, every: int):
         self.every, self.checked = every, 0
@@ -63,8 +65,9 @@ class NoSyncBetweenLogs(L.Callback):
 def test_steps_between_log_intervals_never_wait_for_the_device(text_file, tmp_path):
     """The hot path with the stream on: the batch stays on the host, Σ and the curve stay on the
     device, the stream's integers leave by non-blocking copies (issue 30)."""
-    watch = NoSyncBetweenLogs(every=10)
-    overrides = ("--trainer.log_every_n_steps", "10", "--stream.checksum_every", "1000")
+    every = 10
+    watch = NoSyncBetweenLogs(every)
+    overrides = ("--trainer.log_every_n_steps", str(every), "--stream.checksum_every", "1000")
     try:
         summary = train(tiny_config(text_file, tmp_path / "run", *GPU, *overrides), [watch])
     finally:

@@ -163,10 +163,10 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# ATen ops whose CPU kernels call BLAS (MKL) or a fused kernel that does; portable mode computes the
-# first four by training/fixed_gemm.py (training/environment.py use_fixed_products) and none of the rest.
-FIXED_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
-BLAS_OPS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr", "_addmm_activation"}
+# What portable mode computes by the fixed-order kernels (as traced: "aten.mm.default", "aten.mm.out"),
+# and every ATen op whose CPU kernel calls BLAS (MKL) or a fused kernel that does.
+FIXED_PRODUCTS = {f"aten.{op}" if "." in op else f"aten.{op}.default" for op in environment.FIXED_PRODUCTS}
+BLAS_OPS = {op.split(".")[0] for op in environment.FIXED_PRODUCTS + environment.REFUSED_PRODUCTS}
 BLAS_OPS |= {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
@@ -208,7 +208,7 @@ def test_nothing_that_computes_bits_calls_mkl(tmp_path, procedure):
     assert report["complete"] and (tmp_path / "decoded.txt").read_bytes() == text.read_bytes()
     assert {"mm", "_fused_adamw_", "xlogy"} <= ops.names  # the trace saw the run
     assert not ops.names & portable_math.VML_OPS, f"ops MKL computes: {sorted(ops.names & portable_math.VML_OPS)}"
-    blas = {o for o in ops.overloads if o.split(".")[1] in BLAS_OPS}
+    blas = {o for o in ops.overloads if o.split(".")[1] in BLAS_OPS}  # (in-place forms: "addmm_" is listed)
     assert "aten.bmm.default" in blas and blas <= FIXED_PRODUCTS, f"products MKL computes: {blas - FIXED_PRODUCTS}"
     assert environment._products is not None  # and those went to the fixed kernels
 

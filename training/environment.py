@@ -31,6 +31,7 @@ A native run's f does not hold this module: `ensure_kernels` (training/kernels.p
 for portable kernels. It imports torch only inside functions: `prequel` imports it before torch starts.
 """
 
+import functools
 import os
 import sys
 
@@ -102,32 +103,45 @@ def ensure_portable() -> None:
     use_fixed_products(True)
 
 
-_products = None  # the torch.library registration while the fixed products are in use
+_products = None  # while the fixed products are in use: their torch.library registration, flash's setting before
+
+# The ATen ops whose CPU kernels compute float32 products by BLAS, and what portable mode does with
+# each: computes it by training/fixed_gemm.py, or (nothing in f calls it) refuses it, rather than let
+# it reach MKL. tests/test_portable.py traces a run with every feature on against this list.
+FIXED_PRODUCTS = ("mm", "mm.out", "bmm", "bmm.out", "addmm", "addmm.out", "addmm_", "baddbmm", "baddbmm.out")
+FIXED_PRODUCTS += ("baddbmm_", "mv", "addmv", "dot", "vdot")
+REFUSED_PRODUCTS = ("mv.out", "addmv.out", "addmv_", "dot.out", "vdot.out", "addbmm", "addbmm.out", "addbmm_")
+REFUSED_PRODUCTS += ("addr", "addr.out", "addr_", "_addmm_activation", "_addmm_activation.out")
 
 
 def use_fixed_products(on: bool) -> None:
-    """Portable products on (or, for a native run in the same process, off again): float32 mm,
-    addmm, bmm and baddbmm of CPU tensors by training/fixed_gemm.py, and the CPU's attention by
+    """Portable products on (or, for a native run in the same process, off again): every float32
+    product of CPU tensors by training/fixed_gemm.py (`FIXED_PRODUCTS`), and the CPU's attention by
     its math path. Forward, backward and Bob's decoding all reach the products through these ops."""
     global _products
-    import warnings
-
     import torch
 
     if on == (_products is not None):
         return
     if not on:
-        _products._destroy()
+        library, flash = _products
+        library._destroy()
         _products = None
-        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_flash_sdp(flash)
         return
     fixed_gemm = _fixed_gemm()
     if fixed_gemm is None:
         return
+    flash = torch.backends.cuda.flash_sdp_enabled()
     torch.backends.cuda.enable_flash_sdp(False)  # (despite its name, also the fused CPU attention)
+    _products = (_register(fixed_gemm), flash)
 
-    def threads() -> int:
-        return torch.get_num_threads()
+
+def _register(fixed_gemm):
+    """CPU kernels (torch.library) for `FIXED_PRODUCTS` and `REFUSED_PRODUCTS`."""
+    import warnings
+
+    import torch
 
     def arrays(*tensors):
         if any(t.dtype != torch.float32 for t in tensors):
@@ -135,47 +149,70 @@ def use_fixed_products(on: bool) -> None:
         return [t.numpy(force=True) for t in tensors]  # views: no copy
 
     def mm(a, b):
-        out = torch.empty(a.shape[0], b.shape[1])
-        fixed_gemm.gemm(*arrays(a, b), out.numpy(), threads())
+        out = a.new_empty(a.shape[0], b.shape[1])
+        fixed_gemm.gemm(*arrays(a, b), out.numpy(), torch.get_num_threads())
         return out
 
     def bmm(a, b):
-        out = torch.empty(a.shape[0], a.shape[1], b.shape[2])
-        fixed_gemm.bgemm(*arrays(a, b), out.numpy(), threads())
+        out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+        fixed_gemm.bgemm(*arrays(a, b), out.numpy(), torch.get_num_threads())
         return out
 
-    def plus(product, c, beta, alpha):  # beta · c + alpha · product, as ATen's addmm defines it
+    def plus(product, c, beta, alpha):  # beta · c + alpha · product, as ATen's addmm defines it (beta 0: c unread)
         product = product if alpha == 1 else product.mul_(alpha)
         return product if beta == 0 else product.add_(c, alpha=beta)
 
+    def with_c(product):  # addmm from mm, baddbmm from bmm, addmv from mv
+        return lambda c, a, b, beta=1, alpha=1: plus(product(a, b), c, beta, alpha)
+
+    def out_variant(op):  # the result into `out`, resized as ATen's out= ops do
+        def kernel(*args, out, **kwargs):
+            result = op(*args, **kwargs)
+            return out.resize_(result.shape).copy_(result)
+
+        return kernel
+
+    def in_place(op):
+        return lambda c, *args, **kwargs: c.copy_(op(c, *args, **kwargs))
+
+    def refused(name):
+        def kernel(*args, **kwargs):
+            raise KernelError(f"portable kernels have no fixed-order aten.{name}: it would compute with MKL")
+
+        return kernel
+
+    def mv(a, x):
+        return mm(a, x[:, None])[:, 0]
+
+    def dot(x, y):
+        return mm(x[None], y[:, None])[0, 0]
+
+    addmm, baddbmm = with_c(mm), with_c(bmm)
+    kernels = {"mm": mm, "bmm": bmm, "addmm": addmm, "baddbmm": baddbmm, "mv": mv, "addmv": with_c(mv)}
+    kernels |= {"dot": dot, "vdot": dot, "addmm_": in_place(addmm), "baddbmm_": in_place(baddbmm)}
+    kernels |= {f"{op}.out": out_variant(kernels[op]) for op in ("mm", "bmm", "addmm", "baddbmm")}
+    kernels |= {name: refused(name) for name in REFUSED_PRODUCTS}
     library = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
         warnings.simplefilter("ignore")
-        library.impl("mm", mm, "CPU")
-        library.impl("bmm", bmm, "CPU")
-        library.impl("addmm", lambda c, a, b, beta=1, alpha=1: plus(mm(a, b), c, beta, alpha), "CPU")
-        library.impl("baddbmm", lambda c, a, b, beta=1, alpha=1: plus(bmm(a, b), c, beta, alpha), "CPU")
-    _products = library
+        for name, kernel in kernels.items():
+            library.impl(name, kernel, "CPU")
+    return library
 
 
-_fallback_said = False
-
-
+@functools.cache
 def _fixed_gemm():
     """training/fixed_gemm.py, compiled for this CPU; None (said once, on stderr) where numba cannot
-    build it: products then stay MKL's COMPATIBLE path, recorded as such (`portable_products`)."""
-    global _fallback_said
+    build it: products then stay MKL's COMPATIBLE path, recorded as such (`portable_products`). Asked
+    once a process, so the header's fact and the products a run computes with always agree."""
     try:
         from prequel.training import fixed_gemm
     except Exception as e:  # (numba's compile errors have no common base class but Exception)
-        if not _fallback_said:
-            print(
-                f"prequel: the fixed-order GEMM cannot be built here ({type(e).__name__}: {e}); portable "
-                "products fall back to MKL_CBWR=COMPATIBLE, ~3x slower, and such a stream verifies only where "
-                "the same fallback is used",
-                file=sys.stderr,
-            )
-            _fallback_said = True
+        print(
+            f"prequel: the fixed-order GEMM cannot be built here ({type(e).__name__}: {e}); portable products fall "
+            "back to MKL_CBWR=COMPATIBLE, ~3x slower, and such a stream verifies only where the same fallback is used",
+            file=sys.stderr,
+        )
         return None
     return fixed_gemm
 

@@ -283,7 +283,8 @@ def _check(a: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> tuple[np.nda
     out = np.empty(shape, np.float32) if out is None else out
     if out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {shape}, got {out.dtype}{out.shape}")
-    a, b = (x if all(s % 4 == 0 and s >= 0 for s in x.strides) else np.ascontiguousarray(x) for x in (a, b))
+    # Copies (no bit changes) of what the compiled signatures cannot take: odd strides, read-only views.
+    a, b = (x if x.flags.writeable and all(s % 4 == 0 and s >= 0 for s in x.strides) else x.copy() for x in (a, b))
     return a, b, out
 
 
