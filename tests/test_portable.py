@@ -173,8 +173,8 @@ BLAS_OPS |= {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product
 @pytest.mark.parametrize("procedure", ["full", "incremental"])
 def test_nothing_that_computes_bits_calls_mkl(tmp_path, procedure):
     """MKL's vector math (VML) is not the same on every CPU, even under MKL_CBWR=COMPATIBLE: the
-    portable pins cannot make it so, so no bit may depend on it; and every matrix product is one of
-    the four that the fixed-order kernels compute (attention too: by its math path). Every ATen op of a run with every
+    portable pins cannot make it so, so no bit may depend on it; and every matrix product is one that
+    the fixed-order kernels compute (attention too: by its math path). Every ATen op of a run with every
     feature that computes bits on (RoPE, n-gram prior, z-loss, gradient clipping, replay, NormHead,
     tied embeddings), from building the model through Alice's stream to Bob's replay of it."""
     from prequel.alice.session import train

@@ -10,9 +10,10 @@ AVX2 one, and a stream decodes only where the encoder's kernels run.
 * ``ATEN_CPU_CAPABILITY=avx2``: ATen's vectorised kernels (softmax, layer norm, GELU, reductions)
   use 8-lane AVX2 code on any x86-64 CPU that has AVX2 (all since 2013 from both vendors).
 * ``ONEDNN_MAX_CPU_ISA=AVX2``: the same for oneDNN's JIT kernels.
-* Matrix products do not reach MKL at all: `use_fixed_products` routes torch's float32 mm, addmm,
-  bmm and baddbmm on the CPU to training/fixed_gemm.py, whose bits are the same at any vector width
-  and as fast as MKL's own; attention on the CPU takes its math path (bmm and softmax), because the
+* Matrix products do not reach MKL at all: `use_fixed_products` routes torch's float32 products on
+  the CPU (`FIXED_PRODUCTS`: mm, bmm, addmm, baddbmm, mv, addmv, dot) to training/fixed_gemm.py,
+  whose bits are the same at any vector width and as fast as MKL's own, and refuses the other BLAS
+  ops; attention on the CPU takes its math path (bmm and softmax), because the
   fused CPU kernel calls MKL from inside. (MKL's one vendor-neutral path, ``MKL_CBWR=COMPATIBLE``,
   is SSE2 and ran small.yaml at a third of native speed; it stays pinned for anything else of MKL's.)
 * ``MKL_CBWR=COMPATIBLE``: MKL's one code path that its documentation promises gives the same

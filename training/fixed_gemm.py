@@ -15,7 +15,7 @@ target has (2 zmm on AVX-512, 4 ymm on AVX2, 8 xmm and fmaf calls on SSE2): only
 Tiling, packing (copies) and threading (each element computed by one thread) change no bits either.
 
 numba compiles it for the host CPU (cached per CPU). training/environment.py routes torch's float32
-products on the CPU (mm, addmm, bmm, baddbmm) here in portable mode.
+products on the CPU here in portable mode (its `FIXED_PRODUCTS`).
 """
 
 import functools
