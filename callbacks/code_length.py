@@ -15,6 +15,7 @@ callbacks/contract.py (`CodeLengthModule`); examples/own_lm.py is one that is no
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -36,10 +37,14 @@ class BitsMetric(Metric):
         for name in ("bits", "tokens", "nbytes"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, bits: torch.Tensor, tokens: torch.Tensor, nbytes: int) -> None:
-        self.bits += bits
-        self.tokens += tokens
-        self.nbytes += nbytes
+    def update(self, bits: Sequence[float], tokens: Sequence[int], nbytes: Sequence[int]) -> None:
+        """Add some steps' sums, read back to the host, in step order: the same float64 additions, one
+        by one, that adding each step's tensor on the device would make (so the same Σ, bit for bit)."""
+        for state, values in ((self.bits, bits), (self.tokens, tokens), (self.nbytes, nbytes)):
+            total = state.item()
+            for value in values:
+                total += value
+            state.fill_(total)
 
     def compute(self) -> dict[str, float]:
         return {"bits": self.bits.item(), "tokens": self.tokens.item(), "nbytes": self.nbytes.item()}
@@ -52,7 +57,9 @@ class CodeLength(L.Callback):
         self.first_pass = BitsMetric()
         self.last_epoch = BitsMetric()
         self._curve: list[tuple[int, float, int]] = []  # (tokens seen, bits of step, tokens of step)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps not yet read back: on the device
+        # Steps not yet read back (bits and tokens on the device, bytes, first pass): the sums and the
+        # curve take them at log intervals, so no step waits for the device or pays a metric update.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, bool]] = []
 
     @property
     def f_bits(self) -> int:
@@ -65,6 +72,7 @@ class CodeLength(L.Callback):
         self.last_epoch.to(pl_module.device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_back()  # the previous epoch's last steps, into its sums
         if trainer.current_epoch != self._restored_epoch:  # a resumed epoch keeps its sums
             self.last_epoch.reset()
         self._restored_epoch = None
@@ -77,16 +85,12 @@ class CodeLength(L.Callback):
         if not coded.fresh:  # a replay step: data already counted
             return
         bits = coded.nll.double().sum() / math.log(2)  # the NLL is 0 where there is no token
-        tokens = coded.mask.sum()
-        self.last_epoch.update(bits, tokens, coded.nbytes)
-        if not coded.first_pass:  # a later epoch: reported as last_epoch, never as code length
-            return
-        self.first_pass.update(bits, tokens, coded.nbytes)
-        self._pending.append((bits, tokens))  # read back at log intervals: no host sync on the other steps
-        if batch_idx % trainer.log_every_n_steps and len(self._pending) < _MAX_PENDING:
+        self._pending.append((bits, coded.mask.sum(), coded.nbytes, coded.first_pass))
+        log = batch_idx % trainer.log_every_n_steps == 0
+        if not log and len(self._pending) < _MAX_PENDING:
             return
         self._read_back()
-        if batch_idx % trainer.log_every_n_steps:
+        if not (log and coded.first_pass):  # (a later epoch's steps leave the code length as it is)
             return
         # Running values are this process's (no sync across processes); the final report syncs.
         data_bits, nbytes = self.first_pass.bits.item(), self.first_pass.nbytes.item()
@@ -111,19 +115,28 @@ class CodeLength(L.Callback):
         return self._curve
 
     def _read_back(self) -> None:
-        """The pending steps' sums to the host: one transfer (a sync on a GPU) for all of them."""
+        """The pending steps to the host (one transfer, a sync on a GPU, for all of them), into the
+        sums (a later epoch's into `last_epoch` only: it is never code length) and the curve."""
         if not self._pending:
             return
-        bits = torch.stack([b for b, _ in self._pending]).tolist()
-        tokens = torch.stack([n for _, n in self._pending]).tolist()
+        bits = torch.stack([b for b, _, _, _ in self._pending]).tolist()
+        tokens = torch.stack([n for _, n, _, _ in self._pending]).tolist()
+        nbytes = [m for _, _, m, _ in self._pending]
+        first = [f for _, _, _, f in self._pending]
         self._pending = []
+        self.last_epoch.update(bits, tokens, nbytes)
+        if not any(first):
+            return
+        coded = [i for i, f in enumerate(first) if f]
+        self.first_pass.update(*([v[i] for i in coded] for v in (bits, tokens, nbytes)))
         seen = self._curve[-1][0] if self._curve else 0
-        for b, n in zip(bits, tokens):
-            seen += n
-            self._curve.append((seen, b, n))
+        for i in coded:
+            seen += tokens[i]
+            self._curve.append((seen, bits[i], tokens[i]))
 
     def totals(self) -> dict[str, Any]:
         """The synced first-pass sums, |f| parts and the last epoch's cross-entropy."""
+        self._read_back()
         first, last = self.first_pass.compute(), self.last_epoch.compute()
         return {
             "data_bits": first["bits"],
@@ -139,6 +152,7 @@ class CodeLength(L.Callback):
     _coded_checked = False
 
     def state_dict(self) -> dict[str, Any]:
+        self._read_back()
         return {  # global sums (compute() syncs across processes)
             "first_pass": self.first_pass.compute(),
             "last_epoch": self.last_epoch.compute(),
