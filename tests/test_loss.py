@@ -68,7 +68,7 @@ def test_the_decoders_logits_are_the_training_steps_bit_for_bit():
         h = model.features(idx, first=4).flatten(0, 1)
         nll, spans = HeadNLL.apply(h, model.output_weight, targets.flatten(), 40, True)
         logits = model(idx, first=4).flatten(0, 1)  # 100 rows: chunks of 40, 40, 20
-    bob_nll, probs, _ = softmax_nll(logits.float(), targets.flatten())
+    bob_nll, probs, _, _ = softmax_nll(logits.float(), targets.flatten())
     assert torch.equal(bob_nll, nll)
     assert torch.equal(target_intervals(probs, targets.flatten()), spans)
 
@@ -76,8 +76,8 @@ def test_the_decoders_logits_are_the_training_steps_bit_for_bit():
 def test_the_gpu_way_to_a_finite_nll_gives_the_hosts_values():
     logits = torch.randn(64, V, generator=torch.Generator().manual_seed(1)) * 40  # many p < 1e-30
     targets = torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(2))
-    host, _, _ = softmax_nll(logits, targets, sync_free=False)
-    device, _, _ = softmax_nll(logits, targets, sync_free=True)
+    host, _, _, _ = softmax_nll(logits, targets, sync_free=False)
+    device, _, _, _ = softmax_nll(logits, targets, sync_free=True)
     assert (host > 69).sum() > 5 and torch.isfinite(device).all()
     torch.testing.assert_close(device, host, rtol=1e-6, atol=1e-4)
 

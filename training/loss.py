@@ -27,24 +27,26 @@ from prequel.training.data import IGNORE
 
 
 def softmax_nll(logits: torch.Tensor, targets: torch.Tensor, sync_free: bool | None = None):
-    """(N, V) float32 logits, (N,) targets → per-token NLL (nats, 0 where IGNORE), the softmax,
-    and the targets as indices (IGNORE as 0). `sync_free`: the GPU's way (default: off the CPU)."""
+    """(N, V) float32 logits, (N,) targets → per-token NLL (nats, 0 where IGNORE), the softmax, the
+    targets as indices (IGNORE as 0) and which are coded. `sync_free`: the GPU's way (default: off the CPU)."""
     probs = torch.softmax(logits, dim=-1)
     coded, safe = targets != IGNORE, targets.clamp(min=0)
-    nll = -portable_math.log(probs.gather(-1, safe[:, None])[:, 0])
-    tiny = coded & ~(nll < 69.0)  # p < 1e-30 (or NaN)
+    nll = portable_math.log(probs.gather(-1, safe[:, None])[:, 0]).neg_()
     if logits.device.type != "cpu" if sync_free is None else sync_free:
+        tiny = coded & ~(nll < 69.0)  # p < 1e-30 (or NaN)
         exact = torch.logsumexp(logits, dim=-1) - logits.gather(-1, safe[:, None])[:, 0]
         nll = torch.where(tiny, exact, nll)
-    elif tiny.any():
-        lse = portable_math.logsumexp(logits[tiny], dim=-1)
-        nll[tiny] = lse - logits[tiny].gather(-1, safe[tiny, None])[:, 0]
-    return torch.where(coded, nll, 0.0), probs, safe
+    elif len(nll) and not nll.max().item() < 69.0:  # one read for the common case: no p < 1e-30, no NaN
+        tiny = coded & ~(nll < 69.0)
+        if tiny.any():
+            lse = portable_math.logsumexp(logits[tiny], dim=-1)
+            nll[tiny] = lse - logits[tiny].gather(-1, safe[tiny, None])[:, 0]
+    return torch.where(coded, nll, 0.0), probs, safe, coded
 
 
-def _logits_grad(probs: torch.Tensor, safe: torch.Tensor, grad_nll: torch.Tensor, targets: torch.Tensor):
+def _logits_grad(probs: torch.Tensor, safe: torch.Tensor, grad_nll: torch.Tensor, coded: torch.Tensor):
     """d NLL / d logits = (p − onehot) · grad, in place of `probs`."""
-    g = torch.where(targets != IGNORE, grad_nll, 0.0)[:, None]
+    g = torch.where(coded, grad_nll, 0.0)[:, None]
     return probs.mul_(g).scatter_add_(-1, safe[:, None], -g)
 
 
@@ -54,15 +56,15 @@ class SoftmaxNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nll, probs, safe = softmax_nll(logits, targets)
-        ctx.save_for_backward(probs, safe, targets)
+        nll, probs, safe, coded = softmax_nll(logits, targets)
+        ctx.save_for_backward(probs, safe, coded)
         ctx.mark_non_differentiable(probs)
         return nll, probs
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor, _grad_probs) -> tuple[torch.Tensor, None]:
-        probs, safe, targets = ctx.saved_tensors
-        return _logits_grad(probs, safe, grad_nll, targets), None
+        probs, safe, coded = ctx.saved_tensors
+        return _logits_grad(probs, safe, grad_nll, coded), None
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -80,7 +82,7 @@ class HeadNLL(torch.autograd.Function):
         spans = torch.zeros(len(h) if intervals else 0, 2, dtype=torch.long, device=h.device)
         for at in range(0, len(h), rows):
             part = slice(at, at + rows)
-            nll[part], probs, _ = softmax_nll(chunked_logits(h[part], w, rows).float(), targets[part])
+            nll[part], probs, _, _ = softmax_nll(chunked_logits(h[part], w, rows).float(), targets[part])
             if intervals:
                 spans[part] = target_intervals(probs, targets[part])
         ctx.save_for_backward(h, w, targets)
@@ -98,7 +100,7 @@ class HeadNLL(torch.autograd.Function):
             for at in range(0, len(h), ctx.rows):
                 part = slice(at, at + ctx.rows)
                 probs = torch.softmax(chunked_logits(h[part], w, ctx.rows).float(), dim=-1)
-                g = _logits_grad(probs, targets[part].clamp(min=0), grad_nll[part], targets[part])
+                g = _logits_grad(probs, targets[part].clamp(min=0), grad_nll[part], targets[part] != IGNORE)
                 grad_h[part] = g @ w
                 grad_w += (g.T @ h[part]).float()
         return grad_h, grad_w.to(w.dtype), None, None, None
