@@ -115,12 +115,32 @@ class Clock(L.Callback):
         return self.tokens / (self.t1 - self.t0)
 
 
-def lightning_tokens_per_s(config: Config, tape: Tape, vocab_size: int, callbacks: list, warmup: int) -> float:
-    """prequel's own Trainer (training.run.build_trainer), no loggers, no checkpoints; steady-state tokens/s."""
+class CrossEntropyStep(PrequelModule):
+    """prequel's GPT, optimizer and data, with a nanoGPT training step: logits, mean cross-entropy,
+    nothing else (no code length, no coded batch, no logging). In prequel's Trainer, it measures
+    what Lightning's loop itself costs."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = self.tape.batch(batch["spans"])
+        logits = self.model(self._to_device(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), self._to_device(y).flatten(), ignore_index=IGNORE)
+
+
+def lightning_tokens_per_s(
+    config: Config, tape: Tape, vocab_size: int, callbacks: list, warmup: int, module_type: type = PrequelModule
+) -> float:
+    """prequel's own Trainer (training.run.build_trainer), no loggers, no checkpoints; steady-state
+    tokens/s of its module, or of a `module_type` (initialised alike: the same seed) in its place."""
     set_determinism(config)
     clock = Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         module, data, trainer = build_trainer(config, tape, vocab_size, callbacks + [clock], [], Path(tmp))
+        if module_type is not PrequelModule:
+            set_determinism(config)  # the same initial weights as the module built above
+            module = module_type(replace(config, model=replace(config.model, head_chunk=0)), vocab_size)
+            module.attach(tape)
+            if config.trainer.compile:
+                module.model.compile()
         trainer.fit(module, data)
     return clock.tokens_per_s()
 

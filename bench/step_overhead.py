@@ -7,15 +7,20 @@ the same optimizer (AdamW, param groups, LR schedule and grad clipping of
 
 * prequel: the Trainer that `training.run` builds (`build_trainer`) with the CodeLength callback; the
   stream, loggers, checkpoints and progress bar are off.
+* lightning: the same Trainer and data with `common.CrossEntropyStep` for the module: a nanoGPT
+  step (logits, mean cross-entropy) in Lightning's loop. What it loses to bare is Lightning's cost;
+  what prequel loses to it is prequel's own (the coded batch, its loss and softmax, Σ, logging).
 * bare: for each batch, forward, mean cross-entropy, backward, clip, AdamW step, scheduler step.
 
-Each side warms up, then is timed over `--steps` steps; the sides alternate `--repeats` times.
-Prints tokens/s of each and the ratio prequel / bare (target ≥ 0.95).
+Each warms up, then is timed over `--steps` steps; the three alternate `--repeats` times. Prints
+tokens/s of each and the ratios prequel / bare (target ≥ 0.95), lightning / bare (Lightning's
+share: a floor for prequel's ratio on this machine) and prequel / lightning (prequel's share).
 
     python bench/step_overhead.py [--steps 300] [--config configs/small.yaml] [--model.n_layer 4 ...]
 """
 
 from common import (
+    CrossEntropyStep,
     bare_tokens_per_s,
     bench_config,
     bench_parser,
@@ -54,16 +59,29 @@ def main() -> None:
     tokenizer, tokens, tape = corpus_prefix(config, n_tokens)
     print(f"{n_tokens:,} tokens: {args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} repeats\n")
 
-    prequel, bare = [], []
-    print(f"{'repeat':>6} {'prequel tok/s':>14} {'bare tok/s':>12} {'ratio':>7}")
+    rates: dict[str, list[float]] = {"prequel": [], "lightning": [], "bare": []}
+    heads = ("prequel tok/s", "lightning tok/s", "bare tok/s", "p/bare", "l/bare", "p/l")
+    print(f"{'repeat':>6} " + " ".join(f"{h:>15}" for h in heads))
+
+    def row(label: str, p: float, lightning: float, bare: float) -> None:
+        rates, ratios = (p, lightning, bare), (p / bare, lightning / bare, p / lightning)
+        print(f"{label:>6} " + " ".join(f"{v:>15,.0f}" for v in rates) + " " + " ".join(f"{v:>15.3f}" for v in ratios))
+
     for r in range(args.repeats):
         callbacks = [code_length_callback(config, tokenizer, len(tokens))]
-        prequel.append(lightning_tokens_per_s(config, tape, tokenizer.vocab_size, callbacks, args.warmup))
-        bare.append(bare_tokens_per_s(config, tape, tokenizer.vocab_size, args.warmup))
-        print(f"{r + 1:>6} {prequel[-1]:>14,.0f} {bare[-1]:>12,.0f} {prequel[-1] / bare[-1]:>7.3f}")
-    print(f"{'median':>6} {median(prequel):>14,.0f} {median(bare):>12,.0f} {median(prequel) / median(bare):>7.3f}")
-    print(f"{'best':>6} {max(prequel):>14,.0f} {max(bare):>12,.0f} {max(prequel) / max(bare):>7.3f}")
-    print(f"\nthroughput ratio prequel / bare (medians): {median(prequel) / median(bare):.3f}  (target >= 0.95)")
+        rates["prequel"].append(lightning_tokens_per_s(config, tape, tokenizer.vocab_size, callbacks, args.warmup))
+        rates["lightning"].append(
+            lightning_tokens_per_s(config, tape, tokenizer.vocab_size, [], args.warmup, CrossEntropyStep)
+        )
+        rates["bare"].append(bare_tokens_per_s(config, tape, tokenizer.vocab_size, args.warmup))
+        row(str(r + 1), *(v[-1] for v in rates.values()))
+    medians = {k: median(v) for k, v in rates.items()}
+    row("median", *medians.values())
+    print(
+        f"\nthroughput ratio prequel / bare (medians): {medians['prequel'] / medians['bare']:.3f}  (target >= 0.95); "
+        f"Lightning's loop alone: {medians['lightning'] / medians['bare']:.3f}, "
+        f"prequel in it: {medians['prequel'] / medians['lightning']:.3f}"
+    )
 
 
 if __name__ == "__main__":
