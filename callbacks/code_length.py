@@ -57,7 +57,7 @@ class CodeLength(L.Callback):
         self.first_pass = BitsMetric()
         self.last_epoch = BitsMetric()
         self._curve: list[tuple[int, float, int]] = []  # (tokens seen, bits of step, tokens of step)
-        # Steps not yet read back (bits and tokens on the device, bytes, first pass): the sums and the
+        # Steps not yet read back (nats and tokens on the device, bytes, first pass): the sums and the
         # curve take them at log intervals, so no step waits for the device or pays a metric update.
         self._pending: list[tuple[torch.Tensor, torch.Tensor, int, bool]] = []
 
@@ -84,8 +84,8 @@ class CodeLength(L.Callback):
         coded = pl_module.coded
         if not coded.fresh:  # a replay step: data already counted
             return
-        bits = coded.nll.double().sum() / math.log(2)  # the NLL is 0 where there is no token
-        self._pending.append((bits, coded.mask.sum(), coded.nbytes, coded.first_pass))
+        nats = coded.nll.double().sum()  # the NLL is 0 where there is no token
+        self._pending.append((nats, coded.mask.sum(), coded.nbytes, coded.first_pass))
         log = trainer._logger_connector.should_update_logs  # the steps Lightning writes the module's logs at
         if not log and len(self._pending) < _MAX_PENDING:
             return
@@ -117,7 +117,7 @@ class CodeLength(L.Callback):
         sums (a later epoch's into `last_epoch` only: it is never code length) and the curve."""
         if not self._pending:
             return
-        bits = torch.stack([b for b, _, _, _ in self._pending]).tolist()
+        bits = [nats / math.log(2) for nats in torch.stack([b for b, _, _, _ in self._pending]).tolist()]
         tokens = torch.stack([n for _, n, _, _ in self._pending]).tolist()
         nbytes = [m for _, _, m, _ in self._pending]
         first = [f for _, _, _, f in self._pending]

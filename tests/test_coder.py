@@ -97,7 +97,7 @@ def test_the_steps_softmax_nll_is_cross_entropy_with_its_gradient():
     logits.data[3, 7] = 200.0  # row 3 is sure of 7 and its target is elsewhere: p underflows
     targets = torch.randint(0, 300, (40,), generator=g)
     targets[[1, 5]] = IGNORE
-    nll, probs = SoftmaxNLL.apply(logits, targets)
+    nll, probs = SoftmaxNLL.apply(logits, targets, targets != IGNORE)
     expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
     assert torch.equal(probs, torch.softmax(logits.detach(), -1))  # what code_batch codes a column with
     assert torch.isfinite(nll).all() and nll[3] > 100 and (nll[[1, 5]] == 0).all()

@@ -33,7 +33,7 @@ def _grads(loss_of, h, w):
 
 def _whole(targets):
     def loss_of(h, w):
-        nll, probs = SoftmaxNLL.apply(F.linear(h, w).float(), targets)
+        nll, probs = SoftmaxNLL.apply(F.linear(h, w).float(), targets, targets != -100)  # (no IGNORE here)
         return nll, target_intervals(probs, targets)  # (before the backward reuses probs)
 
     return loss_of

@@ -136,5 +136,5 @@ def test_a_comment_or_docstring_edit_of_f_leaves_the_code_hash_unchanged_and_cod
 
     monkeypatch.setattr(program, "source_files", with_edit)
     assert code_hash() == original
-    edited.write_text(source.replace("return self.targets != IGNORE", "return IGNORE != self.targets", 1))
-    assert code_hash() != original
+    edited.write_text(source.replace("mask = y != IGNORE", "mask = IGNORE != y", 1))
+    assert edited.read_text() != source and code_hash() != original

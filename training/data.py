@@ -76,10 +76,11 @@ class Tape:
         for start, length in spans.tolist():
             yield tokenizer.decode(self.tokens.slice(start, start + length))
 
-    def nbytes(self, targets: torch.Tensor) -> int:
-        """The input bytes that a batch's targets (`batch`'s y, on the host) stand for."""
-        ids = targets[targets != IGNORE]
-        return len(ids) if self.nbytes_per_id is None else int(self.nbytes_per_id[ids].sum())
+    def nbytes(self, targets: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+        """The input bytes that a batch's targets (`batch`'s y, on the host) stand for; `mask`:
+        targets != IGNORE, if the caller has it."""
+        mask = targets != IGNORE if mask is None else mask
+        return int(mask.sum()) if self.nbytes_per_id is None else int(self.nbytes_per_id[targets[mask]].sum())
 
 
 def context_known(steps: list[tuple[torch.Tensor, bool]], n_tokens: int, context: int) -> list[torch.Tensor]:

@@ -26,11 +26,15 @@ from prequel.training.coding import target_intervals
 from prequel.training.data import IGNORE
 
 
-def softmax_nll(logits: torch.Tensor, targets: torch.Tensor, sync_free: bool | None = None):
+def softmax_nll(
+    logits: torch.Tensor, targets: torch.Tensor, coded: torch.Tensor | None = None, sync_free: bool | None = None
+):
     """(N, V) float32 logits, (N,) targets → per-token NLL (nats, 0 where IGNORE), the softmax, the
-    targets as indices (IGNORE as 0) and which are coded. `sync_free`: the GPU's way (default: off the CPU)."""
+    targets as indices (IGNORE as 0) and which are coded (`coded`: targets != IGNORE, if the caller
+    has it). `sync_free`: the GPU's way (default: off the CPU)."""
     probs = torch.softmax(logits, dim=-1)
-    coded, safe = targets != IGNORE, targets.clamp(min=0)
+    coded = targets != IGNORE if coded is None else coded
+    safe = targets.clamp(min=0)
     nll = portable_math.log(probs.gather(-1, safe[:, None])[:, 0]).neg_()
     if logits.device.type != "cpu" if sync_free is None else sync_free:
         tiny = coded & ~(nll < 69.0)  # p < 1e-30 (or NaN)
@@ -51,20 +55,23 @@ def _logits_grad(probs: torch.Tensor, safe: torch.Tensor, grad_nll: torch.Tensor
 
 
 class SoftmaxNLL(torch.autograd.Function):
-    """(N, V) float32 logits, (N,) targets → per-token NLL and the softmax itself: the probabilities
-    the stream codes with, computed once a step (the backward, p − onehot, reuses them in place)."""
+    """(N, V) float32 logits, (N,) targets and (N,) targets != IGNORE → per-token NLL and the softmax
+    itself: the probabilities the stream codes with, computed once a step (the backward, p − onehot,
+    reuses them in place)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nll, probs, safe, coded = softmax_nll(logits, targets)
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, coded: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        nll, probs, safe, coded = softmax_nll(logits, targets, coded)
         ctx.save_for_backward(probs, safe, coded)
         ctx.mark_non_differentiable(probs)
         return nll, probs
 
     @staticmethod
-    def backward(ctx, grad_nll: torch.Tensor, _grad_probs) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad_nll: torch.Tensor, _grad_probs) -> tuple[torch.Tensor, None, None]:
         probs, safe, coded = ctx.saved_tensors
-        return _logits_grad(probs, safe, grad_nll, coded), None
+        return _logits_grad(probs, safe, grad_nll, coded), None, None
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:

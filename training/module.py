@@ -32,14 +32,11 @@ class CodedBatch:
     first_pass: bool  # coded: fresh, in epoch 0 (see PrequelModule.is_first_pass)
     intervals: torch.Tensor | None  # (B, L, 2) int64 (start, frequency) of each target, for the stream
     targets: torch.Tensor  # (B, L), IGNORE where there is no token
+    mask: torch.Tensor  # (B, L) targets != IGNORE
     nll: torch.Tensor  # (B, L) nats, float32, 0 where IGNORE
     nbytes: int  # input bytes the batch's tokens stand for
     log_w: torch.Tensor | None = None  # a mixture's log weights after this batch (models/mixture.py)
     member_nll: torch.Tensor | None = None  # a mixture's (B, L, K) per-member NLL, nats
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.targets != IGNORE
 
 
 class PrequelModule(L.LightningModule):
@@ -91,26 +88,32 @@ class PrequelModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         spans = batch["spans"]
         x, y = self.tape.batch(spans, batch.get("known"))
-        nbytes = self.tape.nbytes(y)  # (the host's copy: no device read)
-        x, y = self._to_device(x), self._to_device(y)
-        first_pass = self.is_first_pass(batch)
         mask = y != IGNORE
+        nbytes = self.tape.nbytes(y, mask)  # (the host's copies: no device read)
+        x, y, mask = self._to_device(x), self._to_device(y), self._to_device(mask)
+        first_pass = self.is_first_pass(batch)
         tokens = mask.sum()
         log_w = member_nll = intervals = None
         if self.config.model.head_chunk:  # never the whole batch's logits (training/loss.py)
             nll, intervals = self._chunked_nll(x, y, first_pass and self.code_intervals)
-            return self._finish(batch, batch_idx, y, nll, nll.sum() / tokens.clamp(min=1), tokens, nbytes, intervals, x)
+            loss = nll.sum() / tokens.clamp(min=1)
+            return self._finish(batch, x, y, mask, nll, loss, tokens, nbytes, intervals)
         mixture = {"logits": True} if self.is_mixture else {}
         logits = self(x, None if first_pass else y, **mixture)  # replayed tokens are in the n-gram counts already
         if self.is_mixture:  # logits: the members' (B, L, K, V); each learns from its own loss, as alone
             member_nll = torch.stack(
-                [SoftmaxNLL.apply(logits[:, :, k].flatten(0, 1), y.flatten())[0] for k in range(logits.shape[2])], -1
+                [
+                    SoftmaxNLL.apply(logits[:, :, k].flatten(0, 1), y.flatten(), mask.flatten())[0]
+                    for k in range(logits.shape[2])
+                ],
+                -1,
             ).view(*y.shape, -1)
             loss = (member_nll.sum((0, 1)) / tokens.clamp(min=1)).sum()
             member_lp = torch.log_softmax(logits.detach(), -1)  # what Bob's forward gives him
             logits, log_w = self.model.mix_batch(member_lp, y, mask)  # the code: the mixture
             member_nll = member_nll.detach()
-        nll, probs = SoftmaxNLL.apply(logits.float().flatten(0, 1), y.flatten())  # one softmax: loss and code
+        # One softmax: the loss and the code.
+        nll, probs = SoftmaxNLL.apply(logits.float().flatten(0, 1), y.flatten(), mask.flatten())
         nll = nll.view_as(y)
         if member_nll is None:
             loss = nll.sum() / tokens.clamp(min=1)
@@ -121,15 +124,15 @@ class PrequelModule(L.LightningModule):
             z_loss = self.config.model.z_loss * (z * z).mean()  # not z**2: pow may be MKL's (portable_math)
         else:
             z_loss = None
-        return self._finish(batch, batch_idx, y, nll, loss, tokens, nbytes, intervals, x, log_w, member_nll, z_loss)
+        return self._finish(batch, x, y, mask, nll, loss, tokens, nbytes, intervals, log_w, member_nll, z_loss)
 
     def _finish(
-        self, batch, batch_idx, y, nll, loss, tokens, nbytes, intervals, x, log_w=None, member_nll=None, z_loss=None
+        self, batch, x, y, mask, nll, loss, tokens, nbytes, intervals, log_w=None, member_nll=None, z_loss=None
     ):
         """Keep what the step predicted (`coded`), log at intervals, count what learns by counting."""
         spans, first_pass = batch["spans"], self.is_first_pass(batch)
         self.coded = CodedBatch(
-            spans, batch["fresh"], first_pass, intervals, y, nll.detach(), nbytes, log_w, member_nll
+            spans, batch["fresh"], first_pass, intervals, y, mask, nll.detach(), nbytes, log_w, member_nll
         )
         if self.trainer._logger_connector.should_update_logs:  # the steps Lightning writes logs at (as its own
             # callbacks ask): self.log costs ~0.3 ms a call (and reads the device), and a value logged between
