@@ -97,17 +97,21 @@ def code_length_callback(config: Config, tokenizer, n_tokens: int) -> CodeLength
 
 
 class Clock(L.Callback):
-    """Tokens and seconds of the batches after the first `warmup` (listed last, runs last)."""
+    """Tokens and seconds of the batches after the first `warmup` (listed last, runs last); each
+    step's (tokens, seconds) appended to `steps`, if given."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.tokens, self.t0, self.t1 = warmup, 0, None, None
+    def __init__(self, warmup: int, steps: list | None = None):
+        self.warmup, self.tokens, self.t0, self.t1, self.steps = warmup, 0, None, None, steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if batch_idx == self.warmup - 1:
             self.t0 = now
         elif batch_idx >= self.warmup:
-            self.t1, self.tokens = now, self.tokens + int(batch["spans"][:, 1].sum())
+            tokens = int(batch["spans"][:, 1].sum())
+            if self.steps is not None:
+                self.steps.append((tokens, now - self.t1 if self.t1 is not None else now - self.t0))
+            self.t1, self.tokens = now, self.tokens + tokens
 
     def tokens_per_s(self) -> float:
         if self.t1 is None:
@@ -127,12 +131,19 @@ class CrossEntropyStep(PrequelModule):
 
 
 def lightning_tokens_per_s(
-    config: Config, tape: Tape, vocab_size: int, callbacks: list, warmup: int, module_type: type = PrequelModule
+    config: Config,
+    tape: Tape,
+    vocab_size: int,
+    callbacks: list,
+    warmup: int,
+    module_type: type = PrequelModule,
+    steps: list | None = None,
 ) -> float:
     """prequel's own Trainer (training.run.build_trainer), no loggers, no checkpoints; steady-state
-    tokens/s of its module, or of a `module_type` (initialised alike: the same seed) in its place."""
+    tokens/s of its module, or of a `module_type` (initialised alike: the same seed) in its place.
+    Each timed step's (tokens, seconds) is appended to `steps`, if given."""
     set_determinism(config)
-    clock = Clock(warmup)
+    clock = Clock(warmup, steps)
     with tempfile.TemporaryDirectory() as tmp:
         module, data, trainer = build_trainer(config, tape, vocab_size, callbacks + [clock], [], Path(tmp))
         if module_type is not PrequelModule:
@@ -150,9 +161,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_tokens_per_s(config: Config, tape: Tape, vocab_size: int, warmup: int) -> float:
+def bare_tokens_per_s(config: Config, tape: Tape, vocab_size: int, warmup: int, steps: list | None = None) -> float:
     """The same training in a plain nanoGPT-style loop: no Trainer, no callbacks, no logging; the
-    batches copied to a GPU without blocking, the device synchronised at the timed window's ends."""
+    batches copied to a GPU without blocking, the device synchronised at the timed window's ends.
+    Each timed step's (tokens, seconds) is appended to `steps`, if given (on a GPU: host time)."""
     set_determinism(config)
     device = torch.device(device_of(config.trainer.accelerator))
     plain = replace(config, model=replace(config.model, head_chunk=0))  # nanoGPT's head: the whole logits
@@ -182,11 +194,21 @@ def bare_tokens_per_s(config: Config, tape: Tape, vocab_size: int, warmup: int) 
         optimizer.zero_grad(set_to_none=True)
         if i == warmup - 1:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = t1 = time.perf_counter()
         elif i >= warmup:
             tokens += int(spans[:, 1].sum())
+            if steps is not None:
+                now = time.perf_counter()
+                steps.append((int(spans[:, 1].sum()), now - t1))
+                t1 = now
     sync(device)
     return tokens / (time.perf_counter() - t0)
+
+
+def median_step_rate(steps: list[tuple[int, float]]) -> float:
+    """Tokens/s of the median step: blind to the slow steps that a busy machine adds at random (and
+    to the periodic ones too, a log step's; the whole-run rate counts those)."""
+    return median([tokens / seconds for tokens, seconds in steps])
 
 
 def median(values: list[float]) -> float:

@@ -28,6 +28,7 @@ from common import (
     corpus_prefix,
     lightning_tokens_per_s,
     median,
+    median_step_rate,
     print_environment,
 )
 
@@ -60,27 +61,36 @@ def main() -> None:
     print(f"{n_tokens:,} tokens: {args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} repeats\n")
 
     rates: dict[str, list[float]] = {"prequel": [], "lightning": [], "bare": []}
+    steps: dict[str, list[tuple[int, float]]] = {k: [] for k in rates}  # every timed step of every repeat
     heads = ("prequel tok/s", "lightning tok/s", "bare tok/s", "p/bare", "l/bare", "p/l")
-    print(f"{'repeat':>6} " + " ".join(f"{h:>15}" for h in heads))
+    print(f"{'repeat':>13} " + " ".join(f"{h:>15}" for h in heads))
 
     def row(label: str, p: float, lightning: float, bare: float) -> None:
         rates, ratios = (p, lightning, bare), (p / bare, lightning / bare, p / lightning)
-        print(f"{label:>6} " + " ".join(f"{v:>15,.0f}" for v in rates) + " " + " ".join(f"{v:>15.3f}" for v in ratios))
+        print(f"{label:>13} " + " ".join(f"{v:>15,.0f}" for v in rates) + " " + " ".join(f"{v:>15.3f}" for v in ratios))
 
+    vocab = tokenizer.vocab_size
     for r in range(args.repeats):
         callbacks = [code_length_callback(config, tokenizer, len(tokens))]
-        rates["prequel"].append(lightning_tokens_per_s(config, tape, tokenizer.vocab_size, callbacks, args.warmup))
-        rates["lightning"].append(
-            lightning_tokens_per_s(config, tape, tokenizer.vocab_size, [], args.warmup, CrossEntropyStep)
+        rates["prequel"].append(
+            lightning_tokens_per_s(config, tape, vocab, callbacks, args.warmup, steps=steps["prequel"])
         )
-        rates["bare"].append(bare_tokens_per_s(config, tape, tokenizer.vocab_size, args.warmup))
+        rates["lightning"].append(
+            lightning_tokens_per_s(config, tape, vocab, [], args.warmup, CrossEntropyStep, steps["lightning"])
+        )
+        rates["bare"].append(bare_tokens_per_s(config, tape, vocab, args.warmup, steps["bare"]))
         row(str(r + 1), *(v[-1] for v in rates.values()))
     medians = {k: median(v) for k, v in rates.items()}
     row("median", *medians.values())
+    row("median step", *(median_step_rate(v) for v in steps.values()))
     print(
         f"\nthroughput ratio prequel / bare (medians): {medians['prequel'] / medians['bare']:.3f}  (target >= 0.95); "
         f"Lightning's loop alone: {medians['lightning'] / medians['bare']:.3f}, "
         f"prequel in it: {medians['prequel'] / medians['lightning']:.3f}"
+    )
+    print(
+        "'median step': tokens/s of the median step of all repeats, blind to the slow steps a busy machine adds "
+        "(and to log steps)"
     )
 
 
