@@ -14,7 +14,9 @@ the same optimizer (AdamW, param groups, LR schedule and grad clipping of
 
 Each warms up, then is timed over `--steps` steps; the three alternate `--repeats` times. Prints
 tokens/s of each and the ratios prequel / bare (target ≥ 0.95), lightning / bare (Lightning's
-share: a floor for prequel's ratio on this machine) and prequel / lightning (prequel's share).
+share: what prequel's ratio can reach at most on this machine) and prequel / lightning (prequel's
+share); the medians over repeats, and the tokens/s of each side's median step over all repeats
+(blind to the slow steps a busy machine adds at random, and to log steps).
 
     python bench/step_overhead.py [--steps 300] [--config configs/small.yaml] [--model.n_layer 4 ...]
 """
