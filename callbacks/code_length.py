@@ -86,7 +86,9 @@ class CodeLength(L.Callback):
             return
         nats = coded.nll.double().sum()  # the NLL is 0 where there is no token
         self._pending.append((nats, coded.mask.sum(), coded.nbytes, coded.first_pass))
-        log = trainer._logger_connector.should_update_logs  # the steps Lightning writes the module's logs at
+        # The batches Lightning writes the module's logs after (as its ThroughputMonitor asks): a log step's
+        # last batch when gradients accumulate.
+        log = trainer._logger_connector.should_update_logs and not trainer.fit_loop._should_accumulate()
         if not log and len(self._pending) < _MAX_PENDING:
             return
         self._read_back()

@@ -1,5 +1,6 @@
 """The code length is the first-pass area under the loss curve, and nothing else."""
 
+import csv
 import json
 import math
 import os
@@ -54,6 +55,9 @@ def test_sum_equals_an_independent_prequential_loop(text_file, tmp_path, accumul
     assert summary["data/tokens"] == 4000 and summary["data/complete"]
     total = summary["code/f_bits"] + summary["code/n_bits"] + summary["code/data_bits"]
     assert summary["code/total_bits"] == pytest.approx(total)
+    logged = [row for row in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if row["code/bpb"]]
+    steps = [int(row["step"]) for row in logged]
+    assert steps and len(steps) == len(set(steps)), steps  # one row a log step, accumulating or not
 
 
 def test_accumulation_changes_learning_not_the_accounting(text_file, tmp_path):
