@@ -134,9 +134,10 @@ class PrequelModule(L.LightningModule):
         self.coded = CodedBatch(
             spans, batch["fresh"], first_pass, intervals, y, mask, nll.detach(), nbytes, log_w, member_nll
         )
-        if self.trainer._logger_connector.should_update_logs:  # the steps Lightning writes logs at (as its own
-            # callbacks ask): self.log costs ~0.3 ms a call (and reads the device), and a value logged between
-            # them would be written at the next, stale
+        # Only on the batches Lightning writes logs after (a log step's last, when gradients accumulate), as its
+        # own callbacks ask: self.log costs ~0.3 ms a call (and reads the device), and a value logged between
+        # them would be written at the next, stale.
+        if self.trainer._logger_connector.should_update_logs and not self.trainer.fit_loop._should_accumulate():
             bits = nll.detach().sum() / math.log(2)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=int(tokens))
             self.log("train/bpb", bits / max(self.coded.nbytes, 1), prog_bar=True, batch_size=int(tokens))
