@@ -196,10 +196,11 @@ def bare_tokens_per_s(config: Config, tape: Tape, vocab_size: int, warmup: int, 
             sync(device)
             t0 = t1 = time.perf_counter()
         elif i >= warmup:
-            tokens += int(spans[:, 1].sum())
+            n = int(spans[:, 1].sum())
+            tokens += n
             if steps is not None:
                 now = time.perf_counter()
-                steps.append((int(spans[:, 1].sum()), now - t1))
+                steps.append((n, now - t1))
                 t1 = now
     sync(device)
     return tokens / (time.perf_counter() - t0)

@@ -23,6 +23,7 @@ import torch
 from torchmetrics import Metric
 
 from prequel.callbacks.contract import Coded, CodeLengthModule, require, require_coded
+from prequel.training.module import writes_logs
 
 _MAX_PENDING = 1024  # steps held on the device at most before they are read back (log_every_n_steps may be large)
 
@@ -86,9 +87,7 @@ class CodeLength(L.Callback):
             return
         nats = coded.nll.double().sum()  # the NLL is 0 where there is no token
         self._pending.append((nats, coded.mask.sum(), coded.nbytes, coded.first_pass))
-        # The batches Lightning writes the module's logs after (as its ThroughputMonitor asks): a log step's
-        # last batch when gradients accumulate.
-        log = trainer._logger_connector.should_update_logs and not trainer.fit_loop._should_accumulate()
+        log = writes_logs(trainer)
         if not log and len(self._pending) < _MAX_PENDING:
             return
         self._read_back()
